@@ -1,0 +1,39 @@
+# One task runner. Every target creates .venv and installs the project first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench chaos services clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+services:
+	scripts/ensure-services
+
+demo: $(STAMP)
+	scripts/ensure-services rabbitmq
+	$(BIN)/trm demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: $(STAMP) services lint
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	scripts/ensure-services rabbitmq
+	$(BIN)/trm bench
+
+chaos: $(STAMP) services
+	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'
+	$(BIN)/python -m benchmarks.chaos --full
+
+clean:
+	rm -rf $(VENV) demo-run .pytest_cache .mypy_cache .ruff_cache

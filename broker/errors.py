@@ -1,0 +1,247 @@
+"""The one exception tree of trm.
+
+Every failure a caller can meet is a `TrmError` subclass with a stable
+machine-readable `reason` (used in quarantine headers, audit results and
+campaign tallies) and a message that says what was wrong and, for operators,
+what to do next. Driver errors (pika, SQLAlchemy, pydantic) are translated at
+the boundary with ``raise ... from e``.
+"""
+
+from __future__ import annotations
+
+
+class TrmError(Exception):
+    """Base of every error trm raises on purpose."""
+
+    reason = "error"
+
+
+# --- envelopes -------------------------------------------------------------
+
+
+class EnvelopeError(TrmError):
+    """An envelope could not be accepted."""
+
+    reason = "envelope"
+
+
+class MalformedEnvelope(EnvelopeError):
+    """The bytes are not a well-formed envelope (framing, header JSON, sizes)."""
+
+    reason = "malformed"
+
+
+class EnvelopeTooLarge(MalformedEnvelope):
+    """The envelope exceeds the documented size limit."""
+
+    reason = "too_large"
+
+
+class UnknownSender(EnvelopeError):
+    """The header names a sender the directory does not list."""
+
+    reason = "unknown_sender"
+
+
+class KeyNotValid(EnvelopeError):
+    """A key exists but may not be used now."""
+
+    reason = "key_not_valid"
+
+
+class UnknownKey(KeyNotValid):
+    """The key id is not among the participant's keys."""
+
+    reason = "unknown_key"
+
+
+class RevokedKey(KeyNotValid):
+    """The key was revoked before it was used."""
+
+    reason = "revoked_key"
+
+
+class ExpiredKey(KeyNotValid):
+    """The key's validity window ended before it was used."""
+
+    reason = "expired_key"
+
+
+class KeyNotYetValid(KeyNotValid):
+    """The key's validity window starts after it was used."""
+
+    reason = "key_not_yet_valid"
+
+
+class BadSignature(EnvelopeError):
+    """The signature does not verify over the received bytes."""
+
+    reason = "bad_signature"
+
+
+class NotAddressedToMe(EnvelopeError):
+    """No wrapped key in the envelope is for this participant."""
+
+    reason = "not_addressed_to_me"
+
+
+class ReplayedEnvelope(EnvelopeError):
+    """An envelope id already seen arrives with different bytes."""
+
+    reason = "replayed"
+
+
+class StaleEnvelope(EnvelopeError):
+    """The envelope's time lies outside the accepted window."""
+
+    reason = "stale"
+
+
+class DecryptionFailed(EnvelopeError):
+    """The content key or the payload could not be decrypted."""
+
+    reason = "decryption_failed"
+
+
+class SchemaViolation(EnvelopeError):
+    """The decrypted payload does not match its kind's schema."""
+
+    reason = "schema_violation"
+
+
+class SenderMismatch(EnvelopeError):
+    """The signed sender differs from the authenticated AMQP user id."""
+
+    reason = "sender_mismatch"
+
+
+# --- the trust directory ---------------------------------------------------
+
+
+class DirectoryError(TrmError):
+    """The trust directory could not be built or accepted."""
+
+    reason = "directory"
+
+
+class DirectoryUnsigned(DirectoryError):
+    """The directory carries no signature."""
+
+    reason = "directory_unsigned"
+
+
+class DirectorySignatureInvalid(DirectoryError):
+    """The directory is signed by another key, or the signature is wrong."""
+
+    reason = "directory_signature_invalid"
+
+
+class DirectoryRollback(DirectoryError):
+    """The directory's serial is lower than the one already held."""
+
+    reason = "directory_rollback"
+
+
+class DuplicateParticipant(DirectoryError):
+    """Two entries share a participant id or a key id."""
+
+    reason = "duplicate_participant"
+
+
+class UnknownParticipant(DirectoryError):
+    """A participant id is not in the directory."""
+
+    reason = "unknown_participant"
+
+
+# --- keys and key folders --------------------------------------------------
+
+
+class KeyFileError(TrmError):
+    """A key folder or key file is missing, unreadable or too open."""
+
+    reason = "key_file"
+
+
+# --- transport ---------------------------------------------------------------
+
+
+class TransportError(TrmError):
+    """Talking to RabbitMQ failed."""
+
+    reason = "transport"
+
+
+class BrokerUnavailable(TransportError):
+    """RabbitMQ cannot be reached or closed the connection."""
+
+    reason = "broker_unavailable"
+
+
+class AccessRefused(TransportError):
+    """RabbitMQ refused a login, a read or a publish."""
+
+    reason = "access_refused"
+
+
+class PublishFailed(TransportError):
+    """RabbitMQ returned (unroutable) or nacked a publish."""
+
+    reason = "publish_failed"
+
+
+class ProvisioningError(TransportError):
+    """Declaring users, permissions, exchanges or queues failed."""
+
+    reason = "provisioning"
+
+
+# --- storage -----------------------------------------------------------------
+
+
+class StorageError(TrmError):
+    """The local database failed."""
+
+    reason = "storage"
+
+
+# --- the audit log -----------------------------------------------------------
+
+
+class AuditError(TrmError):
+    """The audit log or a proof did not verify."""
+
+    reason = "audit"
+
+
+class ProofInvalid(AuditError):
+    """An inclusion or consistency proof does not verify."""
+
+    reason = "proof_invalid"
+
+
+class LogTampered(AuditError):
+    """An export differs from what the log's signatures commit to."""
+
+    reason = "log_tampered"
+
+    def __init__(self, index: int | None, problem: str) -> None:
+        where = "the export" if index is None else f"entry {index}"
+        super().__init__(f"{where}: {problem}")
+        self.index = index
+        self.problem = problem
+
+
+class CheckpointInvalid(AuditError):
+    """A checkpoint's signature or root does not verify."""
+
+    reason = "checkpoint_invalid"
+
+
+# --- configuration -----------------------------------------------------------
+
+
+class ConfigError(TrmError):
+    """A setting is missing or wrong; the message names the setting."""
+
+    reason = "config"

@@ -1,0 +1,51 @@
+"""The envelope header: metadata in the clear, never personal data."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Literal
+from uuid import UUID
+
+from pydantic import AwareDatetime, Field, field_validator
+
+from schemas.base import CaseRef, KeyId, MessageKind, ParticipantId, Strict
+
+MAX_RECIPIENTS = 32
+
+
+class EnvelopeHeader(Strict):
+    """Who sent what kind of message about which case, to whom, and when.
+
+    The routing service and auditors read only this; it is the AEAD's
+    associated data and is covered by the sender's signature.
+    """
+
+    v: Literal[1] = 1
+    id: UUID
+    """Time-ordered (UUIDv7) envelope id; the unit of deduplication."""
+    kind: MessageKind
+    schema_version: int = Field(ge=1, le=1000)
+    case: CaseRef
+    sender: ParticipantId
+    sender_key: KeyId
+    """The key id of the sender's Ed25519 key that signed this envelope."""
+    recipients: tuple[ParticipantId, ...] = Field(min_length=1, max_length=MAX_RECIPIENTS)
+    sent_at: AwareDatetime
+    seq: int = Field(ge=1, le=2**53)
+    """Per sender, per case: 1 for the sender's first message on the case."""
+    reply_to: UUID | None = None
+    """The envelope id of the message this one answers."""
+
+    @field_validator("recipients")
+    @classmethod
+    def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("recipients must be distinct")
+        return value
+
+    @field_validator("sent_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        if value.utcoffset() != timedelta(0):
+            raise ValueError("sent_at must be in UTC")
+        return value

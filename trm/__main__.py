@@ -1,0 +1,3 @@
+from trm.cli import main
+
+main()
