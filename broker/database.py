@@ -1,0 +1,255 @@
+"""A participant's local database: the engine, the tables and their migrations.
+
+SQLite is the embedded default (one file in the home folder); PostgreSQL is
+selected by URL (``postgresql+psycopg://...``). Either way `open_database`
+brings the schema to the newest Alembic revision before returning, so every
+process that opens a home sees the same tables.
+
+Only metadata lives here in the clear: envelope ids, case references,
+participant ids, times and counters. Envelope bodies are stored sealed, that
+is encrypted for their recipients; decrypted payloads never touch this
+database.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from broker.errors import StorageError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+BUSY_TIMEOUT_MS = 30_000
+"""How long a SQLite writer waits for another process's transaction to end."""
+
+ENV_URL = "TRM_DATABASE_URL"
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    SQLite keeps no zone, so values are normalised to UTC on the way in and
+    marked UTC on the way out; PostgreSQL stores ``timestamptz``.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        """Refuse naive times; store UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise StorageError("a naive datetime reached the database: pass timezone-aware UTC")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        """Return aware UTC datetimes whatever the backend gave back."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+"""The one MetaData every trm table belongs to (adapter and routing service)."""
+
+ENVELOPE_ID = 36
+PARTICIPANT = 63
+CASE = 64
+KIND = 40
+DIGEST = 64
+REASON = 64
+
+outbox_table = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("envelope_id", sa.String(ENVELOPE_ID), primary_key=True),
+    sa.Column("case_ref", sa.String(CASE), nullable=False),
+    sa.Column("kind", sa.String(KIND), nullable=False),
+    sa.Column("recipients", sa.Text(), nullable=False),
+    sa.Column("body", sa.LargeBinary(), nullable=False),
+    sa.Column("digest", sa.String(DIGEST), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("sent_at", UTCDateTime(), nullable=True),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text(), nullable=True),
+    sa.Index("ix_outbox_sent_at_created_at", "sent_at", "created_at"),
+)
+"""Sealed envelopes waiting for (or past) the broker's publisher confirm."""
+
+case_sequence_table = sa.Table(
+    "case_sequence",
+    metadata,
+    sa.Column("sender", sa.String(PARTICIPANT), primary_key=True),
+    sa.Column("case_ref", sa.String(CASE), primary_key=True),
+    sa.Column("last_seq", sa.BigInteger(), nullable=False),
+)
+"""The last sequence number each local sender used on each case."""
+
+inbox_table = sa.Table(
+    "inbox",
+    metadata,
+    sa.Column("envelope_id", sa.String(ENVELOPE_ID), primary_key=True),
+    sa.Column("digest", sa.String(DIGEST), nullable=False),
+    sa.Column("sender", sa.String(PARTICIPANT), nullable=False),
+    sa.Column("case_ref", sa.String(CASE), nullable=False),
+    sa.Column("kind", sa.String(KIND), nullable=False),
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+    sa.Column("applied_at", UTCDateTime(), nullable=False),
+    sa.Column("redeliveries", sa.Integer(), nullable=False, server_default="0"),
+)
+"""Every envelope applied here, by id: the exactly-once record."""
+
+quarantine_table = sa.Table(
+    "quarantine",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("envelope_id", sa.String(ENVELOPE_ID), nullable=True, index=True),
+    sa.Column("sender", sa.String(PARTICIPANT), nullable=True),
+    sa.Column("reason", sa.String(REASON), nullable=False),
+    sa.Column("detail", sa.Text(), nullable=False),
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+    sa.Column("body", sa.LargeBinary(), nullable=False),
+    sa.Column("redeliveries", sa.Integer(), nullable=False, server_default="0"),
+)
+"""Envelopes that failed opening or deduplication, kept as received."""
+
+receipts_table = sa.Table(
+    "receipts",
+    metadata,
+    sa.Column("envelope_id", sa.String(ENVELOPE_ID), primary_key=True),
+    sa.Column("recipient", sa.String(PARTICIPANT), primary_key=True),
+    sa.Column("receipt_envelope_id", sa.String(ENVELOPE_ID), nullable=False),
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+)
+"""Delivery receipts for our envelopes: one per (our envelope, recipient)."""
+
+
+def home_database_url(home: Path) -> str:
+    """The database URL of a home: ``TRM_DATABASE_URL`` if set, else ``HOME/trm.db``."""
+    url = os.environ.get(ENV_URL)
+    if url:
+        return url
+    return f"sqlite:///{Path(home) / 'trm.db'}"
+
+
+def open_database(url: str) -> Engine:
+    """An engine on `url` whose schema is at the newest migration.
+
+    Safe to call from several processes and any number of times: migrating an
+    up-to-date database does nothing.
+    """
+    try:
+        parsed = sa.make_url(url)
+    except ArgumentError as e:
+        raise StorageError(
+            f"{url!r} is not a database URL: set {ENV_URL} to e.g. "
+            "sqlite:///path/trm.db or postgresql+psycopg://user@host/db"
+        ) from e
+    with storage_errors(f"opening the database {parsed.render_as_string()}"):
+        engine = _engine(parsed)
+        try:
+            migrate(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+    return engine
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Run the Alembic migrations on `engine` up to `revision`."""
+    config = alembic_config()
+    with storage_errors("migrating the database"), engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+
+
+def alembic_config() -> Config:
+    """The Alembic configuration, built in code: no alembic.ini needed."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
+    return config
+
+
+@contextmanager
+def storage_errors(action: str) -> Iterator[None]:
+    """Translate any SQLAlchemy error raised inside into a StorageError."""
+    try:
+        yield
+    except SQLAlchemyError as e:
+        # The driver's own first line names the problem; SQL parameters are
+        # hidden by the engine so no stored value reaches the message.
+        cause = str(getattr(e, "orig", None) or e).strip().splitlines()
+        first = cause[0] if cause else type(e).__name__
+        raise StorageError(f"{action} failed: {first}") from e
+
+
+def _engine(url: sa.URL) -> Engine:
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    if url.get_backend_name() == "postgresql":
+        if url.get_driver_name() not in ("psycopg", ""):
+            raise StorageError(
+                f"PostgreSQL driver {url.get_driver_name()!r} is not supported: "
+                "use a postgresql+psycopg:// URL"
+            )
+        return sa.create_engine(
+            url.set(drivername="postgresql+psycopg"), hide_parameters=True, pool_pre_ping=True
+        )
+    raise StorageError(
+        f"database backend {url.get_backend_name()!r} is not supported: "
+        "use sqlite:///path/trm.db or postgresql+psycopg://..."
+    )
+
+
+def _sqlite_engine(url: sa.URL) -> Engine:
+    if url.database and url.database != ":memory:":
+        path = Path(url.database)
+        if not path.parent.is_dir():
+            raise StorageError(f"the folder of the database {path} does not exist: create it")
+        # Create the file private before SQLite does; its -wal and -shm files
+        # inherit this mode.
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    engine = sa.create_engine(url, hide_parameters=True)
+
+    @sa.event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        # Take the write lock up front: a read-then-write transaction (the
+        # sequence counter, the inbox check) then waits for another process
+        # instead of failing when it tries to upgrade its lock.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

@@ -1,0 +1,140 @@
+"""The local database: URLs, connection settings and migrations on both backends."""
+
+from __future__ import annotations
+
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from broker.database import (
+    home_database_url,
+    inbox_table,
+    open_database,
+    storage_errors,
+)
+from broker.errors import StorageError
+
+TABLES = {"outbox", "case_sequence", "inbox", "quarantine", "receipts", "alembic_version"}
+
+
+def test_migrations_create_the_tables(database_url: str) -> None:
+    """open_database creates every adapter table and records revision 0001 or later."""
+    engine = open_database(database_url)
+    try:
+        names = set(sa.inspect(engine).get_table_names())
+        assert names >= TABLES
+        with engine.connect() as conn:
+            revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+        assert revision is not None and revision >= "0001"
+    finally:
+        engine.dispose()
+
+
+def test_open_twice_keeps_data(database_url: str) -> None:
+    """Opening an up-to-date database again migrates nothing and loses nothing."""
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    first = open_database(database_url)
+    with first.begin() as conn:
+        conn.execute(
+            inbox_table.insert().values(
+                envelope_id="0190c0de-0000-7000-8000-000000000001",
+                digest="ab" * 32,
+                sender="iom-kz",
+                case_ref="KZ-2026-0001",
+                kind="return_request",
+                received_at=now,
+                applied_at=now,
+            )
+        )
+    first.dispose()
+    second = open_database(database_url)
+    try:
+        with second.connect() as conn:
+            row = conn.execute(sa.select(inbox_table)).one()
+        assert row.sender == "iom-kz"
+        assert row.received_at == now
+        assert row.redeliveries == 0
+    finally:
+        second.dispose()
+
+
+def test_sqlite_connection_settings(tmp_path: Path) -> None:
+    """Every SQLite connection runs in WAL mode with full sync, foreign keys and a busy timeout."""
+    engine = open_database(f"sqlite:///{tmp_path / 'trm.db'}")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_file_is_private(tmp_path: Path) -> None:
+    """The SQLite file is created readable by its owner only."""
+    path = tmp_path / "trm.db"
+    open_database(f"sqlite:///{path}").dispose()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_home_url_default_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A home's database is HOME/trm.db unless TRM_DATABASE_URL names another."""
+    monkeypatch.delenv("TRM_DATABASE_URL", raising=False)
+    assert home_database_url(tmp_path) == f"sqlite:///{tmp_path / 'trm.db'}"
+    monkeypatch.setenv("TRM_DATABASE_URL", "postgresql+psycopg://u@db/trm")
+    assert home_database_url(tmp_path) == "postgresql+psycopg://u@db/trm"
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("not a url", "not a database URL"),
+        ("mysql://u@h/db", "not supported"),
+        ("postgresql+psycopg2://u@h/db", "psycopg2. is not supported"),
+        ("sqlite:////nonexistent-folder-for-trm/trm.db", "does not exist"),
+    ],
+)
+def test_bad_urls_raise_storage_error(url: str, words: str) -> None:
+    """A wrong database URL fails with a StorageError that says what to use."""
+    with pytest.raises(StorageError, match=words):
+        open_database(url)
+
+
+@pytest.mark.postgres
+def test_unreachable_postgres_is_a_storage_error() -> None:
+    """A PostgreSQL server that does not answer is reported as a StorageError."""
+    with pytest.raises(StorageError, match="connection"):
+        open_database("postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2")
+
+
+def test_driver_errors_hide_parameters(tmp_path: Path) -> None:
+    """A constraint violation becomes a StorageError without the stored values in it."""
+    engine = open_database(f"sqlite:///{tmp_path / 'trm.db'}")
+    now = datetime.now(UTC)
+    row = {
+        "envelope_id": "0190c0de-0000-7000-8000-000000000002",
+        "digest": "secretdigest",
+        "sender": "iom-kz",
+        "case_ref": "KZ-2026-0002",
+        "kind": "return_request",
+        "received_at": now,
+        "applied_at": now,
+    }
+    try:
+        with (
+            pytest.raises(StorageError) as raised,
+            storage_errors("recording"),
+            engine.begin() as conn,
+        ):
+            conn.execute(inbox_table.insert().values(**row))
+            conn.execute(inbox_table.insert().values(**row))
+        assert "UNIQUE" in str(raised.value)
+        assert "secretdigest" not in str(raised.value)
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(inbox_table)).scalar() == 0
+    finally:
+        engine.dispose()
