@@ -1,0 +1,74 @@
+"""The messages of a referral: one organisation asking another to provide services.
+
+Referrals run between NGOs across borders and from NGOs or missions to
+services, each based on the person's consent.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar
+
+from pydantic import Field
+
+from schemas.base import CountryCode, Message, MessageKind
+from schemas.person import ConsentAttestation, Person
+from schemas.vocabulary import (
+    MAX_ITEMS,
+    DeclineReason,
+    Distinct,
+    Note,
+    ReferralService,
+    ReferrerType,
+    ShortText,
+)
+
+
+class ReferralRequest(Message):
+    """Asks another organisation to provide services to a person.
+
+    Sent by the referring mission or NGO to the organisation that should
+    provide the services, once the person has consented. Opens a referral case.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.REFERRAL_REQUEST
+
+    consent: ConsentAttestation
+    person: Person
+    referrer_type: ReferrerType
+    """Who first identified and referred the person."""
+    services_needed: Annotated[
+        tuple[ReferralService, ...], Distinct, Field(min_length=1, max_length=16)
+    ]
+    service_country: CountryCode
+    """Where the services are needed."""
+    urgent: bool = False
+    notes: Note | None = None
+
+
+class ReferralAccepted(Message):
+    """The organisation will provide (some of) the services asked for.
+
+    Sent by the receiving organisation to the referrer in answer to a
+    referral request.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.REFERRAL_ACCEPTED
+
+    services_offered: Annotated[
+        tuple[ReferralService, ...], Distinct, Field(min_length=1, max_length=16)
+    ]
+    conditions: Annotated[tuple[ShortText, ...], Field(max_length=MAX_ITEMS)] = ()
+    notes: Note | None = None
+
+
+class ReferralDeclined(Message):
+    """The organisation cannot take the referral.
+
+    Sent by the receiving organisation to the referrer in answer to a
+    referral request.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.REFERRAL_DECLINED
+
+    reason: DeclineReason
+    note: Note | None = None
