@@ -154,6 +154,12 @@ class UnknownParticipant(DirectoryError):
     reason = "unknown_participant"
 
 
+class MalformedDirectory(DirectoryError):
+    """The directory file is not valid JSON, base64 or directory schema."""
+
+    reason = "directory_malformed"
+
+
 # --- keys and key folders --------------------------------------------------
 
 
@@ -189,6 +195,11 @@ class PublishFailed(TransportError):
 
     reason = "publish_failed"
 
+    def __init__(self, message: str, envelope_ids: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.envelope_ids = envelope_ids
+        """The envelope ids RabbitMQ returned or nacked (empty when not known)."""
+
 
 class ProvisioningError(TransportError):
     """Declaring users, permissions, exchanges or queues failed."""
@@ -220,6 +231,12 @@ class ProofInvalid(AuditError):
     reason = "proof_invalid"
 
 
+class TreeRequestInvalid(AuditError):
+    """A Merkle tree was given a malformed hash, or asked for a size or leaf it lacks."""
+
+    reason = "tree_request_invalid"
+
+
 class LogTampered(AuditError):
     """An export differs from what the log's signatures commit to."""
 
@@ -236,6 +253,21 @@ class CheckpointInvalid(AuditError):
     """A checkpoint's signature or root does not verify."""
 
     reason = "checkpoint_invalid"
+
+
+# --- cases -------------------------------------------------------------------
+
+
+class CaseError(TrmError):
+    """A case event or case state cannot be used as given."""
+
+    reason = "case"
+
+
+class CaseStateInvalid(CaseError):
+    """A serialised case state does not have the documented shape."""
+
+    reason = "case_state_invalid"
 
 
 # --- configuration -----------------------------------------------------------

@@ -1,0 +1,541 @@
+"""The signed trust directory: who takes part, with which keys, valid when.
+
+The directory is one JSON body (serial, issue time, participants and their
+public keys) carried in a DSSE envelope (in-toto's Dead Simple Signing
+Envelope) signed by the directory authority. Loading verifies the signature
+over the exact payload bytes before anything is parsed, refuses a serial lower
+than the one already held, and checks the body's consistency; lookups then
+answer "which key may this participant use at this time".
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import AwareDatetime, Field, ValidationError
+
+from broker import _crypto
+from broker.errors import (
+    DirectoryError,
+    DirectoryRollback,
+    DirectorySignatureInvalid,
+    DirectoryUnsigned,
+    DuplicateParticipant,
+    ExpiredKey,
+    KeyNotValid,
+    KeyNotYetValid,
+    MalformedDirectory,
+    RevokedKey,
+    UnknownKey,
+    UnknownParticipant,
+    UnknownSender,
+)
+from schemas.base import CountryCode, KeyId, ParticipantId, Strict
+
+PAYLOAD_TYPE = "application/vnd.trm.directory+json"
+SIGN_ALG = "ed25519"
+DIRECTORY_FILE = "directory.json"
+AUTHORITY_PUB_FILE = "authority.pub"
+
+
+class Role(StrEnum):
+    """What a participant is in the handoff network."""
+
+    MISSION = "mission"
+    NGO = "ngo"
+    ROUTING = "routing"
+    AUDITOR = "auditor"
+
+
+class KeyUse(StrEnum):
+    """What a public key is for."""
+
+    SIGN = "sign"
+    ENCRYPT = "encrypt"
+
+
+class PublicKey(Strict):
+    """One public key of a participant, with its validity window."""
+
+    kid: KeyId
+    use: KeyUse
+    alg: str
+    """``ed25519`` for a signing key; a `broker._crypto.Suite` value for an encryption key."""
+    public: str
+    """Standard base64 of the raw public key."""
+    not_before: AwareDatetime
+    not_after: AwareDatetime
+    revoked_at: AwareDatetime | None = None
+
+    def raw(self) -> bytes:
+        """The raw public key bytes; MalformedDirectory if `public` is not base64."""
+        return _b64decode(self.public, f"public key {self.kid}")
+
+    def valid_at(self, at: datetime) -> bool:
+        """True if the window contains `at` and the key was not revoked by then."""
+        if self.revoked_at is not None and self.revoked_at <= at:
+            return False
+        return self.not_before <= at < self.not_after
+
+
+class Participant(Strict):
+    """A participant's public card: identity, role, country and public keys."""
+
+    id: ParticipantId
+    role: Role
+    country: CountryCode
+    parent: ParticipantId | None = None
+    """The mission an NGO works with; None for every other role."""
+    name: str | None = Field(default=None, max_length=200)
+    """The organisation's name, e.g. "Istiqbolli Avlod"."""
+    keys: tuple[PublicKey, ...]
+
+    def key(self, kid: str) -> PublicKey | None:
+        """The key with id `kid`, if the card holds one."""
+        return next((k for k in self.keys if k.kid == kid), None)
+
+
+class DirectoryBody(Strict):
+    """The signed content of the directory."""
+
+    serial: int = Field(ge=1, le=2**53)
+    issued_at: AwareDatetime
+    participants: tuple[Participant, ...]
+
+
+@dataclass(frozen=True)
+class Directory:
+    """A verified directory: the body and the exact signed file bytes."""
+
+    body: DirectoryBody
+    raw: bytes
+    _index: Mapping[str, Participant] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index = {p.id: p for p in self.body.participants}
+        object.__setattr__(self, "_index", index)
+
+    @property
+    def serial(self) -> int:
+        """The directory's serial number."""
+        return self.body.serial
+
+    def participant(self, participant_id: str) -> Participant:
+        """The participant with this id; UnknownParticipant if there is none."""
+        found = self._index.get(participant_id)
+        if found is None:
+            raise UnknownParticipant(
+                f"participant {participant_id!r} is not in directory serial {self.serial}"
+            )
+        return found
+
+    def participants(self) -> tuple[Participant, ...]:
+        """Every participant, in directory order."""
+        return self.body.participants
+
+    def signing_key(
+        self,
+        participant_id: str,
+        kid: str,
+        *,
+        used_at: datetime,
+        checked_at: datetime | None = None,
+    ) -> Ed25519PublicKey:
+        """The Ed25519 key `kid` of `participant_id`, if it may have signed at `used_at`.
+
+        A revoked key is refused from its revocation time on, judged at the
+        later of `used_at` and `checked_at`: once revoked, nothing it signed
+        is accepted any more.
+        """
+        _require_aware(used_at)
+        if checked_at is not None:
+            _require_aware(checked_at)
+        found = self._index.get(participant_id)
+        if found is None:
+            raise UnknownSender(f"sender {participant_id!r} is not in directory {self.serial}")
+        key = found.key(kid)
+        if key is None or key.use is not KeyUse.SIGN:
+            raise UnknownKey(f"{participant_id!r} has no signing key {kid!r}")
+        if used_at < key.not_before:
+            raise KeyNotYetValid(
+                f"key {kid!r} of {participant_id!r} is valid from {key.not_before.isoformat()}"
+            )
+        if used_at >= key.not_after:
+            raise ExpiredKey(
+                f"key {kid!r} of {participant_id!r} expired at {key.not_after.isoformat()}"
+            )
+        judged = max(used_at, checked_at or used_at)
+        if key.revoked_at is not None and key.revoked_at <= judged:
+            raise RevokedKey(
+                f"key {kid!r} of {participant_id!r} was revoked at {key.revoked_at.isoformat()}"
+            )
+        try:
+            return _crypto.verify_key_from_raw(key.raw())
+        except _crypto.CryptoError as e:  # pragma: no cover - checked at load
+            raise MalformedDirectory(f"key {kid!r} is not an Ed25519 key") from e
+
+    def encryption_key(
+        self, participant_id: str, at: datetime
+    ) -> tuple[str, _crypto.EncryptionKey]:
+        """(kid, key) of the newest encryption key of `participant_id` valid at `at`."""
+        _require_aware(at)
+        participant = self.participant(participant_id)
+        valid = [k for k in participant.keys if k.use is KeyUse.ENCRYPT and k.valid_at(at)]
+        if not valid:
+            raise KeyNotValid(
+                f"{participant_id!r} has no encryption key valid at {at.isoformat()}; "
+                "it must rotate its keys and the authority publish a new directory"
+            )
+        newest = max(valid, key=lambda k: k.not_before)
+        return newest.kid, _crypto.EncryptionKey(_crypto.Suite(newest.alg), newest.raw())
+
+
+# --- the DSSE envelope ----------------------------------------------------------
+
+
+def authority_key_id(authority: Ed25519PublicKey) -> str:
+    """A short stable id of the authority's key, named in the DSSE signature."""
+    digest = hashlib.sha256(_crypto.raw_public(authority)).hexdigest()
+    return f"authority-{digest[:16]}"
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE's pre-authentication encoding: what the signature covers."""
+    kind = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
+
+
+def canonical_body(body: DirectoryBody) -> bytes:
+    """The body's signed encoding: sorted keys, no spaces, UTF-8."""
+    data = body.model_dump(mode="json")
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sign_payload(payload: bytes, authority: Ed25519PrivateKey) -> bytes:
+    """The DSSE file bytes for `payload` signed by `authority`, unchecked.
+
+    `sign_directory` is what callers use; this is the envelope alone.
+    """
+    signature = _crypto.sign(authority, pae(PAYLOAD_TYPE, payload))
+    envelope = {
+        "payloadType": PAYLOAD_TYPE,
+        "payload": base64.b64encode(payload).decode(),
+        "signatures": [
+            {
+                "keyid": authority_key_id(authority.public_key()),
+                "sig": base64.b64encode(signature).decode(),
+            }
+        ],
+    }
+    return (json.dumps(envelope, indent=2) + "\n").encode()
+
+
+def sign_directory(body: DirectoryBody, authority: Ed25519PrivateKey) -> bytes:
+    """The signed directory file bytes; refuses a body `load_directory` would refuse."""
+    check_body(body)
+    return sign_payload(canonical_body(body), authority)
+
+
+def load_directory(data: bytes, *, authority: Ed25519PublicKey, min_serial: int = 0) -> Directory:
+    """Verify and parse a directory file signed by `authority`.
+
+    The signature is checked over the exact payload bytes before the body is
+    parsed. Raises DirectoryUnsigned, DirectorySignatureInvalid,
+    MalformedDirectory, DuplicateParticipant or DirectoryRollback.
+    """
+    payload, signatures = _open_envelope(data)
+    _verify_signatures(payload, signatures, authority)
+    body = _parse_body(payload)
+    check_body(body)
+    if body.serial < min_serial:
+        raise DirectoryRollback(
+            f"directory serial {body.serial} is older than serial {min_serial} already held; "
+            "ask the authority for the current directory"
+        )
+    return Directory(body=body, raw=bytes(data))
+
+
+def parse_unverified(data: bytes) -> DirectoryBody:
+    """The body of a directory file WITHOUT checking its signature, for display only."""
+    payload, _ = _open_envelope(data, require_signature=False)
+    return _parse_body(payload)
+
+
+def read_directory(path: Path, *, authority: Ed25519PublicKey, min_serial: int = 0) -> Directory:
+    """`load_directory` on the bytes of the file at `path`."""
+    return load_directory(_read(path), authority=authority, min_serial=min_serial)
+
+
+def install_directory(data: bytes, home: Path) -> Directory:
+    """Verify `data` with HOME's pinned authority key and make it HOME's directory.
+
+    Refuses a serial lower than the installed one, and a different directory
+    under the same serial; the file is replaced atomically.
+    """
+    from broker.keys import read_pinned_authority  # keys builds on this module
+
+    authority = read_pinned_authority(home / AUTHORITY_PUB_FILE)
+    target = home / DIRECTORY_FILE
+    with _locked(home):
+        held = read_directory(target, authority=authority) if target.exists() else None
+        new = load_directory(data, authority=authority, min_serial=held.serial if held else 0)
+        if held is not None and new.serial == held.serial and new.body != held.body:
+            raise DirectoryRollback(
+                f"a different directory with the same serial {new.serial} is installed; "
+                "the authority must bump the serial"
+            )
+        write_atomically(target, new.raw, mode=0o644)
+    return new
+
+
+def load_home_directory(home: Path) -> Directory:
+    """HOME's installed directory, verified with HOME's pinned authority key."""
+    from broker.keys import read_pinned_authority  # keys builds on this module
+
+    authority = read_pinned_authority(home / AUTHORITY_PUB_FILE)
+    return read_directory(home / DIRECTORY_FILE, authority=authority)
+
+
+def write_atomically(path: Path, data: bytes, *, mode: int) -> None:
+    """Write `data` to `path` so readers see the old file or the new, never half."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            Path(tmp).replace(path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise DirectoryError(f"cannot write {path}: {e.strerror}; check the folder") from e
+
+
+# --- editing (the authority's side) ---------------------------------------------------
+
+
+def add_participant(body: DirectoryBody, card: Participant, *, now: datetime) -> DirectoryBody:
+    """The next body with `card` added, or replacing the card with the same id.
+
+    A replaced card may add keys and shorten windows, but may not change an
+    existing key's public value, and never undoes a revocation.
+    """
+    old = next((p for p in body.participants if p.id == card.id), None)
+    if old is not None:
+        card = _merge_card(old, card)
+    others = tuple(p for p in body.participants if p.id != card.id)
+    if old is None:
+        participants = (*body.participants, card)
+    else:
+        position = body.participants.index(old)
+        participants = (*others[:position], card, *others[position:])
+    return next_body(body, participants, now=now)
+
+
+def revoke_key(
+    body: DirectoryBody, participant_id: str, kid: str, *, at: datetime, now: datetime
+) -> DirectoryBody:
+    """The next body with key `kid` of `participant_id` revoked from `at`."""
+    _require_aware(at)
+    found = next((p for p in body.participants if p.id == participant_id), None)
+    if found is None:
+        raise UnknownParticipant(f"participant {participant_id!r} is not in the directory")
+    key = found.key(kid)
+    if key is None:
+        raise UnknownKey(f"{participant_id!r} has no key {kid!r}")
+    revoked_at = at if key.revoked_at is None else min(at, key.revoked_at)
+    keys = tuple(
+        k.model_copy(update={"revoked_at": revoked_at}) if k.kid == kid else k for k in found.keys
+    )
+    updated = found.model_copy(update={"keys": keys})
+    participants = tuple(updated if p.id == participant_id else p for p in body.participants)
+    return next_body(body, participants, now=now)
+
+
+def next_body(
+    body: DirectoryBody, participants: tuple[Participant, ...], *, now: datetime
+) -> DirectoryBody:
+    """A body with the next serial, issued `now`, listing `participants`."""
+    _require_aware(now)
+    return DirectoryBody(serial=body.serial + 1, issued_at=now, participants=participants)
+
+
+def _merge_card(old: Participant, new: Participant) -> Participant:
+    keys = []
+    for key in new.keys:
+        before = old.key(key.kid)
+        if before is None:
+            keys.append(key)
+            continue
+        if (before.use, before.alg, before.public) != (key.use, key.alg, key.public):
+            raise DirectoryError(
+                f"card for {new.id!r} changes key {key.kid!r}; a new key needs a new key id"
+            )
+        revocations = [t for t in (before.revoked_at, key.revoked_at) if t is not None]
+        keys.append(key.model_copy(update={"revoked_at": min(revocations, default=None)}))
+    return new.model_copy(update={"keys": tuple(keys)})
+
+
+# --- checks ------------------------------------------------------------------------
+
+
+def check_body(body: DirectoryBody) -> None:
+    """Raise unless the body is consistent: unique ids, parents, keys that decode."""
+    roles: dict[str, Role] = {}
+    for participant in body.participants:
+        if participant.id in roles:
+            raise DuplicateParticipant(f"participant {participant.id!r} is listed twice")
+        roles[participant.id] = participant.role
+    for participant in body.participants:
+        _check_parent(participant, roles)
+        _check_keys(participant)
+
+
+def _check_parent(participant: Participant, roles: Mapping[str, Role]) -> None:
+    if participant.role is not Role.NGO:
+        if participant.parent is not None:
+            raise MalformedDirectory(f"{participant.id!r} is not an NGO but names a parent")
+        return
+    if participant.parent is None:
+        raise MalformedDirectory(f"NGO {participant.id!r} names no parent mission")
+    if roles.get(participant.parent) is not Role.MISSION:
+        raise MalformedDirectory(
+            f"NGO {participant.id!r} names parent {participant.parent!r}, "
+            "which is not a mission in this directory"
+        )
+
+
+def _check_keys(participant: Participant) -> None:
+    seen: set[str] = set()
+    for key in participant.keys:
+        if key.kid in seen:
+            raise DuplicateParticipant(f"{participant.id!r} lists key id {key.kid!r} twice")
+        seen.add(key.kid)
+        if key.not_before >= key.not_after:
+            raise MalformedDirectory(f"key {key.kid!r} of {participant.id!r} has an empty window")
+        _check_public(participant.id, key)
+    uses = {key.use for key in participant.keys}
+    if uses != {KeyUse.SIGN, KeyUse.ENCRYPT}:
+        raise MalformedDirectory(
+            f"{participant.id!r} needs at least one signing and one encryption key"
+        )
+
+
+def _check_public(participant_id: str, key: PublicKey) -> None:
+    raw = key.raw()
+    try:
+        if key.use is KeyUse.SIGN:
+            if key.alg != SIGN_ALG:
+                raise MalformedDirectory(f"signing key {key.kid!r} must be {SIGN_ALG}")
+            _crypto.verify_key_from_raw(raw)
+            return
+        try:
+            suite = _crypto.Suite(key.alg)
+        except ValueError as e:
+            raise MalformedDirectory(f"key {key.kid!r} names unknown suite {key.alg!r}") from e
+        _crypto.check_encryption_key(_crypto.EncryptionKey(suite, raw))
+    except _crypto.CryptoError as e:
+        raise MalformedDirectory(
+            f"key {key.kid!r} of {participant_id!r} is not a valid {key.alg} public key"
+        ) from e
+
+
+# --- parsing -----------------------------------------------------------------------
+
+
+def _open_envelope(
+    data: bytes, *, require_signature: bool = True
+) -> tuple[bytes, list[Mapping[str, Any]]]:
+    try:
+        envelope = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise MalformedDirectory("the directory file is not JSON") from e
+    if not isinstance(envelope, dict):
+        raise MalformedDirectory("the directory file is not a DSSE envelope")
+    if envelope.get("payloadType") != PAYLOAD_TYPE:
+        raise MalformedDirectory(f"the directory's payloadType is not {PAYLOAD_TYPE}")
+    payload = envelope.get("payload")
+    if not isinstance(payload, str):
+        raise MalformedDirectory("the directory envelope has no payload")
+    signatures = envelope.get("signatures", [])
+    if not isinstance(signatures, list) or not all(isinstance(s, dict) for s in signatures):
+        raise MalformedDirectory("the directory's signatures are not a list of objects")
+    if require_signature and not signatures:
+        raise DirectoryUnsigned("the directory carries no signature; refusing it")
+    return _b64decode(payload, "the directory payload"), signatures
+
+
+def _verify_signatures(
+    payload: bytes, signatures: list[Mapping[str, Any]], authority: Ed25519PublicKey
+) -> None:
+    signed = pae(PAYLOAD_TYPE, payload)
+    for entry in signatures:
+        sig = entry.get("sig")
+        if not isinstance(sig, str):
+            continue
+        try:
+            _crypto.verify(authority, _b64decode(sig, "a signature"), signed)
+        except (_crypto.CryptoError, MalformedDirectory):
+            continue
+        return
+    raise DirectorySignatureInvalid(
+        f"no signature on the directory verifies with the pinned authority key "
+        f"{authority_key_id(authority)}; it is altered or signed by another key"
+    )
+
+
+def _parse_body(payload: bytes) -> DirectoryBody:
+    try:
+        return DirectoryBody.model_validate_json(payload)
+    except ValidationError as e:
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": str(e)}
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise MalformedDirectory(f"directory body: {where}: {first['msg']}") from e
+
+
+def _b64decode(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise MalformedDirectory(f"{what} is not valid base64") from e
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DirectoryError(f"cannot read directory {path}: {e.strerror}") from e
+
+
+def _require_aware(at: datetime) -> None:
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise TypeError("times must be timezone-aware (UTC)")
+
+
+@contextlib.contextmanager
+def _locked(home: Path) -> Iterator[None]:
+    """Serialise installs into one home so a lower serial never wins a race."""
+    try:
+        handle = (home / ".directory.lock").open("a")
+    except OSError as e:
+        raise DirectoryError(f"cannot lock {home}: {e.strerror}; check the home folder") from e
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
