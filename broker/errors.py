@@ -216,6 +216,12 @@ class StorageError(TrmError):
     reason = "storage"
 
 
+class CaseSystemError(TrmError):
+    """The local case system could not take a delivered message; it will be retried."""
+
+    reason = "case_system"
+
+
 # --- the audit log -----------------------------------------------------------
 
 

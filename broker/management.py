@@ -1,0 +1,188 @@
+"""A small client for the RabbitMQ management HTTP API.
+
+Users, vhosts and permissions are managed over HTTP rather than with
+``rabbitmqctl``: the API works remotely and into containers, needs no Erlang
+cookie, answers in milliseconds, and its PUTs are idempotent (see
+docs/operations.md, "Provisioning"). Errors become `ProvisioningError` or
+`AccessRefused` naming the request path and status, never the password.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+from urllib.error import HTTPError, URLError
+from urllib.parse import quote, unquote, urlsplit
+from urllib.request import Request, urlopen
+
+from broker.errors import AccessRefused, ConfigError, ProvisioningError
+
+DEFAULT_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
+MANAGEMENT_URL_ENV = "TRM_AMQP_MANAGEMENT_URL"
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """One queue as the management API reports it (counts lag by a few seconds)."""
+
+    name: str
+    type: str
+    messages: int
+    messages_ready: int
+    messages_unacknowledged: int
+    consumers: int
+    arguments: dict[str, Any]
+
+
+def _segment(name: str) -> str:
+    """One URL path segment: vhost "/" becomes %2F, as the API wants."""
+    return quote(name, safe="")
+
+
+class ManagementClient:
+    """Calls the management API as the user named in its URL."""
+
+    def __init__(self, url: str | None = None, *, timeout: float = 10) -> None:
+        chosen = url or os.environ.get(MANAGEMENT_URL_ENV) or DEFAULT_MANAGEMENT_URL
+        parts = urlsplit(chosen)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"{MANAGEMENT_URL_ENV} / --management-url must look like "
+                f"http://user:password@host:15672/, got scheme {parts.scheme!r}"
+            )
+        self.username = unquote(parts.username or "")
+        password = unquote(parts.password or "")
+        if not self.username:
+            raise ConfigError(f"{MANAGEMENT_URL_ENV} names no user: use http://user:pass@host/")
+        port = f":{parts.port}" if parts.port else ""
+        self.base = f"{parts.scheme}://{parts.hostname}{port}{parts.path.rstrip('/')}/api"
+        token = base64.b64encode(f"{self.username}:{password}".encode()).decode("ascii")
+        self._authorization = f"Basic {token}"
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"ManagementClient({self.base!r}, user={self.username!r})"
+
+    # --- the one HTTP call ---------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None, *, missing_ok: bool = False) -> Any:
+        """One API call; the parsed JSON answer, or None (or 404 with ``missing_ok``)."""
+        data = None if body is None else json.dumps(body).encode()
+        request = Request(  # noqa: S310 - the scheme is checked to be http(s) in __init__
+            self.base + path, data=data, method=method
+        )
+        request.add_header("Authorization", self._authorization)
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urlopen(request, timeout=self._timeout) as response:  # noqa: S310
+                raw = response.read()
+        except HTTPError as e:
+            if e.code == 404 and missing_ok:
+                return None
+            raise self._error(method, path, e) from e
+        except (URLError, OSError) as e:
+            raise ProvisioningError(
+                f"the RabbitMQ management API at {self.base} does not answer ({method} "
+                f"{path}: {type(e).__name__}); check {MANAGEMENT_URL_ENV} and that the "
+                "rabbitmq_management plugin is enabled"
+            ) from e
+        return json.loads(raw) if raw else None
+
+    def _error(self, method: str, path: str, e: HTTPError) -> ProvisioningError | AccessRefused:
+        try:
+            reason = str(json.loads(e.read()).get("reason", ""))
+        except (ValueError, OSError, AttributeError):
+            reason = ""
+        what = f"{method} {path} answered {e.code} {reason}".rstrip()
+        if e.code in (401, 403):
+            return AccessRefused(
+                f"the RabbitMQ management API refused user {self.username!r}: {what}; it needs "
+                "the administrator tag"
+            )
+        return ProvisioningError(f"the RabbitMQ management API failed: {what}")
+
+    # --- vhosts, users, permissions -------------------------------------------
+
+    def create_vhost(self, vhost: str) -> None:
+        """Create ``vhost`` (no change when it exists)."""
+        self.request("PUT", f"/vhosts/{_segment(vhost)}", {})
+
+    def delete_vhost(self, vhost: str) -> None:
+        """Delete ``vhost`` with everything in it (no error when it is gone)."""
+        self.request("DELETE", f"/vhosts/{_segment(vhost)}", missing_ok=True)
+
+    def vhost_exists(self, vhost: str) -> bool:
+        """Whether ``vhost`` exists."""
+        return self.request("GET", f"/vhosts/{_segment(vhost)}", missing_ok=True) is not None
+
+    def get_user(self, name: str) -> dict[str, Any] | None:
+        """The user's record, or None when there is no such user."""
+        found = self.request("GET", f"/users/{_segment(name)}", missing_ok=True)
+        return dict(found) if found is not None else None
+
+    def put_user(self, name: str, password: str, *, tags: str = "") -> None:
+        """Create the user or set its password and tags (no tags: no management access)."""
+        self.request("PUT", f"/users/{_segment(name)}", {"password": password, "tags": tags})
+
+    def delete_user(self, name: str) -> None:
+        """Delete the user (no error when it is gone)."""
+        self.request("DELETE", f"/users/{_segment(name)}", missing_ok=True)
+
+    def set_permissions(
+        self, vhost: str, user: str, *, configure: str, write: str, read: str
+    ) -> None:
+        """Set the user's configure/write/read regular expressions on ``vhost``."""
+        self.request(
+            "PUT",
+            f"/permissions/{_segment(vhost)}/{_segment(user)}",
+            {"configure": configure, "write": write, "read": read},
+        )
+
+    def get_permissions(self, vhost: str, user: str) -> dict[str, str] | None:
+        """The user's permissions on ``vhost``, or None when it has none."""
+        found = self.request(
+            "GET", f"/permissions/{_segment(vhost)}/{_segment(user)}", missing_ok=True
+        )
+        if found is None:
+            return None
+        return {key: str(found[key]) for key in ("configure", "write", "read")}
+
+    # --- queues ---------------------------------------------------------------
+
+    def list_queues(self, vhost: str) -> list[QueueInfo]:
+        """Every queue on ``vhost`` with its message counts, sorted by name."""
+        found = self.request("GET", f"/queues/{_segment(vhost)}") or []
+        queues = [
+            QueueInfo(
+                name=str(q["name"]),
+                type=str(q.get("type", "classic")),
+                messages=int(q.get("messages", 0) or 0),
+                messages_ready=int(q.get("messages_ready", 0) or 0),
+                messages_unacknowledged=int(q.get("messages_unacknowledged", 0) or 0),
+                consumers=int(q.get("consumers", 0) or 0),
+                arguments=dict(q.get("arguments", {})),
+            )
+            for q in found
+        ]
+        return sorted(queues, key=lambda q: q.name)
+
+    def get_queue(self, vhost: str, name: str) -> dict[str, Any] | None:
+        """The queue's full record, or None when there is no such queue."""
+        found = self.request("GET", f"/queues/{_segment(vhost)}/{_segment(name)}", missing_ok=True)
+        return dict(found) if found is not None else None
+
+    def queue_depth(self, vhost: str, name: str) -> int:
+        """Messages in the queue (ready + unacknowledged), as last sampled by the broker."""
+        found = self.get_queue(vhost, name)
+        if found is None:
+            raise ProvisioningError(
+                f"no queue {name!r} on vhost {vhost!r}: run trm broker provision"
+            )
+        return int(found.get("messages", 0) or 0)
+
+    def delete_queue(self, vhost: str, name: str) -> None:
+        """Delete the queue with its messages (no error when it is gone)."""
+        self.request("DELETE", f"/queues/{_segment(vhost)}/{_segment(name)}", missing_ok=True)

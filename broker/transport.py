@@ -1,0 +1,565 @@
+"""The pika transport: connections, windowed publisher confirms, acking consumers.
+
+Everything that talks AMQP goes through here, and every pika exception is
+translated at this boundary into `BrokerUnavailable` (retry later),
+`AccessRefused` (an operator must fix users or permissions), `PublishFailed`
+(returned or nacked messages) or `ProvisioningError` (a queue is missing).
+Messages name the host, vhost and user, never the password. Logs carry
+envelope ids and participant ids, never message bodies.
+
+Publisher confirms are windowed: up to ``confirm_window`` messages are in
+flight at once and the broker's (multiple-)acks retire them as they come.
+pika's `BlockingChannel.confirm_delivery` would instead block every publish
+for its own confirm, one network round trip per message. pika has no public
+blocking API for asynchronous confirms, so the publisher registers its
+confirm and return callbacks on the blocking channel's underlying
+asynchronous channel and drives the I/O loop until its own condition holds;
+those few private touch points live in `_Confirms` and `_pump_until`.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import pika
+import pika.exceptions
+import pika.spec
+import structlog
+from pika.adapters.blocking_connection import BlockingChannel
+
+from broker.errors import (
+    AccessRefused,
+    BrokerUnavailable,
+    ConfigError,
+    ProvisioningError,
+    PublishFailed,
+    TransportError,
+    TrmError,
+)
+from broker.topology import EXCHANGE, QUARANTINE_EXCHANGE
+
+_log = structlog.get_logger(__name__)
+
+_DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
+_PERSISTENT: Literal[2] = 2
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    """Where and as whom to connect to RabbitMQ.
+
+    ``url`` is ``amqp://host:port`` or ``amqps://host:port``; credentials in it
+    are ignored here (use `from_url` to take them from a URL).
+    """
+
+    url: str
+    vhost: str
+    username: str
+    password: str = field(repr=False)
+    heartbeat: int = 30
+    prefetch: int = 200
+    confirm_window: int = 500
+    connect_timeout: float = 10
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        vhost: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> AmqpSettings:
+        """Settings from an AMQP URL; keyword arguments override its parts."""
+        parts = urlsplit(url)
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            raise ConfigError(
+                f"TRM_AMQP_URL / --amqp-url must look like amqp://host:5672/vhost, "
+                f"got scheme {parts.scheme!r}"
+            )
+        user = username if username is not None else unquote(parts.username or "")
+        secret = password if password is not None else unquote(parts.password or "")
+        if not user:
+            raise ConfigError(f"no RabbitMQ user given for {parts.hostname}: set it in the URL")
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        chosen_vhost = vhost if vhost is not None else (unquote(path) or "/")
+        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        return cls(
+            url=f"{parts.scheme}://{parts.hostname}:{port}",
+            vhost=chosen_vhost,
+            username=user,
+            password=secret,
+        )
+
+    def describe(self) -> str:
+        """``user@host:port vhost V``: for messages and logs (no password)."""
+        parts = urlsplit(self.url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 5672)
+        return f"{self.username}@{parts.hostname}:{port} vhost {self.vhost!r}"
+
+    def parameters(self) -> pika.ConnectionParameters:
+        """pika connection parameters: heartbeats on, one attempt, bounded timeouts."""
+        parts = urlsplit(self.url)
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            raise ConfigError(f"AMQP URL must be amqp://host:port, got scheme {parts.scheme!r}")
+        ssl_options = None
+        if parts.scheme == "amqps":
+            ssl_options = pika.SSLOptions(ssl.create_default_context(), parts.hostname)
+        return pika.ConnectionParameters(
+            host=parts.hostname,
+            port=parts.port or _DEFAULT_PORTS[parts.scheme],
+            virtual_host=self.vhost,
+            credentials=pika.PlainCredentials(self.username, self.password),
+            heartbeat=self.heartbeat,
+            connection_attempts=1,
+            socket_timeout=self.connect_timeout,
+            stack_timeout=self.connect_timeout,
+            blocked_connection_timeout=max(60.0, self.connect_timeout),
+            ssl_options=ssl_options,
+        )
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One sealed envelope to publish: its id, its recipients, its exact bytes."""
+
+    envelope_id: str
+    recipients: tuple[str, ...]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as RabbitMQ delivered it; ``user_id`` is broker-validated."""
+
+    body: bytes
+    user_id: str | None
+    message_id: str | None
+    redelivered: bool
+    headers: Mapping[str, Any]
+    delivery_tag: int
+
+
+# --- errors ------------------------------------------------------------------
+
+
+def translate(error: BaseException, settings: AmqpSettings, doing: str) -> TrmError:
+    """The `TrmError` for a pika (or socket) error met while ``doing`` something.
+
+    The caller raises it ``from`` the original error.
+    """
+    where = settings.describe()
+    if isinstance(error, TrmError):
+        return error
+    if isinstance(error, pika.exceptions.ChannelClosedByBroker):
+        return _channel_error(error.reply_code, error.reply_text, where, doing)
+    if isinstance(error, pika.exceptions.ConnectionClosedByBroker):
+        if error.reply_code in (403, 530):
+            return AccessRefused(
+                f"RabbitMQ refused {where} while {doing} ({error.reply_code} "
+                f"{error.reply_text}): check the user's password and its permissions on the "
+                "vhost (trm broker provision)"
+            )
+        return BrokerUnavailable(
+            f"RabbitMQ closed the connection of {where} while {doing} "
+            f"({error.reply_code} {error.reply_text}); retry when it is back"
+        )
+    if isinstance(
+        error,
+        pika.exceptions.ProbableAuthenticationError
+        | pika.exceptions.AuthenticationError
+        | pika.exceptions.ProbableAccessDeniedError,
+    ):
+        return AccessRefused(
+            f"RabbitMQ refused the login of {where} while {doing}: check the user's "
+            "password (HOME/amqp-password) and that trm broker provision created it"
+        )
+    if isinstance(error, pika.exceptions.AMQPError | OSError):
+        kind = type(error).__name__
+        return BrokerUnavailable(
+            f"RabbitMQ at {where} is unreachable or dropped the connection while {doing} "
+            f"({kind}); check that it runs and TRM_AMQP_URL points at it, then retry"
+        )
+    return TransportError(f"unexpected {type(error).__name__} from pika while {doing} at {where}")
+
+
+def _channel_error(code: int, text: str, where: str, doing: str) -> TrmError:
+    if code == 403 or (code == 406 and "user_id" in text):
+        return AccessRefused(
+            f"RabbitMQ refused {doing} for {where}: {code} {text}; a participant may only "
+            "publish to trm.handoff as itself and read its own queues"
+        )
+    if code == 404:
+        return ProvisioningError(
+            f"RabbitMQ has no such queue or exchange for {where} while {doing}: {text}; "
+            "run trm broker provision"
+        )
+    return TransportError(f"RabbitMQ closed the channel of {where} while {doing}: {code} {text}")
+
+
+_PIKA_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+def open_connection(settings: AmqpSettings) -> pika.BlockingConnection:
+    """A new blocking connection, or `BrokerUnavailable` / `AccessRefused`."""
+    try:
+        return pika.BlockingConnection(settings.parameters())
+    except _PIKA_ERRORS as e:
+        raise translate(e, settings, "connecting") from e
+
+
+def _close_quietly(connection: pika.BlockingConnection | None) -> None:
+    if connection is None or connection.is_closed:
+        return
+    try:
+        connection.close()
+    except _PIKA_ERRORS:
+        # Already broken: there is nothing left to close cleanly.
+        return
+
+
+# --- publishing ----------------------------------------------------------------
+
+
+@dataclass
+class _Confirms:
+    """Publish sequence numbers in flight and what the broker said about them."""
+
+    next_tag: int = 1
+    pending: dict[int, str] = field(default_factory=dict)
+    nacked: list[str] = field(default_factory=list)
+    returned: list[str] = field(default_factory=list)
+
+    def on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag: int = method.delivery_tag
+        if method.multiple:
+            done = [t for t in self.pending if t <= tag]
+        else:
+            done = [tag] if tag in self.pending else []
+        for t in done:
+            label = self.pending.pop(t)
+            if isinstance(method, pika.spec.Basic.Nack):
+                self.nacked.append(label)
+
+    def on_return(
+        self,
+        _channel: Any,
+        _method: pika.spec.Basic.Return,
+        properties: pika.spec.BasicProperties,
+        _body: bytes,
+    ) -> None:
+        self.returned.append(properties.message_id or "(no id)")
+
+
+@dataclass(frozen=True)
+class _Frame:
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: pika.BasicProperties
+    label: str
+
+
+class Publisher:
+    """Publishes persistent, mandatory messages with windowed confirms.
+
+    One connection and one channel in confirm mode; use it from one thread.
+    A lost connection raises `BrokerUnavailable`; the next `publish`
+    reconnects.
+    """
+
+    def __init__(
+        self, settings: AmqpSettings, participant_id: str, *, exchange: str = EXCHANGE
+    ) -> None:
+        self._settings = settings
+        self._participant = participant_id
+        self._exchange = exchange
+        self._log = _log.bind(participant=participant_id)
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._confirms = _Confirms()
+        self._connect()
+
+    def _connect(self) -> None:
+        connection = open_connection(self._settings)
+        try:
+            channel = connection.channel()
+            confirms = _Confirms()
+            selected: list[bool] = []
+            impl = channel._impl  # type: ignore[attr-defined]
+            impl.add_on_return_callback(confirms.on_return)
+            impl.confirm_delivery(
+                ack_nack_callback=confirms.on_confirm,
+                callback=lambda _frame: selected.append(True),
+            )
+            self._connection, self._channel = connection, channel
+            self._pump_until(
+                lambda: bool(selected), time.monotonic() + self._settings.connect_timeout
+            )
+        except BaseException as e:
+            self._drop()
+            _close_quietly(connection)
+            if isinstance(e, _PIKA_ERRORS):
+                raise translate(e, self._settings, "opening a confirm channel") from e
+            raise
+        self._confirms = confirms
+
+    def _drop(self) -> None:
+        _close_quietly(self._connection)
+        self._connection = None
+        self._channel = None
+
+    def _pump_until(self, done: Callable[[], bool], deadline: float) -> None:
+        """Drive I/O until ``done()`` holds; `BrokerUnavailable` at ``deadline``."""
+        assert self._connection is not None and self._channel is not None
+        expired: list[bool] = []
+        remaining = max(0.0, deadline - time.monotonic())
+        ioloop = self._connection._impl.ioloop  # type: ignore[attr-defined]
+        timer = ioloop.call_later(remaining, lambda: expired.append(True))
+        try:
+            self._channel._flush_output(lambda: bool(expired), done)  # type: ignore[attr-defined]
+        finally:
+            ioloop.remove_timeout(timer)
+        if self._channel.is_closed or self._connection.is_closed:
+            raise pika.exceptions.StreamLostError("the channel closed while waiting")
+        if not done():
+            raise BrokerUnavailable(
+                f"RabbitMQ at {self._settings.describe()} sent no confirm in time; "
+                "the batch will be published again"
+            )
+
+    def publish(self, messages: Sequence[Outgoing], timeout: float = 30) -> None:
+        """Publish every message and return once the broker confirmed them all.
+
+        Raises `PublishFailed` naming the envelope ids returned as unroutable
+        or nacked, `BrokerUnavailable` when the connection is lost or no
+        confirm came within ``timeout`` seconds (publish the batch again
+        later), `AccessRefused` when the user may not publish so.
+        """
+        frames = [self._frame(m) for m in messages]
+        self._send(frames, timeout, "publishing envelopes")
+        self._log.debug("published", count=len(frames))
+
+    def publish_quarantine(
+        self, body: bytes, *, participant_id: str, reason: str, detail: str
+    ) -> None:
+        """Put a message that failed opening into ``participant_id``'s quarantine.
+
+        ``reason`` is a `TrmError.reason`; ``detail`` is an operator message
+        and must not contain payload data.
+        """
+        properties = pika.BasicProperties(
+            delivery_mode=_PERSISTENT,
+            user_id=self._participant,
+            headers={"x-trm-reason": reason, "x-trm-detail": detail},
+        )
+        frame = _Frame(QUARANTINE_EXCHANGE, participant_id, body, properties, "quarantine")
+        self._send([frame], 30, "publishing to the quarantine")
+        self._log.info("quarantined", owner=participant_id, reason=reason)
+
+    def _frame(self, message: Outgoing) -> _Frame:
+        if not message.recipients:
+            raise PublishFailed(
+                f"envelope {message.envelope_id} has no recipients; nothing was published",
+                (message.envelope_id,),
+            )
+        headers: dict[str, Any] | None = (
+            {"CC": list(message.recipients[1:])} if len(message.recipients) > 1 else None
+        )
+        properties = pika.BasicProperties(
+            delivery_mode=_PERSISTENT,
+            user_id=self._participant,
+            message_id=message.envelope_id,
+            content_type="application/octet-stream",
+            headers=headers,
+        )
+        return _Frame(
+            self._exchange, message.recipients[0], message.body, properties, message.envelope_id
+        )
+
+    def _send(self, frames: Sequence[_Frame], timeout: float, doing: str) -> None:
+        if not frames:
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            if self._channel is None or self._channel.is_closed:
+                self._drop()
+                self._connect()
+            assert self._channel is not None
+            confirms = self._confirms
+            confirms.nacked.clear()
+            confirms.returned.clear()
+            window = max(1, self._settings.confirm_window)
+            for frame in frames:
+                if len(confirms.pending) >= window:
+                    self._pump_until(lambda: len(confirms.pending) < window, deadline)
+                self._channel.basic_publish(
+                    frame.exchange,
+                    frame.routing_key,
+                    frame.body,
+                    frame.properties,
+                    mandatory=True,
+                )
+                confirms.pending[confirms.next_tag] = frame.label
+                confirms.next_tag += 1
+            self._pump_until(lambda: not confirms.pending, deadline)
+        except BrokerUnavailable:
+            self._drop()
+            raise
+        except _PIKA_ERRORS as e:
+            self._drop()
+            error = translate(e, self._settings, doing)
+            self._log.warning("publish failed", reason=error.reason, count=len(frames))
+            raise error from e
+        failed = tuple(dict.fromkeys([*confirms.returned, *confirms.nacked]))
+        if failed:
+            self._log.warning("publish refused", envelope_ids=list(failed))
+            raise PublishFailed(
+                f"RabbitMQ returned as unroutable or nacked {len(failed)} of {len(frames)} "
+                f"messages ({', '.join(failed)}); check that every recipient's inbox is "
+                "provisioned (trm broker provision)",
+                failed,
+            )
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        self._drop()
+
+
+# --- consuming -----------------------------------------------------------------
+
+
+class Consumer:
+    """Consumes one queue with manual acks and a prefetch window; one thread."""
+
+    POLL_SECONDS = 0.5
+
+    def __init__(self, settings: AmqpSettings, queue: str) -> None:
+        self._settings = settings
+        self._queue = queue
+        self._log = _log.bind(queue=queue, user=settings.username)
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        connection = open_connection(self._settings)
+        try:
+            channel = connection.channel()
+            channel.basic_qos(prefetch_count=self._settings.prefetch)
+        except _PIKA_ERRORS as e:
+            _close_quietly(connection)
+            raise translate(e, self._settings, f"opening a channel for {self._queue}") from e
+        self._connection, self._channel = connection, channel
+
+    def run(self, handle: Callable[[Delivery], None], stop: threading.Event) -> None:
+        """Hand each delivery to ``handle``; ack when it returns, nack+requeue if it raises.
+
+        Returns soon (within about half a second) after ``stop`` is set.
+        Raises `BrokerUnavailable` when the connection drops, `AccessRefused`
+        when the user may not read the queue.
+        """
+        try:
+            if self._channel is None or self._channel.is_closed:
+                self.close()
+                self._connect()
+            channel = self._channel
+            assert channel is not None
+            stream = channel.consume(self._queue, inactivity_timeout=self.POLL_SECONDS)
+            for method, properties, body in stream:
+                if stop.is_set():
+                    break
+                if method is None or properties is None:
+                    continue
+                self._dispatch(channel, handle, method, properties, body or b"")
+            channel.cancel()
+        except _PIKA_ERRORS as e:
+            self.close()
+            raise translate(e, self._settings, f"consuming {self._queue}") from e
+
+    def _dispatch(
+        self,
+        channel: BlockingChannel,
+        handle: Callable[[Delivery], None],
+        method: pika.spec.Basic.Deliver,
+        properties: pika.spec.BasicProperties,
+        body: bytes,
+    ) -> None:
+        tag = int(method.delivery_tag or 0)
+        delivery = Delivery(
+            body=body,
+            user_id=properties.user_id,
+            message_id=properties.message_id,
+            redelivered=bool(method.redelivered),
+            headers=dict(properties.headers or {}),
+            delivery_tag=tag,
+        )
+        log = self._log.bind(envelope_id=delivery.message_id, sender=delivery.user_id)
+        try:
+            handle(delivery)
+        except TrmError as e:
+            log.warning("handler refused; requeued", reason=e.reason)
+            channel.basic_nack(tag, requeue=True)
+            return
+        except Exception as e:
+            # Log the type and where it was raised, never str(e): driver errors may quote data.
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            log.error(
+                "handler failed; requeued",
+                error=type(e).__name__,
+                at=f"{frame.filename}:{frame.lineno}",
+            )
+            channel.basic_nack(tag, requeue=True)
+            return
+        channel.basic_ack(tag)
+
+    def close(self) -> None:
+        """Close the connection (unacked deliveries go back to the queue)."""
+        _close_quietly(self._connection)
+        self._connection = None
+        self._channel = None
+
+
+# --- reconnecting ----------------------------------------------------------------
+
+
+def run_with_reconnect(
+    loop: Callable[[], None],
+    stop: threading.Event,
+    *,
+    initial: float = 0.5,
+    maximum: float = 15.0,
+    log: Any = None,
+) -> None:
+    """Call ``loop`` until it returns or ``stop`` is set, retrying on `BrokerUnavailable`.
+
+    Waits between attempts back off exponentially from ``initial`` to
+    ``maximum`` seconds with jitter, and start again from ``initial`` after
+    a run that lasted longer than ``maximum``. Other errors propagate.
+    """
+    logger = log if log is not None else _log
+    delay = initial
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            loop()
+        except BrokerUnavailable as e:
+            if time.monotonic() - started > maximum:
+                delay = initial
+            wait = delay * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not a secret
+            logger.warning(
+                "broker unavailable; retrying", wait_seconds=round(wait, 2), error=str(e)
+            )
+            stop.wait(wait)
+            delay = min(delay * 2, maximum)
+            continue
+        return
