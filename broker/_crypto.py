@@ -8,6 +8,7 @@ primitive directly.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from enum import StrEnum
@@ -151,6 +152,9 @@ def _public_object(key: EncryptionKey) -> x25519.X25519PublicKey | hpke.MLKEM768
         raise CryptoError(f"not a {key.suite} public key") from e
 
 
+# Cached: expanding an ML-KEM key from its seed costs more than a whole unwrap,
+# and a participant opens every envelope with the same few keys.
+@functools.lru_cache(maxsize=64)
 def _private_object(
     key: DecryptionKey,
 ) -> x25519.X25519PrivateKey | hpke.MLKEM768X25519PrivateKey:

@@ -1,0 +1,470 @@
+"""The sealed envelope: sign, encrypt, verify and open one message.
+
+`seal` is the only way to make an envelope and `verify_envelope` /
+`open_envelope` the only ways to accept one. The wire format, the order of the
+checks and the error each check raises are specified in ``docs/envelope.md``.
+The signed bytes are kept exactly as received and never re-serialised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from broker import _crypto
+from broker.errors import (
+    BadSignature,
+    DecryptionFailed,
+    EnvelopeTooLarge,
+    KeyNotValid,
+    MalformedEnvelope,
+    NotAddressedToMe,
+    SchemaViolation,
+    SenderMismatch,
+    StaleEnvelope,
+)
+from schemas.base import Message
+from schemas.header import EnvelopeHeader
+from schemas.registry import decode_payload, encode_payload
+
+if TYPE_CHECKING:
+    from broker.directory import Directory
+    from broker.keys import Sender
+
+MAX_ENVELOPE_BYTES = 1 * 1024 * 1024
+"""Largest envelope accepted or produced, checked before anything else."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Largest header accepted; 32 recipients fit in a tenth of it."""
+MAX_AGE = timedelta(days=30)
+"""Oldest `sent_at` accepted live: a mission offline for weeks still drains."""
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+"""How far in the future `sent_at` may lie, and how far the id's time may drift."""
+
+MAGIC = b"TRM1"
+SIGNATURE_CONTEXT = b"trm/v1 envelope\x00"
+WRAP_CONTEXT = b"trm/v1 content-key"
+
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """Who is opening: a participant id and its private HPKE keys by key id."""
+
+    participant: str
+    decryption: Mapping[str, _crypto.DecryptionKey]
+
+
+@dataclass(frozen=True)
+class SealedEnvelope:
+    """A freshly sealed envelope: the header it carries and its exact bytes."""
+
+    header: EnvelopeHeader
+    raw: bytes
+
+    @property
+    def id(self) -> UUID:
+        """The envelope id (UUIDv7)."""
+        return self.header.id
+
+    @cached_property
+    def digest(self) -> str:
+        """Hex SHA-256 of the envelope bytes."""
+        return hashlib.sha256(self.raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class VerifiedEnvelope:
+    """An envelope whose origin, integrity and time were checked, still encrypted."""
+
+    header: EnvelopeHeader
+    raw: bytes
+    digest: str
+
+
+@dataclass(frozen=True)
+class OpenedEnvelope:
+    """A verified envelope, decrypted, with its payload validated against its schema."""
+
+    header: EnvelopeHeader
+    message: Message
+    raw: bytes
+    digest: str
+
+
+@dataclass(frozen=True)
+class _KeyEntry:
+    recipient: str
+    kid: str
+    wrapped: bytes
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    header: EnvelopeHeader
+    header_bytes: bytes
+    entries: tuple[_KeyEntry, ...]
+    ciphertext: bytes
+    signed: bytes
+    signature: bytes
+
+
+# --- ids and time ------------------------------------------------------------------
+
+
+def new_envelope_id(now: datetime | None = None) -> UUID:
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then 74 random bits."""
+    millis = time.time_ns() // 1_000_000 if now is None else int(_utc(now).timestamp() * 1000)
+    if not 0 <= millis < 1 << 48:
+        raise ValueError("time out of the UUIDv7 range")
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (millis << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64
+    value |= (0b10 << 62) | (rand & ((1 << 62) - 1))
+    return UUID(int=value)
+
+
+def _id_time(envelope_id: UUID) -> datetime:
+    return datetime.fromtimestamp((envelope_id.int >> 80) / 1000, tz=UTC)
+
+
+def _utc(moment: datetime | None) -> datetime:
+    if moment is None:
+        return datetime.now(UTC)
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("times must be timezone-aware (UTC)")
+    return moment.astimezone(UTC)
+
+
+# --- sealing --------------------------------------------------------------------------
+
+
+def seal(
+    message: Message,
+    *,
+    case: str,
+    sender: Sender,
+    recipients: Sequence[str],
+    directory: Directory,
+    seq: int,
+    reply_to: UUID | None = None,
+    now: datetime | None = None,
+    envelope_id: UUID | None = None,
+) -> SealedEnvelope:
+    """Encrypt `message` once, wrap its key for each recipient, sign the lot.
+
+    Each recipient's key is its current encryption key in `directory`; the
+    sender's key must be valid in `directory` now and match `sender.key`, so
+    that nobody seals an envelope its recipients would refuse.
+    """
+    moment = _utc(now)
+    # Millisecond precision, the precision of the time in a UUIDv7 id.
+    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+    public = directory.signing_key(sender.participant, sender.kid, used_at=moment)
+    if _crypto.raw_public(public) != _crypto.raw_public(sender.key.public_key()):
+        raise KeyNotValid(
+            f"the private key {sender.kid!r} of {sender.participant!r} does not match the "
+            "directory's public key of that id: load the keys the directory lists"
+        )
+    header = _new_header(
+        message,
+        case=case,
+        sender=sender,
+        recipients=recipients,
+        seq=seq,
+        reply_to=reply_to,
+        sent_at=moment,
+        envelope_id=envelope_id or new_envelope_id(moment),
+    )
+    header_bytes = header.model_dump_json().encode()
+    content_key = _crypto.new_content_key()
+    entries = []
+    for rid in header.recipients:
+        kid, key = directory.encryption_key(rid, moment)
+        entries.append(
+            _KeyEntry(rid, kid, _crypto.wrap(key, content_key, _wrap_info(header_bytes, rid)))
+        )
+    ciphertext = _crypto.encrypt(content_key, encode_payload(message), header_bytes)
+    signed = _frame(header_bytes, entries, ciphertext)
+    raw = signed + _crypto.sign(sender.key, SIGNATURE_CONTEXT + signed)
+    if len(raw) > MAX_ENVELOPE_BYTES:
+        raise EnvelopeTooLarge(
+            f"the sealed envelope is {len(raw)} bytes, over the {MAX_ENVELOPE_BYTES}-byte "
+            "limit: send large documents by another channel and reference them"
+        )
+    return SealedEnvelope(header, raw)
+
+
+def _new_header(
+    message: Message,
+    *,
+    case: str,
+    sender: Sender,
+    recipients: Sequence[str],
+    seq: int,
+    reply_to: UUID | None,
+    sent_at: datetime,
+    envelope_id: UUID,
+) -> EnvelopeHeader:
+    try:
+        return EnvelopeHeader(
+            id=envelope_id,
+            kind=message.KIND,
+            schema_version=message.VERSION,
+            case=case,
+            sender=sender.participant,
+            sender_key=sender.kid,
+            recipients=tuple(recipients),
+            sent_at=sent_at,
+            seq=seq,
+            reply_to=reply_to,
+        )
+    except ValidationError as e:
+        raise MalformedEnvelope(f"cannot seal: {_describe(e)}") from e
+
+
+def _wrap_info(header_bytes: bytes, recipient: str) -> bytes:
+    return WRAP_CONTEXT + hashlib.sha256(header_bytes).digest() + recipient.encode()
+
+
+def _frame(header_bytes: bytes, entries: Sequence[_KeyEntry], ciphertext: bytes) -> bytes:
+    parts = [MAGIC, _U32.pack(len(header_bytes)), header_bytes, _U16.pack(len(entries))]
+    for entry in entries:
+        rid, kid = entry.recipient.encode(), entry.kid.encode()
+        parts += [_U8.pack(len(rid)), rid, _U8.pack(len(kid)), kid]
+        parts += [_U16.pack(len(entry.wrapped)), entry.wrapped]
+    parts += [_U32.pack(len(ciphertext)), ciphertext]
+    return b"".join(parts)
+
+
+# --- parsing --------------------------------------------------------------------------
+
+
+class _Reader:
+    """Bounds-checked reads over the envelope bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise MalformedEnvelope(f"envelope truncated: {what} runs past the end")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def u8(self, what: str) -> int:
+        return int(_U8.unpack(self.take(1, what))[0])
+
+    def u16(self, what: str) -> int:
+        return int(_U16.unpack(self.take(2, what))[0])
+
+    def u32(self, what: str) -> int:
+        return int(_U32.unpack(self.take(4, what))[0])
+
+    def text(self, n: int, what: str) -> str:
+        try:
+            return self.take(n, what).decode("ascii")
+        except UnicodeDecodeError as e:
+            raise MalformedEnvelope(f"{what} is not ASCII") from e
+
+
+def _parse(raw: bytes) -> _Parsed:
+    if len(raw) > MAX_ENVELOPE_BYTES:
+        raise EnvelopeTooLarge(
+            f"envelope of {len(raw)} bytes exceeds the {MAX_ENVELOPE_BYTES}-byte limit"
+        )
+    reader = _Reader(raw)
+    if reader.take(len(MAGIC), "magic") != MAGIC:
+        raise MalformedEnvelope("not a trm envelope: the magic is not 'TRM1'")
+    header_len = reader.u32("header length")
+    if header_len > MAX_HEADER_BYTES:
+        raise MalformedEnvelope(f"header longer than {MAX_HEADER_BYTES} bytes")
+    header_bytes = reader.take(header_len, "header")
+    entries = tuple(_read_entry(reader, i) for i in range(reader.u16("key entry count")))
+    ciphertext = reader.take(reader.u32("ciphertext length"), "ciphertext")
+    signed_end = reader.pos
+    signature = reader.take(_crypto.SIGNATURE_BYTES, "signature")
+    if reader.pos != len(raw):
+        raise MalformedEnvelope(f"{len(raw) - reader.pos} trailing bytes after the signature")
+    header = _parse_header(header_bytes)
+    if tuple(e.recipient for e in entries) != header.recipients:
+        raise MalformedEnvelope("the key entries' recipients differ from the header's recipients")
+    return _Parsed(header, header_bytes, entries, ciphertext, raw[:signed_end], signature)
+
+
+def _read_entry(reader: _Reader, index: int) -> _KeyEntry:
+    what = f"key entry {index}"
+    recipient = reader.text(reader.u8(f"{what} recipient length"), f"{what} recipient id")
+    kid = reader.text(reader.u8(f"{what} key id length"), f"{what} key id")
+    wrapped = reader.take(reader.u16(f"{what} wrapped key length"), f"{what} wrapped key")
+    return _KeyEntry(recipient, kid, wrapped)
+
+
+def _parse_header(header_bytes: bytes) -> EnvelopeHeader:
+    try:
+        text = header_bytes.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedEnvelope("header is not UTF-8") from e
+    try:
+        # The standard parser first, to refuse duplicate keys that another
+        # implementation might resolve differently from pydantic.
+        json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:
+        raise MalformedEnvelope(f"header is not valid JSON ({type(e).__name__})") from e
+    try:
+        header = EnvelopeHeader.model_validate_json(text)
+    except ValidationError as e:
+        raise MalformedEnvelope(f"header does not match the schema: {_describe(e)}") from e
+    if header.id.version != 7:
+        raise MalformedEnvelope("header id is not a UUIDv7")
+    return header
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key in header JSON")
+    return dict(pairs)
+
+
+def _describe(error: ValidationError) -> str:
+    """Field locations and problem types, never the offending values."""
+    problems = [
+        f"{'.'.join(str(p) for p in err['loc']) or 'header'}: {err['type']}"
+        for err in error.errors(include_input=False, include_url=False)
+    ]
+    return "; ".join(problems[:5])
+
+
+def read_header(raw: bytes) -> EnvelopeHeader:
+    """The envelope's header, after framing checks only: NOT verified.
+
+    For logging and routing keys; anything that acts on the envelope must use
+    `verify_envelope` or `open_envelope`.
+    """
+    return _parse(raw).header
+
+
+# --- verifying and opening ----------------------------------------------------------
+
+
+def verify_envelope(
+    raw: bytes,
+    directory: Directory,
+    *,
+    at: datetime | None = None,
+    amqp_user_id: str | None = None,
+    max_age: timedelta | None = MAX_AGE,
+) -> VerifiedEnvelope:
+    """Check origin, integrity and time without decrypting; raise on any failure.
+
+    `at` is the time of checking (now live, the receive time for an auditor).
+    The key's validity window is checked at `sent_at` and its revocation at
+    ``max(sent_at, at)``; `sent_at` must lie within ``[at - max_age, at +
+    MAX_CLOCK_SKEW]``, with no lower bound when `max_age` is None.
+    """
+    parsed = _parse(raw)
+    _verify(parsed, directory, _utc(at), amqp_user_id, max_age)
+    return VerifiedEnvelope(parsed.header, raw, hashlib.sha256(raw).hexdigest())
+
+
+def _verify(
+    parsed: _Parsed,
+    directory: Directory,
+    at: datetime,
+    amqp_user_id: str | None,
+    max_age: timedelta | None,
+) -> None:
+    header = parsed.header
+    key = directory.signing_key(
+        header.sender, header.sender_key, used_at=header.sent_at, checked_at=max(header.sent_at, at)
+    )
+    try:
+        _crypto.verify(key, parsed.signature, SIGNATURE_CONTEXT + parsed.signed)
+    except _crypto.CryptoError as e:
+        raise BadSignature(
+            f"the signature does not verify with key {header.sender_key!r} of "
+            f"{header.sender!r}: the envelope was altered or signed by someone else"
+        ) from e
+    if amqp_user_id is not None and amqp_user_id != header.sender:
+        raise SenderMismatch(
+            f"signed by {header.sender!r} but published by AMQP user {amqp_user_id!r}"
+        )
+    _check_time(header, at, max_age)
+
+
+def _check_time(header: EnvelopeHeader, at: datetime, max_age: timedelta | None) -> None:
+    if max_age is not None and header.sent_at < at - max_age:
+        raise StaleEnvelope(
+            f"sent_at {header.sent_at.isoformat()} is more than {max_age} before {at.isoformat()}"
+        )
+    if header.sent_at > at + MAX_CLOCK_SKEW:
+        raise StaleEnvelope(
+            f"sent_at {header.sent_at.isoformat()} is more than {MAX_CLOCK_SKEW} after "
+            f"{at.isoformat()}: check the sender's clock"
+        )
+    if abs(_id_time(header.id) - header.sent_at) > MAX_CLOCK_SKEW:
+        raise StaleEnvelope(f"the time in id differs from sent_at by more than {MAX_CLOCK_SKEW}")
+
+
+def open_envelope(
+    raw: bytes,
+    *,
+    recipient: Recipient,
+    directory: Directory,
+    now: datetime | None = None,
+    amqp_user_id: str | None = None,
+) -> OpenedEnvelope:
+    """Verify the envelope, then decrypt it for `recipient` and validate the payload."""
+    parsed = _parse(raw)
+    header = parsed.header
+    _verify(parsed, directory, _utc(now), amqp_user_id, MAX_AGE)
+    entry = _entry_for(parsed, recipient)
+    try:
+        content_key = _crypto.unwrap(
+            recipient.decryption[entry.kid],
+            entry.wrapped,
+            _wrap_info(parsed.header_bytes, recipient.participant),
+        )
+    except _crypto.CryptoError as e:
+        raise DecryptionFailed(
+            f"the content key wrapped for {recipient.participant!r} under key {entry.kid!r} "
+            "does not unwrap"
+        ) from e
+    try:
+        payload = _crypto.decrypt(content_key, parsed.ciphertext, parsed.header_bytes)
+    except _crypto.CryptoError as e:
+        raise DecryptionFailed("the payload does not decrypt under the content key") from e
+    message = decode_payload(header.kind, header.schema_version, payload)
+    if (header.kind, header.schema_version) != (message.KIND, message.VERSION):
+        raise SchemaViolation(
+            f"the payload decodes as {message.KIND} v{message.VERSION}, but the header says "
+            f"{header.kind} v{header.schema_version}"
+        )
+    return OpenedEnvelope(header, message, raw, hashlib.sha256(raw).hexdigest())
+
+
+def _entry_for(parsed: _Parsed, recipient: Recipient) -> _KeyEntry:
+    for entry in parsed.entries:
+        if entry.recipient == recipient.participant:
+            if entry.kid not in recipient.decryption:
+                raise NotAddressedToMe(
+                    f"the content key for {recipient.participant!r} is wrapped under key "
+                    f"{entry.kid!r}, which this participant does not hold"
+                )
+            return entry
+    raise NotAddressedToMe(f"{recipient.participant!r} is not among the envelope's recipients")
