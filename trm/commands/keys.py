@@ -1,0 +1,76 @@
+"""``trm init``: create a participant's key folder, or the directory authority's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from broker._crypto import Suite
+from broker.directory import Role
+from broker.errors import TrmError
+from broker.keys import CARD_FILE, init_authority, init_participant
+
+AUTHORITY = "authority"
+SUITES = {"mlkem768x25519": Suite.MLKEM768_X25519, "x25519": Suite.X25519}
+
+
+@click.command()
+@click.option("--id", "participant_id", help="Participant id, e.g. iom-kz.")
+@click.option(
+    "--role",
+    required=True,
+    type=click.Choice([*(str(r) for r in Role), AUTHORITY]),
+    help="The participant's role; 'authority' makes a directory authority folder.",
+)
+@click.option("--country", help="ISO 3166-1 alpha-2 country code, e.g. KZ.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to create the keys in.",
+)
+@click.option("--parent", help="For an NGO: the id of the mission it works with.")
+@click.option("--name", help="The organisation's name, shown in the directory.")
+@click.option(
+    "--suite",
+    type=click.Choice(sorted(SUITES)),
+    default="mlkem768x25519",
+    show_default=True,
+    help="HPKE suite of the encryption key.",
+)
+@click.option("--valid-days", type=click.IntRange(min=1), default=365, show_default=True)
+def init(
+    participant_id: str | None,
+    role: str,
+    country: str | None,
+    out: Path,
+    parent: str | None,
+    name: str | None,
+    suite: str,
+    valid_days: int,
+) -> None:
+    """Create a key folder: private keys (mode 0600) and the public card."""
+    try:
+        if role == AUTHORITY:
+            init_authority(out)
+            click.echo(f"authority key created in {out}; give {out / 'authority.pub'} to everyone")
+            return
+        if participant_id is None or country is None:
+            raise click.UsageError("--id and --country are required for a participant")
+        card = init_participant(
+            out,
+            participant_id=participant_id,
+            role=Role(role),
+            country=country,
+            parent=parent,
+            name=name,
+            suite=SUITES[suite],
+            valid_days=valid_days,
+        )
+    except TrmError as e:
+        raise click.ClickException(f"{e.reason}: {e}") from e
+    click.echo(f"keys for {card.id} created in {out}")
+    for key in card.keys:
+        click.echo(f"  {key.use:<7} {key.kid}  {key.alg}  until {key.not_after.isoformat()}")
+    click.echo(f"give {out / CARD_FILE} to the directory authority")
