@@ -1,0 +1,153 @@
+"""Hostile bytes: nothing but TrmError subclasses escape verify_envelope and open_envelope."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker import _crypto
+from broker.directory import Directory, DirectoryBody, Role, load_directory, sign_directory
+from broker.envelope import Recipient, open_envelope, read_header, seal, verify_envelope
+from broker.errors import TrmError
+from broker.keys import init_participant, load_keys
+from schemas.base import MessageKind
+from schemas.examples import example
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+FUZZ = settings(
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A valid envelope and what is needed to check and open it."""
+
+    raw: bytes
+    directory: Directory
+    recipient: Recipient
+    signer: Ed25519PrivateKey
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Target:
+    """A return request from a mission to a hybrid-key mission and an X25519-key NGO."""
+    root: Path = tmp_path_factory.mktemp("fuzz")
+    start = NOW - timedelta(days=1)
+    cards = [
+        init_participant(root / "kz", participant_id="iom-kz", role=Role.MISSION, country="KZ",
+                         now=start),
+        init_participant(root / "uz", participant_id="iom-uz", role=Role.MISSION, country="UZ",
+                         now=start),
+        init_participant(root / "ngo", participant_id="ngo-uz-a", role=Role.NGO, country="UZ",
+                         parent="iom-uz", suite=_crypto.Suite.X25519, now=start),
+    ]  # fmt: skip
+    authority = Ed25519PrivateKey.generate()
+    body = DirectoryBody(serial=1, issued_at=start, participants=tuple(cards))
+    directory = load_directory(sign_directory(body, authority), authority=authority.public_key())
+    sealed = seal(
+        example(MessageKind.RETURN_REQUEST),
+        case="KZ-2026-0042",
+        sender=load_keys(root / "kz").sender(NOW),
+        recipients=["iom-uz", "ngo-uz-a"],
+        directory=directory,
+        seq=1,
+        now=NOW,
+    )
+    recipient = Recipient("iom-uz", load_keys(root / "uz").decryption)
+    return Target(sealed.raw, directory, recipient, load_keys(root / "kz").sender(NOW).key)
+
+
+def _check(target: Target, data: bytes) -> None:
+    """Feed `data` to every entry point; only TrmError may come out."""
+    for attempt in (
+        lambda: read_header(data),
+        lambda: verify_envelope(data, target.directory, at=NOW),
+        lambda: verify_envelope(data, target.directory, at=NOW, max_age=None),
+        lambda: open_envelope(
+            data, recipient=target.recipient, directory=target.directory, now=NOW
+        ),
+    ):
+        try:
+            attempt()
+        except TrmError:
+            continue
+        except Exception as e:
+            pytest.fail(f"{type(e).__name__} escaped instead of a TrmError: {e}")
+
+
+@st.composite
+def mutations(draw: st.DrawFn, raw: bytes) -> bytes:
+    """A valid envelope with bit flips, a truncation, an insertion or a splice."""
+    data = bytearray(raw)
+    for _ in range(draw(st.integers(1, 4))):
+        how = draw(st.sampled_from(["flip", "truncate", "insert", "splice", "set-length"]))
+        if not data:
+            break
+        at = draw(st.integers(0, len(data) - 1))
+        if how == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif how == "truncate":
+            del data[at:]
+        elif how == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif how == "splice":
+            end = draw(st.integers(at, len(data)))
+            src = draw(st.integers(0, len(raw) - 1))
+            data[at:end] = raw[src : src + draw(st.integers(0, 64))]
+        else:
+            data[at : at + 4] = draw(st.binary(min_size=4, max_size=4))
+    return bytes(data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_envelopes_raise_only_trm_errors(target: Target, data: st.DataObject) -> None:
+    """Bit flips, truncations, insertions and splices of a valid envelope raise only TrmError."""
+    mutated = data.draw(mutations(target.raw))
+    _check(target, mutated)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_then_resigned_envelopes_raise_only_trm_errors(
+    target: Target, data: st.DataObject
+) -> None:
+    """Mutations re-signed by the real sender reach the later checks and raise only TrmError."""
+    body = data.draw(mutations(target.raw[:-64]))
+    _check(target, body + target.signer.sign(b"trm/v1 envelope\x00" + body))
+
+
+@FUZZ
+@given(noise=st.binary(max_size=4096))
+def test_random_bytes_raise_only_trm_errors(target: Target, noise: bytes) -> None:
+    """Arbitrary bytes, with or without the magic, raise only TrmError."""
+    _check(target, noise)
+    _check(target, b"TRM1" + noise)
+
+
+@FUZZ
+@given(header=st.binary(max_size=512), tail=st.binary(max_size=256))
+def test_random_header_in_valid_framing_raises_only_trm_errors(
+    target: Target, header: bytes, tail: bytes
+) -> None:
+    """Any header bytes in otherwise correct framing raise only TrmError."""
+    framed = b"TRM1" + len(header).to_bytes(4, "big") + header + b"\x00\x00"
+    framed += len(tail).to_bytes(4, "big") + tail + bytes(64)
+    _check(target, framed)
+
+
+def test_unmutated_envelope_opens(target: Target) -> None:
+    """The fuzzing target itself is a valid envelope, so mutations start from accepted bytes."""
+    opened = open_envelope(
+        target.raw, recipient=target.recipient, directory=target.directory, now=NOW
+    )
+    assert opened.message == example(MessageKind.RETURN_REQUEST)
