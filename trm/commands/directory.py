@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -199,7 +200,7 @@ def check(file: Path, authority_key: Path, days: int) -> None:
             if key.not_after <= now:
                 click.echo(f"warning: {participant.id} key {key.kid} ({key.use}) has expired")
                 continue
-            left = (key.not_after - now).days
+            left = math.ceil((key.not_after - now) / timedelta(days=1))
             click.echo(
                 f"warning: {participant.id} key {key.kid} ({key.use}) expires in {left} days "
                 f"({key.not_after.isoformat()}); rotate it"
