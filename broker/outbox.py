@@ -1,0 +1,263 @@
+"""The outbox: sealed envelopes stored with the change that caused them, and the relay.
+
+Sending never talks to RabbitMQ directly. The sealed envelope is written to the
+local database in the same transaction as the sender's own state change (the
+per-case sequence number at least), so either both happen or neither does.
+The `Relay` then publishes pending rows with publisher confirms and marks them
+sent only once the broker has confirmed them. If the broker is down, or a
+publish is not confirmed, the rows stay pending and the same bytes, under the
+same envelope ids, go out later; receivers deduplicate by id.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from broker.database import (
+    case_sequence_table,
+    outbox_table,
+    receipts_table,
+    storage_errors,
+)
+from broker.errors import ConfigError, StorageError, TransportError
+from broker.transport import Outgoing
+
+if TYPE_CHECKING:
+    from broker.envelope import SealedEnvelope
+
+log = structlog.get_logger(__name__)
+
+IDLE_POLL = 0.2
+"""Seconds between scans when idle, so rows written by another process go out."""
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+_CHUNK = 500
+"""Ids per IN (...) list, well under every backend's parameter limit."""
+
+
+class Publisher(Protocol):
+    """What the relay needs from a transport: confirmed publishes and a quarantine."""
+
+    def publish(self, messages: Sequence[Outgoing], timeout: float = 30) -> None:
+        """Publish all `messages`; return once all are confirmed, else raise TransportError."""
+
+    def publish_quarantine(
+        self, body: bytes, *, participant_id: str, reason: str, detail: str
+    ) -> None:
+        """Put a refused envelope in `participant_id`'s quarantine, with the reason."""
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    """How far the outbox has drained."""
+
+    pending: int
+    sent: int
+    oldest_pending: datetime | None
+    """When the oldest envelope still waiting for a confirm was written."""
+    last_error: str | None
+    """The latest publish error of the oldest pending envelope, if any."""
+    receipts: int
+    """Delivery receipts received for our envelopes."""
+
+
+class Outbox:
+    """The outbox table of one local database."""
+
+    def __init__(self, engine: Engine) -> None:
+        """Use the (already migrated) database behind `engine`."""
+        self.engine = engine
+
+    def next_seq(self, conn: Connection, sender: str, case: str) -> int:
+        """The next sequence number of `sender` on `case`, inside the caller's transaction.
+
+        An atomic upsert, so that two processes sending on the same case at
+        once never get the same number.
+        """
+        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        statement = (
+            insert(case_sequence_table)
+            .values(sender=sender, case_ref=case, last_seq=1)
+            .on_conflict_do_update(
+                index_elements=["sender", "case_ref"],
+                set_={"last_seq": case_sequence_table.c.last_seq + 1},
+            )
+            .returning(case_sequence_table.c.last_seq)
+        )
+        with storage_errors("taking the next sequence number"):
+            return int(conn.execute(statement).scalar_one())
+
+    def add(self, conn: Connection, sealed: SealedEnvelope, now: datetime | None = None) -> None:
+        """Store `sealed` for the relay, inside the caller's transaction."""
+        header = sealed.header
+        with storage_errors(f"storing envelope {header.id} in the outbox"):
+            conn.execute(
+                outbox_table.insert().values(
+                    envelope_id=str(header.id),
+                    case_ref=header.case,
+                    kind=str(header.kind),
+                    recipients=" ".join(header.recipients),
+                    body=sealed.raw,
+                    digest=sealed.digest,
+                    created_at=now or datetime.now(UTC),
+                    attempts=0,
+                )
+            )
+
+    def send(
+        self, seal_fn: Callable[[int], SealedEnvelope], *, sender: str, case: str
+    ) -> SealedEnvelope:
+        """Take the next sequence number, seal with it and store, in one transaction."""
+        with storage_errors("writing to the outbox"), self.engine.begin() as conn:
+            sealed = seal_fn(self.next_seq(conn, sender, case))
+            self.add(conn, sealed)
+        log.info(
+            "outbox.added",
+            envelope_id=str(sealed.id),
+            case=case,
+            participant=sender,
+            kind=str(sealed.header.kind),
+        )
+        return sealed
+
+    def pending(self, limit: int = 500) -> list[Outgoing]:
+        """Up to `limit` envelopes not yet confirmed by the broker, oldest first."""
+        t = outbox_table.c
+        query = (
+            sa.select(t.envelope_id, t.recipients, t.body)
+            .where(t.sent_at.is_(None))
+            .order_by(t.created_at, t.envelope_id)
+            .limit(limit)
+        )
+        with storage_errors("reading the outbox"), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            Outgoing(envelope_id=r.envelope_id, recipients=tuple(r.recipients.split()), body=r.body)
+            for r in rows
+        ]
+
+    def mark_sent(self, envelope_ids: Sequence[str], at: datetime | None = None) -> None:
+        """Record that the broker confirmed these envelopes."""
+        moment = at or datetime.now(UTC)
+        t = outbox_table.c
+        with storage_errors("marking envelopes sent"), self.engine.begin() as conn:
+            for chunk in _chunks(envelope_ids):
+                conn.execute(
+                    outbox_table.update()
+                    .where(t.envelope_id.in_(chunk), t.sent_at.is_(None))
+                    .values(sent_at=moment, attempts=t.attempts + 1)
+                )
+
+    def record_failure(self, envelope_ids: Sequence[str], error: str) -> None:
+        """Count a failed publish of these envelopes; they stay pending."""
+        t = outbox_table.c
+        with storage_errors("recording a publish failure"), self.engine.begin() as conn:
+            for chunk in _chunks(envelope_ids):
+                conn.execute(
+                    outbox_table.update()
+                    .where(t.envelope_id.in_(chunk), t.sent_at.is_(None))
+                    .values(attempts=t.attempts + 1, last_error=error[:1000])
+                )
+
+    def status(self) -> OutboxStatus:
+        """Pending and sent counts, the oldest pending envelope's age and error, receipts."""
+        t = outbox_table.c
+        count = sa.func.count()
+        with storage_errors("reading the outbox status"), self.engine.connect() as conn:
+            pending = conn.execute(sa.select(count).where(t.sent_at.is_(None))).scalar_one()
+            sent = conn.execute(sa.select(count).where(t.sent_at.is_not(None))).scalar_one()
+            oldest = conn.execute(
+                sa.select(t.created_at, t.last_error)
+                .where(t.sent_at.is_(None))
+                .order_by(t.created_at, t.envelope_id)
+                .limit(1)
+            ).first()
+            receipts = conn.execute(sa.select(count).select_from(receipts_table)).scalar_one()
+        return OutboxStatus(
+            pending=int(pending),
+            sent=int(sent),
+            oldest_pending=oldest.created_at if oldest else None,
+            last_error=oldest.last_error if oldest else None,
+            receipts=int(receipts),
+        )
+
+
+class Relay:
+    """Publishes the outbox with confirms; marks rows sent only once confirmed."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        publisher: Publisher,
+        *,
+        batch: int = 500,
+        retry_delay: float = BACKOFF_FIRST,
+        max_retry_delay: float = BACKOFF_MAX,
+    ) -> None:
+        """Relay `outbox` through `publisher`, `batch` envelopes per confirmed publish.
+
+        After a failure the relay waits `retry_delay` seconds, doubling up to
+        `max_retry_delay` while failures continue.
+        """
+        if batch < 1 or retry_delay <= 0 or max_retry_delay < retry_delay:
+            raise ConfigError("the relay needs batch >= 1 and 0 < retry_delay <= max_retry_delay")
+        self.outbox = outbox
+        self.publisher = publisher
+        self.batch = batch
+        self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
+
+    def run_once(self) -> int:
+        """Publish one batch of pending envelopes; return how many the broker confirmed.
+
+        On a transport failure the batch stays pending, its attempt is counted
+        and the error is raised; the next call sends the same envelopes again.
+        """
+        batch = self.outbox.pending(self.batch)
+        if not batch:
+            return 0
+        ids = [m.envelope_id for m in batch]
+        try:
+            self.publisher.publish(batch)
+        except TransportError as e:
+            self.outbox.record_failure(ids, f"{e.reason}: {e}")
+            raise
+        self.outbox.mark_sent(ids)
+        log.debug("relay.sent", count=len(ids), first_envelope_id=ids[0])
+        return len(ids)
+
+    def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
+        """Relay until `stop` is set, backing off while the broker or database fails.
+
+        When idle it waits for `wake` (set by senders in this process) or for
+        a short poll, so that rows written by another process are picked up.
+        """
+        backoff = self.retry_delay
+        while not stop.is_set():
+            try:
+                sent = self.run_once()
+            except (TransportError, StorageError) as e:
+                log.warning("relay.retrying", reason=e.reason, error=str(e), delay=backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_retry_delay)
+                continue
+            backoff = self.retry_delay
+            if sent:
+                continue
+            if wake is None:
+                stop.wait(IDLE_POLL)
+            elif wake.wait(IDLE_POLL):
+                wake.clear()
+
+
+def _chunks(ids: Sequence[str]) -> list[Sequence[str]]:
+    return [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
