@@ -221,3 +221,16 @@ def test_authority_key_too_open(tmp_path: Path) -> None:
     (tmp_path / "auth" / "keys" / "authority.key").chmod(0o640)
     with pytest.raises(KeyFileError, match="chmod 600"):
         load_authority(tmp_path / "auth")
+
+
+def test_longest_participant_id_gives_valid_key_ids(tmp_path: Path) -> None:
+    """A 63-character participant id still yields key ids the directory accepts."""
+    pid = "ngo-" + "a" * 59
+    card = init_participant(
+        tmp_path / "long", participant_id=pid, role=Role.AUDITOR, country="AT", now=T0
+    )
+    assert all(len(k.kid) <= 64 for k in card.keys)
+    authority = _crypto.new_signing_key()
+    body = add_participant(DirectoryBody(serial=1, issued_at=T0, participants=()), card, now=T0)
+    loaded = load_directory(sign_directory(body, authority), authority=authority.public_key())
+    assert loaded.participant(pid).keys == card.keys
