@@ -1,0 +1,749 @@
+"""The case handoff state machine: stages, transitions and anomalies.
+
+The routing service cannot read payloads, so a case's state is derived from
+verified envelope headers alone (kind, case, sender, recipients, sent-at,
+sequence number, reply-to, id), the time the routing service received each
+envelope, and the directory roles of the participants.
+
+Everything here is a pure function over immutable values: `apply` folds one
+`Event` into a `CaseState`, `replay` folds a whole log. An odd but legal input
+never raises: an impossible or early transition leaves the stage as it was,
+the event is still recorded in the case's history, and an `Anomaly` says
+what was wrong. Applying an envelope id already applied changes nothing.
+
+Return case::
+
+    requested -> accepted | declined
+    accepted -> travel_arranged (-> travel_arranged when travel is re-arranged)
+    travel_arranged -> departed -> received (an NGO confirms reception)
+    received -> reintegration (-> reintegration for each further update) -> closed
+
+Referral case::
+
+    referral_requested -> referral_accepted | referral_declined
+    referral_accepted -> reintegration -> closed
+
+At any open stage ``consent_withdrawn`` halts the case; before departure
+``request_withdrawn`` withdraws it; ``case_closed`` closes a received case,
+a case in reintegration, an accepted or declined referral, and (as an
+administrative close) a declined, halted or withdrawn case. Delivery receipts
+and reminders never change the stage; a receipt marks the envelope it answers
+as delivered to the receipt's sender.
+
+Anomaly reasons, in the order they are checked (the first one found is
+reported): ``unknown_case`` (the first event of a case does not open it),
+``after_close``, ``wrong_role``, ``not_a_party`` (the sender has taken no part
+in the case), ``sequence_repeat``, ``out_of_order`` (the event belongs to a
+later stage than the case has reached), ``impossible_transition``,
+``unmatched_receipt``, and ``sequence_gap``. All but ``sequence_gap`` leave
+the stage unchanged; a gap is reported and the event still applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+from broker.errors import CaseError, CaseStateInvalid
+from schemas.base import MessageKind
+from schemas.header import EnvelopeHeader
+
+STATE_FORMAT = 1
+"""Version of the `CaseState.to_dict` layout."""
+
+
+class Stage(StrEnum):
+    """Where a return or referral case stands."""
+
+    REQUESTED = "requested"
+    ACCEPTED = "accepted"
+    DECLINED = "declined"
+    TRAVEL_ARRANGED = "travel_arranged"
+    DEPARTED = "departed"
+    RECEIVED = "received"
+    REINTEGRATION = "reintegration"
+    CLOSED = "closed"
+    HALTED = "halted"
+    WITHDRAWN = "withdrawn"
+    REFERRAL_REQUESTED = "referral_requested"
+    REFERRAL_ACCEPTED = "referral_accepted"
+    REFERRAL_DECLINED = "referral_declined"
+
+
+class Reason(StrEnum):
+    """Machine codes of anomalies."""
+
+    UNKNOWN_CASE = "unknown_case"
+    AFTER_CLOSE = "after_close"
+    WRONG_ROLE = "wrong_role"
+    NOT_A_PARTY = "not_a_party"
+    SEQUENCE_REPEAT = "sequence_repeat"
+    OUT_OF_ORDER = "out_of_order"
+    IMPOSSIBLE_TRANSITION = "impossible_transition"
+    UNMATCHED_RECEIPT = "unmatched_receipt"
+    SEQUENCE_GAP = "sequence_gap"
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"
+
+
+MISSION = "mission"
+NGO = "ngo"
+ROUTING = "routing"
+AUDITOR = "auditor"
+
+Roles = Mapping[str, str] | Callable[[str], str | None]
+"""A participant id's directory role (mission, ngo, routing, auditor), or None if unknown."""
+
+K = MessageKind
+S = Stage
+
+OPEN_STAGES = frozenset(
+    {
+        S.REQUESTED,
+        S.ACCEPTED,
+        S.TRAVEL_ARRANGED,
+        S.DEPARTED,
+        S.RECEIVED,
+        S.REINTEGRATION,
+        S.REFERRAL_REQUESTED,
+        S.REFERRAL_ACCEPTED,
+    }
+)
+"""Stages at which consent can still be withdrawn."""
+
+_CLOSABLE = (
+    S.RECEIVED,
+    S.REINTEGRATION,
+    S.REFERRAL_ACCEPTED,
+    S.REFERRAL_DECLINED,
+    S.DECLINED,
+    S.HALTED,
+    S.WITHDRAWN,
+)
+_WITHDRAWABLE = (S.REQUESTED, S.ACCEPTED, S.TRAVEL_ARRANGED, S.REFERRAL_REQUESTED)
+
+TRANSITIONS: Mapping[MessageKind, Mapping[Stage | None, Stage]] = MappingProxyType(
+    {
+        K.RETURN_REQUEST: {None: S.REQUESTED},
+        K.RETURN_ACCEPTED: {S.REQUESTED: S.ACCEPTED},
+        K.RETURN_DECLINED: {S.REQUESTED: S.DECLINED},
+        K.TRAVEL_ARRANGED: {S.ACCEPTED: S.TRAVEL_ARRANGED, S.TRAVEL_ARRANGED: S.TRAVEL_ARRANGED},
+        K.DEPARTED: {S.TRAVEL_ARRANGED: S.DEPARTED},
+        K.RECEPTION_CONFIRMED: {S.DEPARTED: S.RECEIVED},
+        K.REINTEGRATION_UPDATE: {
+            S.RECEIVED: S.REINTEGRATION,
+            S.REINTEGRATION: S.REINTEGRATION,
+            S.REFERRAL_ACCEPTED: S.REINTEGRATION,
+        },
+        K.CASE_CLOSED: dict.fromkeys(_CLOSABLE, S.CLOSED),
+        K.CONSENT_WITHDRAWN: dict.fromkeys(OPEN_STAGES, S.HALTED),
+        K.REQUEST_WITHDRAWN: dict.fromkeys(_WITHDRAWABLE, S.WITHDRAWN),
+        K.REFERRAL_REQUEST: {None: S.REFERRAL_REQUESTED},
+        K.REFERRAL_ACCEPTED: {S.REFERRAL_REQUESTED: S.REFERRAL_ACCEPTED},
+        K.REFERRAL_DECLINED: {S.REFERRAL_REQUESTED: S.REFERRAL_DECLINED},
+    }
+)
+"""kind -> (stage before -> stage after); receipts and reminders never move a case."""
+
+OPENING_KINDS = frozenset({K.RETURN_REQUEST, K.REFERRAL_REQUEST})
+BOOKKEEPING_KINDS = frozenset({K.DELIVERY_RECEIPT, K.REMINDER})
+"""Kinds that are part of the timeline but not handoffs."""
+
+_BOTH = frozenset({MISSION, NGO})
+ALLOWED_ROLES: Mapping[MessageKind, frozenset[str]] = MappingProxyType(
+    {
+        K.RETURN_REQUEST: frozenset({MISSION}),
+        K.RETURN_ACCEPTED: frozenset({MISSION}),
+        K.RETURN_DECLINED: frozenset({MISSION}),
+        K.TRAVEL_ARRANGED: frozenset({MISSION}),
+        K.DEPARTED: frozenset({MISSION}),
+        K.RECEPTION_CONFIRMED: frozenset({NGO}),
+        K.REINTEGRATION_UPDATE: _BOTH,
+        K.CASE_CLOSED: _BOTH,
+        K.REFERRAL_REQUEST: _BOTH,
+        K.REFERRAL_ACCEPTED: _BOTH,
+        K.REFERRAL_DECLINED: _BOTH,
+        K.CONSENT_WITHDRAWN: _BOTH,
+        K.REQUEST_WITHDRAWN: _BOTH,
+        K.DELIVERY_RECEIPT: frozenset({MISSION, NGO, ROUTING, AUDITOR}),
+        K.REMINDER: frozenset({ROUTING}),
+    }
+)
+"""Which directory roles may send each kind."""
+
+# The forward order of each path, to tell an early event from an impossible one.
+_PATHS: tuple[tuple[Stage, ...], ...] = (
+    (S.REQUESTED, S.ACCEPTED, S.TRAVEL_ARRANGED, S.DEPARTED, S.RECEIVED, S.REINTEGRATION),
+    (S.REFERRAL_REQUESTED, S.REFERRAL_ACCEPTED, S.REINTEGRATION),
+)
+
+
+def _aware(value: datetime, name: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise CaseError(f"{name} must be a timezone-aware UTC datetime, got naive {value!r}")
+    return value.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One envelope header as the routing service saw it, with its receive time."""
+
+    envelope_id: str
+    kind: MessageKind
+    case: str
+    sender: str
+    recipients: tuple[str, ...]
+    sent_at: datetime
+    received_at: datetime
+    """The routing service's clock, the one trusted for stage times and deadlines."""
+    seq: int
+    reply_to: str | None = None
+
+    def __post_init__(self) -> None:
+        # Normalised here so that a naive datetime fails at construction,
+        # never later as a TypeError inside a comparison.
+        if self.kind not in MessageKind.__members__.values():
+            raise CaseError(f"{self.kind!r} is not a message kind")
+        object.__setattr__(self, "kind", MessageKind(self.kind))
+        object.__setattr__(self, "recipients", tuple(self.recipients))
+        object.__setattr__(self, "sent_at", _aware(self.sent_at, "sent_at"))
+        object.__setattr__(self, "received_at", _aware(self.received_at, "received_at"))
+
+    @classmethod
+    def from_header(cls, header: EnvelopeHeader, received_at: datetime) -> Event:
+        """The event for a verified header received by the routing service at `received_at`."""
+        return cls(
+            envelope_id=str(header.id),
+            kind=header.kind,
+            case=header.case,
+            sender=header.sender,
+            recipients=tuple(header.recipients),
+            sent_at=header.sent_at,
+            received_at=received_at,
+            seq=header.seq,
+            reply_to=None if header.reply_to is None else str(header.reply_to),
+        )
+
+    def same_envelope(self, other: Event) -> bool:
+        """Whether `other` carries the same header (a redelivery differs only in receive time)."""
+        return self == _with_received(other, self.received_at)
+
+
+def _with_received(event: Event, received_at: datetime) -> Event:
+    return Event(
+        envelope_id=event.envelope_id,
+        kind=event.kind,
+        case=event.case,
+        sender=event.sender,
+        recipients=event.recipients,
+        sent_at=event.sent_at,
+        received_at=received_at,
+        seq=event.seq,
+        reply_to=event.reply_to,
+    )
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """Why an event did not fit the case; `reason` is a `Reason` code."""
+
+    envelope_id: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One recorded event, the stage after it, and its anomaly if any."""
+
+    event: Event
+    stage_after: Stage | None
+    anomaly: Anomaly | None = None
+
+
+@dataclass(frozen=True)
+class CaseState:
+    """Everything the headers tell about one case, comparable with ``==``."""
+
+    case: str
+    stage: Stage | None
+    """None until an event opens the case."""
+    origin: str | None
+    """The participant that opened the case (the requesting mission or NGO)."""
+    parties: frozenset[str]
+    """Senders and recipients of the handoffs that were applied."""
+    party_roles: Mapping[str, str]
+    """Directory roles of the parties, as they were when each joined."""
+    last_seq: Mapping[str, int]
+    """Highest sequence number seen per sender."""
+    pending_receipts: Mapping[str, frozenset[str]]
+    """Envelope id -> recipients whose delivery receipt has not arrived."""
+    entries: tuple[Entry, ...]
+    """Every distinct envelope of the case, in the order the routing service received them."""
+    updated_at: datetime
+    stage_entered_at: datetime | None
+    stage_envelope: str | None
+    """The envelope that moved the case into its current stage."""
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        """The recorded events in arrival order."""
+        return tuple(entry.event for entry in self.entries)
+
+    @property
+    def anomalies(self) -> tuple[Anomaly, ...]:
+        """Every anomaly recorded on the case, in arrival order."""
+        return tuple(entry.anomaly for entry in self.entries if entry.anomaly is not None)
+
+    def entry(self, envelope_id: str) -> Entry | None:
+        """The recorded entry of an envelope id, or None."""
+        for entry in self.entries:
+            if entry.event.envelope_id == envelope_id:
+                return entry
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain JSON-ready dict; `from_dict` gives back an equal state."""
+        return {
+            "format": STATE_FORMAT,
+            "case": self.case,
+            "stage": None if self.stage is None else str(self.stage),
+            "origin": self.origin,
+            "parties": sorted(self.parties),
+            "party_roles": dict(sorted(self.party_roles.items())),
+            "last_seq": dict(sorted(self.last_seq.items())),
+            "pending_receipts": {k: sorted(v) for k, v in sorted(self.pending_receipts.items())},
+            "entries": [_entry_to_dict(entry) for entry in self.entries],
+            "updated_at": self.updated_at.isoformat(),
+            "stage_entered_at": _iso(self.stage_entered_at),
+            "stage_envelope": self.stage_envelope,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CaseState:
+        """The state `to_dict` wrote; raises CaseStateInvalid on any other shape."""
+        try:
+            return _state_from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError, CaseError) as e:
+            raise CaseStateInvalid(
+                f"not a serialised case state (format {STATE_FORMAT}): {e!r}; "
+                "rebuild it from the audit log with `trm audit replay`"
+            ) from e
+
+
+# --- applying events -------------------------------------------------------------
+
+
+def apply(state: CaseState | None, event: Event, roles: Roles) -> tuple[CaseState, Anomaly | None]:
+    """Fold one event into a case's state; returns the new state and the anomaly, if any.
+
+    `state` is None for a case not seen before. The event is recorded in every
+    case except one: an id already recorded. The same header again returns the
+    state unchanged and no anomaly; a different header under a recorded id
+    returns the state unchanged and a ``conflicting_duplicate`` anomaly.
+    Raises CaseError only when `state` belongs to another case than `event`.
+    """
+    if state is not None and state.case != event.case:
+        raise CaseError(
+            f"event {event.envelope_id} is about case {event.case!r}, "
+            f"not {state.case!r}: apply it to its own case's state"
+        )
+    if state is not None:
+        prior = state.entry(event.envelope_id)
+        if prior is not None:
+            if prior.event.same_envelope(event):
+                return state, None
+            return state, Anomaly(
+                event.envelope_id,
+                Reason.CONFLICTING_DUPLICATE,
+                "an envelope with this id and a different header was already recorded",
+            )
+    role_of = _role_lookup(roles)
+    base = state if state is not None else _blank(event)
+    anomaly = _first_anomaly(base, event, role_of(event.sender))
+    blocked = anomaly is not None and anomaly.reason != Reason.SEQUENCE_GAP
+    target = None if blocked else TRANSITIONS.get(event.kind, {}).get(base.stage)
+    return _record(base, event, role_of, target, anomaly, blocked), anomaly
+
+
+def replay(events: Iterable[Event], roles: Roles) -> dict[str, CaseState]:
+    """Fold events, in the order the routing service received them, into states keyed by case.
+
+    Cases are independent: interleaving cases differently gives the same
+    result as long as each case's own events keep their order.
+    """
+    states: dict[str, CaseState] = {}
+    for event in events:
+        states[event.case], _ = apply(states.get(event.case), event, roles)
+    return states
+
+
+def _role_lookup(roles: Roles) -> Callable[[str], str | None]:
+    if isinstance(roles, Mapping):
+        return roles.get
+    return roles
+
+
+def _blank(event: Event) -> CaseState:
+    return CaseState(
+        case=event.case,
+        stage=None,
+        origin=None,
+        parties=frozenset(),
+        party_roles=MappingProxyType({}),
+        last_seq=MappingProxyType({}),
+        pending_receipts=MappingProxyType({}),
+        entries=(),
+        updated_at=event.received_at,
+        stage_entered_at=None,
+        stage_envelope=None,
+    )
+
+
+Finding = tuple[Reason, str] | None
+"""A check's verdict: None when the event passes, else the reason and a detail."""
+Check = Callable[[CaseState, Event, str | None], Finding]
+
+
+def _first_anomaly(state: CaseState, event: Event, role: str | None) -> Anomaly | None:
+    for check in _CHECKS:
+        found = check(state, event, role)
+        if found is not None:
+            return Anomaly(event.envelope_id, found[0], found[1])
+    return None
+
+
+def _check_known(state: CaseState, event: Event, role: str | None) -> Finding:
+    if state.stage is None and event.kind not in OPENING_KINDS:
+        return (
+            Reason.UNKNOWN_CASE,
+            f"no request has opened case {state.case} before this {event.kind}",
+        )
+    return None
+
+
+def _check_open(state: CaseState, event: Event, role: str | None) -> Finding:
+    if state.stage is S.CLOSED and event.kind not in BOOKKEEPING_KINDS:
+        return Reason.AFTER_CLOSE, f"{event.kind} arrived after the case was closed"
+    return None
+
+
+def _check_role(state: CaseState, event: Event, role: str | None) -> Finding:
+    allowed = ALLOWED_ROLES[event.kind]
+    if role not in allowed:
+        who = "has no role in the directory" if role is None else f"is a {role}"
+        return (
+            Reason.WRONG_ROLE,
+            f"{event.sender} {who}; {event.kind} is sent by {' or '.join(sorted(allowed))}",
+        )
+    return None
+
+
+def _check_party(state: CaseState, event: Event, role: str | None) -> Finding:
+    exempt = OPENING_KINDS | BOOKKEEPING_KINDS
+    if event.kind not in exempt and event.sender not in state.parties:
+        return Reason.NOT_A_PARTY, f"{event.sender} has taken no part in case {state.case}"
+    return None
+
+
+def _check_repeat(state: CaseState, event: Event, role: str | None) -> Finding:
+    last = state.last_seq.get(event.sender, 0)
+    if event.seq <= last:
+        return (
+            Reason.SEQUENCE_REPEAT,
+            f"seq {event.seq} from {event.sender} "
+            f"is not above {last} already seen, under a new envelope id",
+        )
+    return None
+
+
+def _check_transition(state: CaseState, event: Event, role: str | None) -> Finding:
+    allowed = TRANSITIONS.get(event.kind)
+    if allowed is None or state.stage in allowed:
+        return None
+    reason = (
+        Reason.OUT_OF_ORDER if _is_early(state.stage, allowed) else Reason.IMPOSSIBLE_TRANSITION
+    )
+    return reason, f"{event.kind} cannot follow stage {state.stage}"
+
+
+def _is_early(stage: Stage | None, allowed: Iterable[Stage | None]) -> bool:
+    """Whether every stage the kind may follow lies ahead of `stage` on the same path."""
+    for path in _PATHS:
+        if stage in path:
+            ahead = [s for s in allowed if s in path]
+            return bool(ahead) and all(path.index(s) > path.index(stage) for s in ahead)
+    return False
+
+
+def _check_receipt(state: CaseState, event: Event, role: str | None) -> Finding:
+    if event.kind is not K.DELIVERY_RECEIPT:
+        return None
+    waiting = state.pending_receipts.get(event.reply_to or "", frozenset())
+    if event.sender not in waiting:
+        return (
+            Reason.UNMATCHED_RECEIPT,
+            f"no receipt from {event.sender} is awaited for envelope {event.reply_to}",
+        )
+    return None
+
+
+def _check_gap(state: CaseState, event: Event, role: str | None) -> Finding:
+    last = state.last_seq.get(event.sender, 0)
+    if event.seq > last + 1:
+        return (
+            Reason.SEQUENCE_GAP,
+            f"seq {event.seq} from {event.sender} follows {last}; "
+            f"{event.seq - last - 1} message(s) missing",
+        )
+    return None
+
+
+_CHECKS: tuple[Check, ...] = (
+    _check_known,
+    _check_open,
+    _check_role,
+    _check_party,
+    _check_repeat,
+    _check_transition,
+    _check_receipt,
+    _check_gap,
+)
+
+
+def _record(
+    state: CaseState,
+    event: Event,
+    role_of: Callable[[str], str | None],
+    target: Stage | None,
+    anomaly: Anomaly | None,
+    blocked: bool,
+) -> CaseState:
+    stage = target if target is not None else state.stage
+    moved = target is not None
+    joins = not blocked and event.kind not in BOOKKEEPING_KINDS
+    parties = state.parties | {event.sender, *event.recipients} if joins else state.parties
+    return CaseState(
+        case=state.case,
+        stage=stage,
+        origin=event.sender if moved and state.origin is None else state.origin,
+        parties=parties,
+        party_roles=_roles_of(state.party_roles, parties, role_of),
+        last_seq=_next_seq(state, event, anomaly),
+        pending_receipts=_next_pending(state, event, blocked),
+        entries=(*state.entries, Entry(event, stage, anomaly)),
+        updated_at=event.received_at,
+        stage_entered_at=event.received_at if moved else state.stage_entered_at,
+        stage_envelope=event.envelope_id if moved else state.stage_envelope,
+    )
+
+
+def _roles_of(
+    known: Mapping[str, str], parties: frozenset[str], role_of: Callable[[str], str | None]
+) -> Mapping[str, str]:
+    roles = dict(known)
+    for party in sorted(parties - known.keys()):
+        role = role_of(party)
+        if role is not None:
+            roles[party] = role
+    return MappingProxyType(roles)
+
+
+def _next_seq(state: CaseState, event: Event, anomaly: Anomaly | None) -> Mapping[str, int]:
+    if anomaly is not None and anomaly.reason == Reason.SEQUENCE_REPEAT:
+        return state.last_seq
+    return MappingProxyType({**state.last_seq, event.sender: event.seq})
+
+
+def _next_pending(state: CaseState, event: Event, blocked: bool) -> Mapping[str, frozenset[str]]:
+    pending = dict(state.pending_receipts)
+    if event.kind is not K.DELIVERY_RECEIPT:
+        pending[event.envelope_id] = frozenset(event.recipients)
+    elif not blocked and event.reply_to is not None:
+        left = pending[event.reply_to] - {event.sender}
+        if left:
+            pending[event.reply_to] = left
+        else:
+            del pending[event.reply_to]
+    return MappingProxyType(pending)
+
+
+# --- the timeline ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    """One line of a case's history: who sent what to whom, when, and what followed."""
+
+    envelope_id: str
+    kind: MessageKind
+    sender: str
+    recipients: tuple[str, ...]
+    sent_at: datetime
+    received_at: datetime
+    stage_after: Stage | None
+    since_previous_handoff: timedelta | None
+    """Receive time minus that of the latest earlier handoff (receipts, reminders are not)."""
+    anomaly: str | None
+    awaiting_receipt: tuple[str, ...]
+    """Recipients that have not yet sent a delivery receipt for this envelope."""
+
+
+def timeline(state: CaseState) -> list[TimelineRow]:
+    """The case's history in arrival order."""
+    rows: list[TimelineRow] = []
+    last_handoff: datetime | None = None
+    for entry in state.entries:
+        event = entry.event
+        rows.append(
+            TimelineRow(
+                envelope_id=event.envelope_id,
+                kind=event.kind,
+                sender=event.sender,
+                recipients=event.recipients,
+                sent_at=event.sent_at,
+                received_at=event.received_at,
+                stage_after=entry.stage_after,
+                since_previous_handoff=None
+                if last_handoff is None
+                else event.received_at - last_handoff,
+                anomaly=None if entry.anomaly is None else entry.anomaly.reason,
+                awaiting_receipt=tuple(
+                    sorted(state.pending_receipts.get(event.envelope_id, frozenset()))
+                ),
+            )
+        )
+        if event.kind not in BOOKKEEPING_KINDS:
+            last_handoff = event.received_at
+    return rows
+
+
+# --- serialisation -------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _entry_to_dict(entry: Entry) -> dict[str, Any]:
+    event = entry.event
+    anomaly = entry.anomaly
+    return {
+        "event": {
+            "envelope_id": event.envelope_id,
+            "kind": str(event.kind),
+            "case": event.case,
+            "sender": event.sender,
+            "recipients": list(event.recipients),
+            "sent_at": event.sent_at.isoformat(),
+            "received_at": event.received_at.isoformat(),
+            "seq": event.seq,
+            "reply_to": event.reply_to,
+        },
+        "stage_after": None if entry.stage_after is None else str(entry.stage_after),
+        "anomaly": None
+        if anomaly is None
+        else {
+            "envelope_id": anomaly.envelope_id,
+            "reason": anomaly.reason,
+            "detail": anomaly.detail,
+        },
+    }
+
+
+def _typed(value: Any, kind: type, name: str) -> Any:
+    # bool is an int subclass; a JSON true is never a sequence number.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _opt(value: Any, kind: type, name: str) -> Any:
+    return None if value is None else _typed(value, kind, name)
+
+
+def _when(value: Any, name: str) -> datetime:
+    return _aware(datetime.fromisoformat(_typed(value, str, name)), name)
+
+
+def _keys(data: Mapping[str, Any], expected: set[str], name: str) -> None:
+    _typed(data, Mapping, name)
+    if set(data) != expected:
+        raise ValueError(f"{name} has keys {sorted(data)}, expected {sorted(expected)}")
+
+
+def _event_from_dict(data: Mapping[str, Any]) -> Event:
+    _keys(data, set(Event.__dataclass_fields__), "event")
+    return Event(
+        envelope_id=_typed(data["envelope_id"], str, "envelope_id"),
+        kind=MessageKind(_typed(data["kind"], str, "kind")),
+        case=_typed(data["case"], str, "case"),
+        sender=_typed(data["sender"], str, "sender"),
+        recipients=tuple(
+            _typed(r, str, "recipient") for r in _typed(data["recipients"], list, "recipients")
+        ),
+        sent_at=_when(data["sent_at"], "sent_at"),
+        received_at=_when(data["received_at"], "received_at"),
+        seq=_typed(data["seq"], int, "seq"),
+        reply_to=_opt(data["reply_to"], str, "reply_to"),
+    )
+
+
+def _entry_from_dict(data: Mapping[str, Any]) -> Entry:
+    _keys(data, {"event", "stage_after", "anomaly"}, "entry")
+    raw = data["anomaly"]
+    anomaly = None
+    if raw is not None:
+        _keys(raw, {"envelope_id", "reason", "detail"}, "anomaly")
+        anomaly = Anomaly(
+            _typed(raw["envelope_id"], str, "envelope_id"),
+            _typed(raw["reason"], str, "reason"),
+            _typed(raw["detail"], str, "detail"),
+        )
+    stage = _opt(data["stage_after"], str, "stage_after")
+    return Entry(_event_from_dict(data["event"]), None if stage is None else Stage(stage), anomaly)
+
+
+def _state_from_dict(data: Mapping[str, Any]) -> CaseState:
+    fields = set(CaseState.__dataclass_fields__) | {"format"}
+    _keys(data, fields, "case state")
+    if data["format"] != STATE_FORMAT:
+        raise ValueError(f"format {data['format']!r} is not {STATE_FORMAT}")
+    stage = _opt(data["stage"], str, "stage")
+    entered = data["stage_entered_at"]
+    pending = _typed(data["pending_receipts"], Mapping, "pending_receipts")
+    return CaseState(
+        case=_typed(data["case"], str, "case"),
+        stage=None if stage is None else Stage(stage),
+        origin=_opt(data["origin"], str, "origin"),
+        parties=frozenset(
+            _typed(p, str, "party") for p in _typed(data["parties"], list, "parties")
+        ),
+        party_roles=MappingProxyType(
+            {
+                _typed(k, str, "party"): _typed(v, str, "role")
+                for k, v in _typed(data["party_roles"], Mapping, "party_roles").items()
+            }
+        ),
+        last_seq=MappingProxyType(
+            {
+                _typed(k, str, "sender"): _typed(v, int, "seq")
+                for k, v in _typed(data["last_seq"], Mapping, "last_seq").items()
+            }
+        ),
+        pending_receipts=MappingProxyType(
+            {
+                _typed(k, str, "envelope id"): frozenset(
+                    _typed(r, str, "recipient") for r in _typed(v, list, "recipients")
+                )
+                for k, v in pending.items()
+            }
+        ),
+        entries=tuple(_entry_from_dict(e) for e in _typed(data["entries"], list, "entries")),
+        updated_at=_when(data["updated_at"], "updated_at"),
+        stage_entered_at=None if entered is None else _when(entered, "stage_entered_at"),
+        stage_envelope=_opt(data["stage_envelope"], str, "stage_envelope"),
+    )

@@ -1,0 +1,510 @@
+"""The case handoff state machine: stages, anomalies, replay, serialisation, timeline."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.errors import CaseError, CaseStateInvalid
+from schemas.base import MessageKind as K
+from schemas.header import EnvelopeHeader
+from services.cases import (
+    CaseState,
+    Event,
+    Reason,
+    Stage,
+    apply,
+    replay,
+    timeline,
+)
+
+KZ = "iom-kz"
+UZ = "iom-uz"
+NGO_UZ = "ngo-uz-istiqbolli-avlod"
+NGO_KZ = "ngo-kz-rodnik"
+ROUTING = "routing"
+ROLES = {KZ: "mission", UZ: "mission", NGO_UZ: "ngo", NGO_KZ: "ngo", ROUTING: "routing"}
+T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
+
+
+class Case:
+    """Builds the events of one case with correct per-sender sequence numbers."""
+
+    def __init__(self, ref: str = "KZ-2025-0001") -> None:
+        self.ref = ref
+        self.seqs: dict[str, int] = {}
+        self.clock = T0
+
+    def event(
+        self,
+        kind: K,
+        sender: str,
+        recipients: tuple[str, ...],
+        *,
+        after: timedelta = timedelta(hours=1),
+        seq: int | None = None,
+        reply_to: str | None = None,
+    ) -> Event:
+        """The next event of the case, `after` the previous one."""
+        self.clock += after
+        if seq is None:
+            seq = self.seqs.get(sender, 0) + 1
+        self.seqs[sender] = max(seq, self.seqs.get(sender, 0))
+        return Event(
+            envelope_id=str(uuid.uuid4()),
+            kind=kind,
+            case=self.ref,
+            sender=sender,
+            recipients=recipients,
+            sent_at=self.clock - timedelta(seconds=5),
+            received_at=self.clock,
+            seq=seq,
+            reply_to=reply_to,
+        )
+
+
+HAPPY_STEPS: tuple[tuple[K, str, tuple[str, ...], timedelta], ...] = (
+    (K.RETURN_REQUEST, KZ, (UZ, NGO_UZ), timedelta(hours=1)),
+    (K.RETURN_ACCEPTED, UZ, (KZ, NGO_UZ), timedelta(hours=20)),
+    (K.TRAVEL_ARRANGED, KZ, (UZ, NGO_UZ), timedelta(days=3)),
+    (K.DEPARTED, KZ, (UZ, NGO_UZ), timedelta(days=2)),
+    (K.RECEPTION_CONFIRMED, NGO_UZ, (KZ, UZ), timedelta(hours=5)),
+    (K.REINTEGRATION_UPDATE, NGO_UZ, (UZ,), timedelta(days=20)),
+    (K.REINTEGRATION_UPDATE, NGO_UZ, (UZ,), timedelta(days=60)),
+    (K.CASE_CLOSED, UZ, (KZ, NGO_UZ), timedelta(days=30)),
+)
+
+
+def happy_path(case: Case, upto: int = len(HAPPY_STEPS)) -> list[Event]:
+    """The first `upto` stages of a return from Kazakhstan to Uzbekistan."""
+    return [
+        case.event(kind, sender, recipients, after=after)
+        for kind, sender, recipients, after in HAPPY_STEPS[:upto]
+    ]
+
+
+def fold(events: list[Event]) -> tuple[CaseState, list[object]]:
+    state: CaseState | None = None
+    anomalies: list[object] = []
+    for event in events:
+        state, anomaly = apply(state, event, ROLES)
+        anomalies.append(anomaly)
+    assert state is not None
+    return state, anomalies
+
+
+def test_return_happy_path_reaches_every_stage() -> None:
+    """A full return walks requested → accepted → … → closed with no anomaly."""
+    state: CaseState | None = None
+    stages = []
+    for event in happy_path(Case()):
+        state, anomaly = apply(state, event, ROLES)
+        assert anomaly is None
+        stages.append(state.stage)
+    assert stages == [
+        Stage.REQUESTED,
+        Stage.ACCEPTED,
+        Stage.TRAVEL_ARRANGED,
+        Stage.DEPARTED,
+        Stage.RECEIVED,
+        Stage.REINTEGRATION,
+        Stage.REINTEGRATION,
+        Stage.CLOSED,
+    ]
+    assert state is not None
+    assert state.origin == KZ
+    assert state.parties == {KZ, UZ, NGO_UZ}
+    assert state.last_seq == {KZ: 3, UZ: 2, NGO_UZ: 3}
+    assert state.anomalies == ()
+
+
+def test_stage_entered_at_is_the_routing_receive_time_of_the_moving_envelope() -> None:
+    """The stage clock starts when the routing service received the envelope that moved it."""
+    events = happy_path(Case(), 3)
+    state, _ = fold(events)
+    assert state.stage_entered_at == events[2].received_at
+    assert state.stage_envelope == events[2].envelope_id
+
+
+def test_referral_path() -> None:
+    """A referral is requested, accepted, followed by reintegration updates, and closed."""
+    case = Case("REF-UZ-7")
+    state, anomalies = fold(
+        [
+            case.event(K.REFERRAL_REQUEST, NGO_UZ, (NGO_KZ,)),
+            case.event(K.REFERRAL_ACCEPTED, NGO_KZ, (NGO_UZ,)),
+            case.event(K.REINTEGRATION_UPDATE, NGO_KZ, (NGO_UZ,)),
+            case.event(K.CASE_CLOSED, NGO_KZ, (NGO_UZ,)),
+        ]
+    )
+    assert anomalies == [None] * 4
+    assert [e.stage_after for e in state.entries] == [
+        Stage.REFERRAL_REQUESTED,
+        Stage.REFERRAL_ACCEPTED,
+        Stage.REINTEGRATION,
+        Stage.CLOSED,
+    ]
+
+
+def test_referral_declined_then_closed() -> None:
+    """A declined referral can be closed administratively."""
+    case = Case("REF-UZ-8")
+    state, anomalies = fold(
+        [
+            case.event(K.REFERRAL_REQUEST, NGO_UZ, (NGO_KZ,)),
+            case.event(K.REFERRAL_DECLINED, NGO_KZ, (NGO_UZ,)),
+            case.event(K.CASE_CLOSED, NGO_UZ, (NGO_KZ,)),
+        ]
+    )
+    assert anomalies == [None] * 3
+    assert state.stage is Stage.CLOSED
+
+
+def test_consent_withdrawn_halts_then_nothing_moves_but_a_close() -> None:
+    """Consent withdrawn halts an open case; departure is then impossible; a close is allowed."""
+    case = Case()
+    events = happy_path(case, 3)
+    events.append(case.event(K.CONSENT_WITHDRAWN, KZ, (UZ, NGO_UZ)))
+    state, anomalies = fold(events)
+    assert state.stage is Stage.HALTED
+    assert anomalies[-1] is None
+    state, anomaly = apply(state, case.event(K.DEPARTED, KZ, (UZ,)), ROLES)
+    assert state.stage is Stage.HALTED
+    assert anomaly is not None and anomaly.reason == Reason.IMPOSSIBLE_TRANSITION
+    state, anomaly = apply(state, case.event(K.CASE_CLOSED, UZ, (KZ,)), ROLES)
+    assert anomaly is None and state.stage is Stage.CLOSED
+
+
+def test_request_withdrawn() -> None:
+    """The requesting mission withdraws an accepted request before travel."""
+    case = Case()
+    events = happy_path(case, 2)
+    events.append(case.event(K.REQUEST_WITHDRAWN, KZ, (UZ, NGO_UZ)))
+    state, anomalies = fold(events)
+    assert state.stage is Stage.WITHDRAWN
+    assert anomalies == [None, None, None]
+
+
+def test_request_cannot_be_withdrawn_after_departure() -> None:
+    """Withdrawing a request once the person has departed is an impossible transition."""
+    case = Case()
+    events = happy_path(case, 4)
+    events.append(case.event(K.REQUEST_WITHDRAWN, KZ, (UZ,)))
+    state, anomalies = fold(events)
+    assert state.stage is Stage.DEPARTED
+    assert anomalies[-1].reason == Reason.IMPOSSIBLE_TRANSITION  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "kind", "sender", "expected_stage", "reason"),
+    [
+        (1, K.DEPARTED, KZ, Stage.REQUESTED, Reason.OUT_OF_ORDER),
+        (1, K.RECEPTION_CONFIRMED, NGO_UZ, Stage.REQUESTED, Reason.OUT_OF_ORDER),
+        (2, K.CASE_CLOSED, UZ, Stage.ACCEPTED, Reason.OUT_OF_ORDER),
+        (5, K.RECEPTION_CONFIRMED, NGO_UZ, Stage.RECEIVED, Reason.IMPOSSIBLE_TRANSITION),
+        (4, K.RETURN_ACCEPTED, UZ, Stage.DEPARTED, Reason.IMPOSSIBLE_TRANSITION),
+        (1, K.RETURN_REQUEST, KZ, Stage.REQUESTED, Reason.IMPOSSIBLE_TRANSITION),
+        (2, K.RETURN_DECLINED, UZ, Stage.ACCEPTED, Reason.IMPOSSIBLE_TRANSITION),
+        (1, K.REFERRAL_ACCEPTED, UZ, Stage.REQUESTED, Reason.IMPOSSIBLE_TRANSITION),
+        (8, K.REINTEGRATION_UPDATE, NGO_UZ, Stage.CLOSED, Reason.AFTER_CLOSE),
+        (8, K.CONSENT_WITHDRAWN, UZ, Stage.CLOSED, Reason.AFTER_CLOSE),
+        (8, K.CASE_CLOSED, UZ, Stage.CLOSED, Reason.AFTER_CLOSE),
+    ],
+)
+def test_impossible_transitions_keep_the_stage_and_name_the_reason(
+    prefix: int, kind: K, sender: str, expected_stage: Stage, reason: Reason
+) -> None:
+    """Each impossible or early transition gives its own anomaly, keeps the stage, is recorded."""
+    case = Case()
+    state, _ = fold(happy_path(case, prefix))
+    odd = case.event(kind, sender, (KZ, UZ) if sender != KZ else (UZ,))
+    after, anomaly = apply(state, odd, ROLES)
+    assert anomaly is not None and anomaly.reason == reason
+    assert anomaly.envelope_id == odd.envelope_id
+    assert after.stage is expected_stage
+    assert after.stage_entered_at == state.stage_entered_at
+    assert after.entries[-1].event == odd and after.entries[-1].anomaly == anomaly
+
+
+def test_first_event_that_does_not_open_a_case_is_unknown_case() -> None:
+    """An acceptance for a case never requested is recorded as unknown_case with no stage."""
+    case = Case("XX-404")
+    state, anomaly = apply(None, case.event(K.RETURN_ACCEPTED, UZ, (KZ,)), ROLES)
+    assert anomaly is not None and anomaly.reason == Reason.UNKNOWN_CASE
+    assert state.stage is None and len(state.entries) == 1
+
+
+def test_reception_confirmed_by_a_mission_is_wrong_role() -> None:
+    """A mission confirming reception is recorded as wrong_role and does not move the case."""
+    case = Case()
+    state, _ = fold(happy_path(case, 4))
+    after, anomaly = apply(state, case.event(K.RECEPTION_CONFIRMED, UZ, (KZ,)), ROLES)
+    assert anomaly is not None and anomaly.reason == Reason.WRONG_ROLE
+    assert after.stage is Stage.DEPARTED
+    assert len(after.entries) == len(state.entries) + 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "sender"),
+    [(K.RETURN_REQUEST, NGO_KZ), (K.REMINDER, KZ), (K.RETURN_REQUEST, "iom-unknown")],
+)
+def test_wrong_or_unknown_role(kind: K, sender: str) -> None:
+    """An NGO requesting a return, a mission reminding, or an unknown sender is wrong_role."""
+    case = Case()
+    state, _ = fold(happy_path(case, 1))
+    _, anomaly = apply(state, case.event(kind, sender, (UZ,)), ROLES)
+    assert anomaly is not None and anomaly.reason == Reason.WRONG_ROLE
+
+
+def test_roles_may_be_a_callable() -> None:
+    """Roles can be looked up through a function instead of a mapping."""
+    state, anomaly = apply(None, Case().event(K.RETURN_REQUEST, KZ, (UZ,)), ROLES.get)
+    assert anomaly is None and state.stage is Stage.REQUESTED
+
+
+def test_sender_who_took_no_part_cannot_move_the_case() -> None:
+    """A mission that was never sender or recipient cannot accept someone else's request."""
+    case = Case()
+    state, _ = fold(happy_path(case, 1))
+    after, anomaly = apply(
+        state, case.event(K.RETURN_ACCEPTED, "iom-tj", (KZ,)), {**ROLES, "iom-tj": "mission"}
+    )
+    assert anomaly is not None and anomaly.reason == Reason.NOT_A_PARTY
+    assert after.stage is Stage.REQUESTED
+
+
+def test_sequence_gap_is_reported_and_still_applied() -> None:
+    """A skipped sequence number is an anomaly, but the transition still happens."""
+    case = Case()
+    state, _ = fold(happy_path(case, 2))
+    after, anomaly = apply(state, case.event(K.TRAVEL_ARRANGED, KZ, (UZ,), seq=4), ROLES)
+    assert anomaly is not None and anomaly.reason == Reason.SEQUENCE_GAP
+    assert after.stage is Stage.TRAVEL_ARRANGED
+    assert after.last_seq[KZ] == 4
+
+
+def test_sequence_repeat_under_a_new_id_is_not_applied() -> None:
+    """A used sequence number under a new envelope id is recorded but does not move the case."""
+    case = Case()
+    state, _ = fold(happy_path(case, 2))
+    after, anomaly = apply(state, case.event(K.TRAVEL_ARRANGED, KZ, (UZ,), seq=1), ROLES)
+    assert anomaly is not None and anomaly.reason == Reason.SEQUENCE_REPEAT
+    assert after.stage is Stage.ACCEPTED
+    assert after.last_seq[KZ] == 1
+
+
+def test_reapplying_the_same_envelope_is_idempotent() -> None:
+    """The same envelope applied again, even redelivered later, changes and reports nothing."""
+    events = happy_path(Case())
+    state, _ = fold(events)
+    for event in events:
+        redelivered = Event(
+            **{**event.__dict__, "received_at": event.received_at + timedelta(hours=3)}
+        )
+        again, anomaly = apply(state, redelivered, ROLES)
+        assert anomaly is None
+        assert again == state
+
+
+def test_same_id_with_another_header_is_a_conflicting_duplicate() -> None:
+    """A recorded id reused with a different header is reported and not recorded again."""
+    events = happy_path(Case(), 2)
+    state, _ = fold(events)
+    forged = Event(**{**events[1].__dict__, "kind": K.RETURN_DECLINED})
+    again, anomaly = apply(state, forged, ROLES)
+    assert anomaly is not None and anomaly.reason == Reason.CONFLICTING_DUPLICATE
+    assert again == state
+
+
+def test_event_for_another_case_raises() -> None:
+    """Applying one case's event to another case's state is a caller error with a clear message."""
+    state, _ = fold(happy_path(Case("CASE-A"), 1))
+    with pytest.raises(CaseError, match="CASE-B"):
+        apply(state, Case("CASE-B").event(K.RETURN_REQUEST, KZ, (UZ,)), ROLES)
+
+
+def test_naive_receive_time_is_refused() -> None:
+    """An event built with a naive datetime fails at construction with CaseError."""
+    with pytest.raises(CaseError, match="received_at"):
+        Event("id", K.REMINDER, "C-1", ROUTING, (KZ,), T0, datetime(2025, 1, 1), 1)
+
+
+def test_event_from_header() -> None:
+    """A verified header becomes an event carrying its fields and the routing receive time."""
+    reply = uuid.uuid4()
+    header = EnvelopeHeader(
+        id=uuid.uuid4(),
+        kind=K.RETURN_ACCEPTED,
+        schema_version=1,
+        case="KZ-2025-0001",
+        sender=UZ,
+        sender_key="k1",
+        recipients=(KZ, NGO_UZ),
+        sent_at=T0,
+        seq=1,
+        reply_to=reply,
+    )
+    event = Event.from_header(header, T0 + timedelta(seconds=2))
+    assert event.envelope_id == str(header.id)
+    assert event.reply_to == str(reply)
+    assert event.recipients == (KZ, NGO_UZ)
+    assert event.received_at - event.sent_at == timedelta(seconds=2)
+
+
+def test_delivery_receipts_clear_pending_recipients() -> None:
+    """A receipt from each recipient marks the handoff delivered; a stray receipt is unmatched."""
+    case = Case()
+    state, _ = fold(happy_path(case, 1))
+    request = state.entries[0].event
+    assert state.pending_receipts == {request.envelope_id: {UZ, NGO_UZ}}
+    receipt = case.event(K.DELIVERY_RECEIPT, UZ, (KZ,), reply_to=request.envelope_id)
+    state, anomaly = apply(state, receipt, ROLES)
+    assert anomaly is None and state.stage is Stage.REQUESTED
+    assert state.pending_receipts[request.envelope_id] == {NGO_UZ}
+    state, anomaly = apply(
+        state, case.event(K.DELIVERY_RECEIPT, NGO_UZ, (KZ,), reply_to=request.envelope_id), ROLES
+    )
+    assert anomaly is None
+    assert request.envelope_id not in state.pending_receipts
+    state, anomaly = apply(
+        state, case.event(K.DELIVERY_RECEIPT, UZ, (KZ,), reply_to=request.envelope_id), ROLES
+    )
+    assert anomaly is not None and anomaly.reason == Reason.UNMATCHED_RECEIPT
+
+
+def test_receipts_and_reminders_after_close_are_not_anomalies() -> None:
+    """The receipt of the closing message arrives after the close and is accepted."""
+    case = Case()
+    state, _ = fold(happy_path(case))
+    closing = state.entries[-1].event
+    state, anomaly = apply(
+        state, case.event(K.DELIVERY_RECEIPT, KZ, (UZ,), reply_to=closing.envelope_id), ROLES
+    )
+    assert anomaly is None and state.stage is Stage.CLOSED
+
+
+def interleave(cases: list[list[Event]], rng: random.Random) -> Iterator[Event]:
+    """Shuffle events across cases while keeping each case's own order."""
+    queues = [list(events) for events in cases]
+    while any(queues):
+        queue = rng.choice([q for q in queues if q])
+        yield queue.pop(0)
+
+
+def test_replay_of_interleaved_cases_equals_sequential_apply() -> None:
+    """Replaying interleaved cases, each in its arrival order, equals applying each alone."""
+    cases = [happy_path(Case(f"KZ-2025-{n:04d}")) for n in range(4)]
+    cases[1] = [*cases[1][:3], cases[1][5]]  # an out-of-order event, recorded as an anomaly
+    expected = {events[0].case: fold(events)[0] for events in cases}
+    for seed in range(5):
+        assert replay(interleave(cases, random.Random(seed)), ROLES) == expected
+
+
+def test_to_dict_round_trip_through_json() -> None:
+    """A state with anomalies and pending receipts survives to_dict → JSON → from_dict unchanged."""
+    case = Case()
+    events = happy_path(case, 4)
+    events.append(case.event(K.DEPARTED, KZ, (UZ,), seq=7))
+    state, _ = fold(events)
+    assert state.anomalies
+    data = json.loads(json.dumps(state.to_dict()))
+    assert CaseState.from_dict(data) == state
+    assert CaseState.from_dict(data).to_dict() == state.to_dict()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d.pop("stage"),
+        lambda d: d.update(stage="teleported"),
+        lambda d: d.update(format=99),
+        lambda d: d["entries"][0]["event"].update(seq="1"),
+        lambda d: d["entries"][0]["event"].update(sent_at="2025-03-01T09:00:00"),
+        lambda d: d.update(extra=1),
+    ],
+)
+def test_from_dict_refuses_damaged_input(damage: object) -> None:
+    """A damaged serialised state raises CaseStateInvalid, never a raw Python error."""
+    data = fold(happy_path(Case(), 2))[0].to_dict()
+    damage(data)  # type: ignore[operator]
+    with pytest.raises(CaseStateInvalid, match="trm audit replay"):
+        CaseState.from_dict(data)
+
+
+def test_timeline_rows_and_gaps() -> None:
+    """The timeline lists each envelope, the stage after it and the gap since the last handoff."""
+    case = Case()
+    events = happy_path(case, 1)
+    request = events[0].envelope_id
+    events += [
+        case.event(K.DELIVERY_RECEIPT, UZ, (KZ,), reply_to=request, after=timedelta(minutes=10)),
+        case.event(K.RETURN_ACCEPTED, UZ, (KZ, NGO_UZ), after=timedelta(hours=20)),
+        case.event(K.TRAVEL_ARRANGED, KZ, (UZ, NGO_UZ), after=timedelta(days=3)),
+    ]
+    state, _ = fold(events)
+    rows = timeline(state)
+    assert [r.kind for r in rows] == [
+        K.RETURN_REQUEST,
+        K.DELIVERY_RECEIPT,
+        K.RETURN_ACCEPTED,
+        K.TRAVEL_ARRANGED,
+    ]
+    assert [r.stage_after for r in rows] == [
+        Stage.REQUESTED,
+        Stage.REQUESTED,
+        Stage.ACCEPTED,
+        Stage.TRAVEL_ARRANGED,
+    ]
+    assert rows[0].since_previous_handoff is None
+    assert rows[1].since_previous_handoff == timedelta(minutes=10)
+    assert rows[2].since_previous_handoff == timedelta(hours=20, minutes=10)
+    assert rows[3].since_previous_handoff == timedelta(days=3)
+    assert rows[0].awaiting_receipt == (NGO_UZ,)
+    assert rows[2].sender == UZ and rows[2].recipients == (KZ, NGO_UZ)
+
+
+PEOPLE = [KZ, UZ, NGO_UZ, NGO_KZ, ROUTING, "auditor-vienna", "iom-ghost"]
+ALL_ROLES = {**ROLES, "auditor-vienna": "auditor"}
+
+
+@st.composite
+def random_events(draw: st.DrawFn) -> list[Event]:
+    """Arbitrary header sequences over three cases, with reused ids, seqs and reply-tos."""
+    ids = [str(uuid.UUID(int=n)) for n in range(1, 12)]
+    count = draw(st.integers(0, 30))
+    events = []
+    for n in range(count):
+        sender = draw(st.sampled_from(PEOPLE))
+        recipients = draw(st.lists(st.sampled_from(PEOPLE), min_size=1, max_size=3, unique=True))
+        events.append(
+            Event(
+                envelope_id=draw(st.sampled_from(ids)),
+                kind=draw(st.sampled_from(list(K))),
+                case=draw(st.sampled_from(["CASE-1", "CASE-2", "CASE-3"])),
+                sender=sender,
+                recipients=tuple(recipients),
+                sent_at=T0 + timedelta(minutes=n),
+                received_at=T0 + timedelta(minutes=n, seconds=draw(st.integers(0, 59))),
+                seq=draw(st.integers(1, 5)),
+                reply_to=draw(st.none() | st.sampled_from(ids)),
+            )
+        )
+    return events
+
+
+@settings(max_examples=200, deadline=None)
+@given(random_events())
+def test_random_event_sequences_never_raise(events: list[Event]) -> None:
+    """Any event sequence never raises, leaves a Stage or None, and round-trips exactly."""
+    states = replay(events, ALL_ROLES)
+    for state in states.values():
+        assert state.stage is None or isinstance(state.stage, Stage)
+        assert CaseState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+    assert sum(len(s.entries) for s in states.values()) <= len(events)
