@@ -276,21 +276,6 @@ class CaseStateInvalid(CaseError):
     reason = "case_state_invalid"
 
 
-# --- cases -------------------------------------------------------------------
-
-
-class CaseError(TrmError):
-    """A case event or case state cannot be used as given."""
-
-    reason = "case"
-
-
-class CaseStateInvalid(CaseError):
-    """A serialised case state does not have the documented shape."""
-
-    reason = "case_state_invalid"
-
-
 # --- configuration -----------------------------------------------------------
 
 
