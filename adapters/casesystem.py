@@ -1,0 +1,138 @@
+"""Where decrypted payloads go: the participant's own case system.
+
+The inbox hands every opened envelope to a `CaseSystem` inside the
+transaction that records the envelope id, so `deliver` may be called again for
+the same envelope after a crash and must then have no second effect. The
+default, `FileCaseSystem`, writes one JSON file per envelope, named by its id.
+Another case system is plugged in by a ``module:factory`` spec or an entry
+point in the ``trm.case_systems`` group; the factory takes the home folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from importlib import import_module
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from broker.errors import CaseSystemError, ConfigError
+
+if TYPE_CHECKING:
+    from broker.envelope import OpenedEnvelope
+
+ENTRY_POINT_GROUP = "trm.case_systems"
+INBOX_DIR = "inbox"
+
+
+@runtime_checkable
+class CaseSystem(Protocol):
+    """Takes opened envelopes; idempotent by envelope id."""
+
+    def deliver(self, opened: OpenedEnvelope) -> None:
+        """Take `opened` into the case system; a second call for the same id changes nothing."""
+
+
+class FileCaseSystem:
+    """One private JSON file per envelope: ``FOLDER/<envelope-id>.json``."""
+
+    def __init__(self, folder: Path) -> None:
+        """Deliver into `folder`, created (mode 0700) if missing."""
+        self.folder = Path(folder)
+
+    def path(self, envelope_id: str) -> Path:
+        """The file an envelope is delivered to."""
+        return self.folder / f"{envelope_id}.json"
+
+    def deliver(self, opened: OpenedEnvelope) -> None:
+        """Write the envelope's metadata and decrypted payload atomically, mode 0600."""
+        header = opened.header
+        document = {
+            "envelope_id": str(header.id),
+            "kind": str(header.kind),
+            "schema_version": header.schema_version,
+            "case": header.case,
+            "sender": header.sender,
+            "sent_at": header.sent_at.isoformat(),
+            "payload": opened.message.model_dump(mode="json"),
+        }
+        data = json.dumps(document, ensure_ascii=False, indent=2).encode() + b"\n"
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write_private(self.path(str(header.id)), data)
+        except OSError as e:
+            raise CaseSystemError(
+                f"cannot write to the case system folder {self.folder}: {e.strerror}; "
+                "check that it exists, is writable and the disk is not full"
+            ) from e
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that readers see a whole file or none."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable before the inbox transaction commits.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def load_case_system(spec: str | None, home: Path) -> CaseSystem:
+    """The case system named by `spec`, built for `home`; None means `FileCaseSystem`.
+
+    `spec` is ``package.module:factory`` or the name of an entry point in the
+    ``trm.case_systems`` group; the factory is called with `home`.
+    """
+    if spec is None:
+        return FileCaseSystem(Path(home) / INBOX_DIR)
+    factory = _factory(spec)
+    try:
+        system = factory(Path(home))
+    except Exception as e:
+        raise ConfigError(f"case system {spec!r} failed to start: {e}") from e
+    if not isinstance(system, CaseSystem):
+        raise ConfigError(
+            f"case system {spec!r} returned {type(system).__name__}, which has no "
+            "deliver(opened) method"
+        )
+    return system
+
+
+def _factory(spec: str) -> Callable[[Path], object]:
+    if ":" in spec:
+        module_name, _, attribute = spec.partition(":")
+        try:
+            loaded: object = getattr(import_module(module_name), attribute)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigError(
+                f"case system {spec!r} cannot be loaded ({e}): give it as "
+                "package.module:factory, importable in this environment"
+            ) from e
+    else:
+        found = entry_points(group=ENTRY_POINT_GROUP, name=spec)
+        if not found:
+            raise ConfigError(
+                f"no case system named {spec!r} is installed (entry point group "
+                f"{ENTRY_POINT_GROUP!r}); give package.module:factory instead"
+            )
+        try:
+            loaded = next(iter(found)).load()
+        except Exception as e:
+            raise ConfigError(f"case system {spec!r} cannot be loaded: {e}") from e
+    if not callable(loaded):
+        raise ConfigError(f"case system {spec!r} is not a factory taking the home folder")
+    return loaded

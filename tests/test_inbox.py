@@ -1,0 +1,364 @@
+"""The inbox: open, deduplicate, apply and receipt in one transaction; quarantine the rest."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+import types
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from adapters.casesystem import FileCaseSystem, load_case_system
+from broker.database import (
+    inbox_table,
+    open_database,
+    outbox_table,
+    quarantine_table,
+    receipts_table,
+)
+from broker.envelope import OpenedEnvelope, SealedEnvelope, open_envelope, seal
+from broker.errors import CaseSystemError, ConfigError
+from broker.inbox import Inbox, Outcome
+from broker.outbox import Outbox, Relay
+from broker.testing import MemoryBroker, Network, capture_logs, make_network
+from schemas.base import MessageKind
+from schemas.control import DeliveryReceipt
+from schemas.examples import EXAMPLE_PERSON_NAME, example
+
+KZ, UZ, NGO = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod"
+CASE = "KZ-2026-0042"
+KEYS_FROM = datetime.now(UTC) - timedelta(days=1)
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Network:
+    """Kazakhstan and Uzbekistan missions and an Uzbek NGO, with real keys."""
+    return make_network(tmp_path_factory.mktemp("network"), now=KEYS_FROM)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """A migrated database, on SQLite and on PostgreSQL."""
+    engine = open_database(database_url)
+    yield engine
+    engine.dispose()
+
+
+def make_inbox(engine: Engine, network: Network, me: str, folder: Path) -> Inbox:
+    """`me`'s inbox on `engine`, delivering into `folder`."""
+    return Inbox(
+        engine,
+        recipient=network.recipient(me),
+        sender=lambda: network.sender(me),
+        directory=lambda: network.directory,
+        case_system=FileCaseSystem(folder),
+        outbox=Outbox(engine),
+    )
+
+
+def request(network: Network, *, envelope_id: UUID | None = None) -> SealedEnvelope:
+    """A real return request from KZ to UZ and the NGO."""
+    return seal(
+        example(MessageKind.RETURN_REQUEST),
+        case=CASE,
+        sender=network.sender(KZ),
+        recipients=[UZ, NGO],
+        directory=network.directory,
+        seq=1,
+        envelope_id=envelope_id,
+    )
+
+
+def rows(engine: Engine, table: sa.Table) -> list[sa.Row[tuple[object, ...]]]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(table)).all())
+
+
+def test_applied_once_with_a_receipt_to_the_sender(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """A new envelope is delivered, recorded, and answered by a signed receipt to its sender."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    envelope = request(network)
+    result = inbox.handle(envelope.raw, KZ)
+    assert (result.outcome, result.envelope_id) == (Outcome.APPLIED, str(envelope.id))
+    document = json.loads((tmp_path / "inbox" / f"{envelope.id}.json").read_text())
+    assert document["kind"] == "return_request"
+    assert document["payload"]["person"]["full_name"] == EXAMPLE_PERSON_NAME
+    [row] = rows(engine, inbox_table)
+    assert (row.sender, row.digest, row.redeliveries) == (KZ, envelope.digest, 0)
+    [out] = Outbox(engine).pending()
+    assert out.recipients == (KZ,)
+    opened = open_envelope(out.body, recipient=network.recipient(KZ), directory=network.directory)
+    assert opened.header.kind is MessageKind.DELIVERY_RECEIPT
+    assert (opened.header.case, opened.header.reply_to) == (CASE, envelope.id)
+    assert opened.header.sender == UZ
+    assert isinstance(opened.message, DeliveryReceipt)
+    assert opened.message.envelope_id == envelope.id
+    assert opened.message.digest == envelope.digest
+
+
+def test_duplicate_has_no_second_effect(engine: Engine, network: Network, tmp_path: Path) -> None:
+    """The same bytes again (a redelivery after a crash before the ack) change nothing."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    envelope = request(network)
+    assert inbox.handle(envelope.raw, KZ).outcome is Outcome.APPLIED
+    written = (tmp_path / "inbox" / f"{envelope.id}.json").stat().st_mtime_ns
+    again = inbox.handle(envelope.raw, KZ, redelivered=True)
+    assert (again.outcome, again.envelope_id) == (Outcome.DUPLICATE, str(envelope.id))
+    assert len(list((tmp_path / "inbox").iterdir())) == 1
+    assert (tmp_path / "inbox" / f"{envelope.id}.json").stat().st_mtime_ns == written
+    assert len(Outbox(engine).pending()) == 1
+    [row] = rows(engine, inbox_table)
+    assert row.redeliveries == 1
+
+
+def test_same_id_other_bytes_is_quarantined_as_replayed(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """An applied id arriving with different bytes is quarantined as replayed and not applied."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    first = request(network)
+    second = request(network, envelope_id=first.id)
+    assert first.raw != second.raw
+    inbox.handle(first.raw, KZ)
+    before = (tmp_path / "inbox" / f"{first.id}.json").read_bytes()
+    result = inbox.handle(second.raw, KZ)
+    assert (result.outcome, result.reason) == (Outcome.QUARANTINED, "replayed")
+    assert (tmp_path / "inbox" / f"{first.id}.json").read_bytes() == before
+    assert len(Outbox(engine).pending()) == 1
+    [quarantined] = rows(engine, quarantine_table)
+    assert (quarantined.envelope_id, quarantined.reason) == (str(first.id), "replayed")
+    assert quarantined.body == second.raw
+
+
+@pytest.mark.parametrize(
+    ("damage", "user", "reason"),
+    [
+        (lambda raw: b"garbage" + raw[:40], KZ, "malformed"),
+        (lambda raw: raw[:-1] + bytes([raw[-1] ^ 1]), KZ, "bad_signature"),
+        (lambda raw: raw, NGO, "sender_mismatch"),
+    ],
+    ids=["garbled", "tampered", "wrong-user"],
+)
+def test_refused_envelope_is_quarantined_and_not_applied(
+    engine: Engine, network: Network, tmp_path: Path, damage, user: str, reason: str
+) -> None:
+    """An envelope that fails opening is recorded in quarantine with its reason, nothing applied."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    body = damage(request(network).raw)
+    result = inbox.handle(body, user)
+    assert (result.outcome, result.reason) == (Outcome.QUARANTINED, reason)
+    assert result.detail
+    assert not (tmp_path / "inbox").exists()
+    assert rows(engine, inbox_table) == []
+    assert rows(engine, outbox_table) == []
+    [quarantined] = rows(engine, quarantine_table)
+    assert (quarantined.reason, quarantined.body, quarantined.sender) == (reason, body, user)
+    assert quarantined.redeliveries == 0
+
+
+def test_quarantine_counts_redeliveries(engine: Engine, network: Network, tmp_path: Path) -> None:
+    """The same refused bytes delivered again add to one quarantine row's count."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    body = b"not an envelope at all"
+    inbox.handle(body, KZ)
+    inbox.handle(body, KZ, redelivered=True)
+    [quarantined] = rows(engine, quarantine_table)
+    assert (quarantined.envelope_id, quarantined.redeliveries) == (None, 1)
+
+
+def test_received_receipt_is_recorded_not_answered(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """KZ records UZ's receipt for its envelope and sends no receipt for the receipt."""
+    kz_outbox = Outbox(engine)
+    envelope = kz_outbox.send(
+        lambda seq: seal(
+            example(MessageKind.RETURN_REQUEST),
+            case=CASE,
+            sender=network.sender(KZ),
+            recipients=[UZ],
+            directory=network.directory,
+            seq=seq,
+        ),
+        sender=KZ,
+        case=CASE,
+    )
+    uz_engine = open_database(f"sqlite:///{tmp_path / 'uz.db'}")
+    try:
+        make_inbox(uz_engine, network, UZ, tmp_path / "uz-inbox").handle(envelope.raw, KZ)
+        [receipt] = Outbox(uz_engine).pending()
+    finally:
+        uz_engine.dispose()
+    kz_inbox = make_inbox(engine, network, KZ, tmp_path / "kz-inbox")
+    result = kz_inbox.handle(receipt.body, UZ)
+    assert result.outcome is Outcome.APPLIED
+    assert [m.envelope_id for m in kz_outbox.pending()] == [str(envelope.id)]
+    [recorded] = rows(engine, receipts_table)
+    assert (recorded.envelope_id, recorded.recipient) == (str(envelope.id), UZ)
+    assert recorded.receipt_envelope_id == receipt.envelope_id
+    assert kz_outbox.status().receipts == 1
+    assert not (tmp_path / "kz-inbox").exists()
+    assert kz_inbox.handle(receipt.body, UZ).outcome is Outcome.DUPLICATE
+    assert len(rows(engine, receipts_table)) == 1
+
+
+class CrashAfterWriting(FileCaseSystem):
+    """Writes the file, then fails, as a process dying before the commit would."""
+
+    def deliver(self, opened: OpenedEnvelope) -> None:
+        super().deliver(opened)
+        raise OSError("power lost")
+
+
+def test_crash_before_commit_then_redelivery_applies_once(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """A case system failing mid-apply rolls everything back; the redelivery applies once."""
+    folder = tmp_path / "inbox"
+    crashing = make_inbox(engine, network, UZ, folder)
+    crashing.case_system = CrashAfterWriting(folder)
+    envelope = request(network)
+    with pytest.raises(CaseSystemError, match="power lost"):
+        crashing.handle(envelope.raw, KZ)
+    assert rows(engine, inbox_table) == []
+    assert rows(engine, outbox_table) == []
+    inbox = make_inbox(engine, network, UZ, folder)
+    assert inbox.handle(envelope.raw, KZ, redelivered=True).outcome is Outcome.APPLIED
+    assert inbox.handle(envelope.raw, KZ, redelivered=True).outcome is Outcome.DUPLICATE
+    assert [p.name for p in folder.iterdir()] == [f"{envelope.id}.json"]
+    assert len(rows(engine, inbox_table)) == 1
+    assert len(Outbox(engine).pending()) == 1
+
+
+def test_no_personal_data_in_logs_or_database(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """The person's name reaches the case system file only: no log line, no database row."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    with capture_logs() as logs:
+        inbox.handle(request(network).raw, KZ)
+        inbox.handle(b"garbled", KZ)
+    assert logs
+    assert EXAMPLE_PERSON_NAME not in repr(logs)
+    for table in (inbox_table, outbox_table, quarantine_table, receipts_table):
+        for row in rows(engine, table):
+            for value in row:
+                data = value if isinstance(value, bytes) else str(value).encode()
+                assert EXAMPLE_PERSON_NAME.encode() not in data
+
+
+def test_end_to_end_through_memory_broker(engine: Engine, network: Network, tmp_path: Path) -> None:
+    """KZ's envelope, delivered twice, is applied once by UZ and its one receipt reaches KZ."""
+    broker = MemoryBroker()
+    kz_outbox = Outbox(engine)
+    envelope = kz_outbox.send(
+        lambda seq: seal(
+            example(MessageKind.RETURN_REQUEST),
+            case=CASE,
+            sender=network.sender(KZ),
+            recipients=[UZ],
+            directory=network.directory,
+            seq=seq,
+        ),
+        sender=KZ,
+        case=CASE,
+    )
+    broker.duplicate_next(1)
+    Relay(kz_outbox, broker.publisher(KZ)).run_once()
+    uz_engine = open_database(f"sqlite:///{tmp_path / 'uz.db'}")
+    try:
+        uz_inbox = make_inbox(uz_engine, network, UZ, tmp_path / "uz-inbox")
+        outcomes = [
+            uz_inbox.handle(d.body, d.user_id, d.redelivered).outcome for d in broker.drain(UZ)
+        ]
+        assert outcomes == [Outcome.APPLIED, Outcome.DUPLICATE]
+        Relay(Outbox(uz_engine), broker.publisher(UZ)).run_once()
+    finally:
+        uz_engine.dispose()
+    kz_inbox = make_inbox(engine, network, KZ, tmp_path / "kz-inbox")
+    [delivery] = broker.drain(KZ)
+    assert kz_inbox.handle(delivery.body, delivery.user_id).outcome is Outcome.APPLIED
+    status = kz_outbox.status()
+    assert (status.sent, status.pending, status.receipts) == (1, 0, 1)
+    assert rows(engine, receipts_table)[0].envelope_id == str(envelope.id)
+
+
+# --- the case system -----------------------------------------------------------------
+
+
+def test_file_case_system_writes_private_files(network: Network, tmp_path: Path) -> None:
+    """FileCaseSystem writes HOME/inbox/<id>.json, mode 0600, with header fields and payload."""
+    envelope = request(network)
+    opened = open_envelope(
+        envelope.raw, recipient=network.recipient(UZ), directory=network.directory
+    )
+    system = load_case_system(None, tmp_path)
+    system.deliver(opened)
+    system.deliver(opened)
+    path = tmp_path / "inbox" / f"{envelope.id}.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    document = json.loads(path.read_text())
+    assert set(document) == {
+        "envelope_id",
+        "kind",
+        "schema_version",
+        "case",
+        "sender",
+        "sent_at",
+        "payload",
+    }
+    assert (document["envelope_id"], document["sender"]) == (str(envelope.id), KZ)
+    assert [p.name for p in (tmp_path / "inbox").iterdir()] == [path.name]
+
+
+def test_case_system_from_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module:factory spec builds the case system by calling the factory with the home."""
+    module = types.ModuleType("trm_test_cases")
+    made: list[Path] = []
+
+    def factory(home: Path) -> FileCaseSystem:
+        made.append(home)
+        return FileCaseSystem(home / "elsewhere")
+
+    module.factory = factory  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "trm_test_cases", module)
+    system = load_case_system("trm_test_cases:factory", tmp_path)
+    assert isinstance(system, FileCaseSystem)
+    assert system.folder == tmp_path / "elsewhere"
+    assert made == [tmp_path]
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("no_such_module_for_trm:factory", "cannot be loaded"),
+        ("json:no_such_factory", "cannot be loaded"),
+        ("json:__doc__", "not a factory"),
+        ("json:dumps", "failed to start|no deliver"),
+        ("not-installed", "no case system named"),
+    ],
+)
+def test_bad_case_system_spec(spec: str, words: str, tmp_path: Path) -> None:
+    """A case system spec that cannot be loaded or used fails with ConfigError naming it."""
+    with pytest.raises(ConfigError, match=words):
+        load_case_system(spec, tmp_path)
+
+
+def test_unwritable_case_folder_is_a_case_system_error(network: Network, tmp_path: Path) -> None:
+    """A case folder that cannot be written raises CaseSystemError, not OSError."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    opened = open_envelope(
+        request(network).raw, recipient=network.recipient(UZ), directory=network.directory
+    )
+    with pytest.raises(CaseSystemError, match="cannot write"):
+        FileCaseSystem(blocker / "inbox").deliver(opened)
