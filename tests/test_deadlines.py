@@ -1,0 +1,192 @@
+"""Deadline policies: due and warning times, owners, reminders once, policy files."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from test_cases import KZ, NGO_UZ, UZ, Case, fold, happy_path
+
+from broker.errors import CaseError, ConfigError
+from schemas.base import MessageKind as K
+from services.cases import CaseState, Stage
+from services.deadlines import (
+    DEFAULT_POLICIES,
+    Reminder,
+    ReminderKey,
+    Status,
+    deadline_for,
+    due_reminders,
+    load_policies,
+    parse_duration,
+    status,
+)
+
+
+def state_at(stage_count: int, case: Case | None = None) -> CaseState:
+    return fold(happy_path(case or Case(), stage_count))[0]
+
+
+def test_unanswered_request_warns_then_is_overdue() -> None:
+    """A request unanswered 71 h warns, at 73 h is overdue, and is owed by its first recipient."""
+    state = state_at(1)
+    deadline = deadline_for(state)
+    assert deadline is not None and state.stage_entered_at is not None
+    assert deadline.owed_by == UZ
+    assert deadline.about_envelope == state.entries[0].event.envelope_id
+    entered = state.stage_entered_at
+    assert status(deadline, entered + timedelta(hours=47)) is Status.OK
+    assert status(deadline, entered + timedelta(hours=71)) is Status.WARNING
+    assert status(deadline, entered + timedelta(hours=73)) is Status.OVERDUE
+
+
+def test_reminder_is_due_once_per_status() -> None:
+    """Polling again after recording sent reminders yields nothing until the status changes."""
+    states = [state_at(1, Case("KZ-1")), state_at(2, Case("KZ-2"))]
+    entered = states[0].stage_entered_at
+    assert entered is not None
+    sent: set[ReminderKey] = set()
+    now = entered + timedelta(hours=71)
+    first = due_reminders(states, now, sent)
+    assert [(r.deadline.case, r.status) for r in first] == [("KZ-1", Status.WARNING)]
+    sent.update(r.key for r in first)
+    assert due_reminders(states, now + timedelta(minutes=30), sent) == []
+    overdue = due_reminders(states, entered + timedelta(hours=73), sent)
+    assert [(r.deadline.case, r.status) for r in overdue] == [("KZ-1", Status.OVERDUE)]
+    sent.update(r.key for r in overdue)
+    assert due_reminders(states, entered + timedelta(hours=90), sent.__contains__) == []
+
+
+def test_a_new_stage_resets_the_deadline() -> None:
+    """Accepting the request replaces its overdue deadline by the travel deadline."""
+    case = Case()
+    requested = state_at(1, case)
+    late = case.event(K.RETURN_ACCEPTED, UZ, (KZ, NGO_UZ), after=timedelta(hours=80))
+    accepted = fold([*requested.events, late])[0]
+    deadline = deadline_for(accepted)
+    assert deadline is not None
+    assert deadline.stage is Stage.ACCEPTED and deadline.owed_by == KZ
+    assert deadline.due == late.received_at + timedelta(days=14)
+    assert deadline.warn_at == deadline.due - timedelta(days=3)
+    assert status(deadline, late.received_at) is Status.OK
+    assert due_reminders([accepted], late.received_at, set()) == []
+
+
+def test_departed_not_received_is_overdue_and_owed_by_the_ngo() -> None:
+    """Departure unconfirmed after 24 hours is overdue and owed by the receiving NGO."""
+    state = state_at(4)
+    deadline = deadline_for(state)
+    assert deadline is not None and state.stage_entered_at is not None
+    assert deadline.stage is Stage.DEPARTED and deadline.owed_by == NGO_UZ
+    [reminder] = due_reminders([state], state.stage_entered_at + timedelta(hours=25), set())
+    assert reminder == Reminder(deadline, Status.OVERDUE)
+
+
+def test_departed_without_an_ngo_is_owed_by_the_accepting_mission() -> None:
+    """When no NGO was told of the departure, the origin-country mission owes the confirmation."""
+    case = Case()
+    events = happy_path(case, 3)
+    events.append(case.event(K.DEPARTED, KZ, (UZ,)))
+    deadline = deadline_for(fold(events)[0])
+    assert deadline is not None and deadline.owed_by == UZ
+
+
+@pytest.mark.parametrize(
+    ("stages", "stage", "limit", "owed_by"),
+    [
+        (3, Stage.TRAVEL_ARRANGED, timedelta(days=7), KZ),
+        (5, Stage.RECEIVED, timedelta(days=30), NGO_UZ),
+        (6, Stage.REINTEGRATION, timedelta(days=90), NGO_UZ),
+    ],
+)
+def test_default_policies_per_stage(
+    stages: int, stage: Stage, limit: timedelta, owed_by: str
+) -> None:
+    """Each later stage has its documented limit and owner, counted from the stage-entered time."""
+    state = state_at(stages)
+    deadline = deadline_for(state)
+    assert deadline is not None and state.stage_entered_at is not None
+    assert (deadline.stage, deadline.owed_by) == (stage, owed_by)
+    assert deadline.due - state.stage_entered_at == limit
+
+
+def test_closed_halted_and_unopened_cases_have_no_deadline() -> None:
+    """Closed, halted and never-opened cases owe nothing."""
+    case = Case()
+    halted = fold([*happy_path(case, 2), case.event(K.CONSENT_WITHDRAWN, KZ, (UZ,))])[0]
+    unopened = fold([Case("X-404").event(K.RETURN_ACCEPTED, UZ, (KZ,))])[0]
+    for state in (state_at(8), halted, unopened):
+        assert deadline_for(state) is None
+
+
+def test_naive_now_is_refused() -> None:
+    """A naive `now` raises CaseError instead of a TypeError."""
+    deadline = deadline_for(state_at(1))
+    assert deadline is not None
+    with pytest.raises(CaseError, match="timezone-aware"):
+        status(deadline, deadline.due.replace(tzinfo=None))
+
+
+def test_custom_policies_file_json(tmp_path: Path) -> None:
+    """A JSON policies file lengthens the reception limit and keeps every other default."""
+    path = tmp_path / "policies.json"
+    path.write_text(
+        json.dumps({"policies": [{"stage": "departed", "limit": "36h", "warn_before": "12h"}]})
+    )
+    policies = load_policies(path)
+    state = state_at(4)
+    deadline = deadline_for(state, policies)
+    assert deadline is not None and state.stage_entered_at is not None
+    assert deadline.due - state.stage_entered_at == timedelta(hours=36)
+    assert deadline.due - deadline.warn_at == timedelta(hours=12)
+    assert deadline.owed_by == NGO_UZ
+    assert len(policies) == len(DEFAULT_POLICIES)
+    assert status(deadline, state.stage_entered_at + timedelta(hours=25)) is Status.WARNING
+
+
+def test_custom_policies_file_toml_adds_a_stage(tmp_path: Path) -> None:
+    """A TOML policies file can give a stage without a default (halted) a deadline."""
+    path = tmp_path / "policies.toml"
+    path.write_text('[[policies]]\nstage = "halted"\nlimit = "2w"\nowed_by = "origin"\n')
+    case = Case()
+    halted = fold([*happy_path(case, 2), case.event(K.CONSENT_WITHDRAWN, KZ, (UZ,))])[0]
+    deadline = deadline_for(halted, load_policies(path))
+    assert deadline is not None and deadline.owed_by == KZ and deadline.stage is Stage.HALTED
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "cannot read"),
+        ('{"rules": []}', "'policies' list"),
+        ('{"policies": [{"stage": "teleported"}]}', "entry 0: 'stage'"),
+        ('{"policies": [{"stage": "requested", "limit": "3 fortnights"}]}', "duration"),
+        ('{"policies": [{"stage": "requested", "owed_by": "nobody"}]}', "owed_by"),
+        ('{"policies": [{"stage": "requested", "colour": "red"}]}', "unknown keys"),
+        ('{"policies": [{"stage": "requested", "warn_before": "100h"}]}', "warn_before"),
+        ('{"policies": [{"stage": "halted", "limit": "1d"}]}', "no default policy"),
+        ('{"policies": [{"stage": "requested"}, {"stage": "requested"}]}', "twice"),
+    ],
+)
+def test_bad_policies_file_names_the_problem(tmp_path: Path, content: str, message: str) -> None:
+    """A wrong policies file raises ConfigError naming the file and what is wrong."""
+    path = tmp_path / "policies.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_policies(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_policies_file() -> None:
+    """A missing policies file raises ConfigError, not OSError."""
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_policies("/nonexistent/policies.toml")
+
+
+def test_parse_duration() -> None:
+    """Durations take a number and one unit."""
+    assert parse_duration("72h") == timedelta(hours=72)
+    assert parse_duration("1.5d") == timedelta(hours=36)
+    assert parse_duration("90m") == timedelta(minutes=90)
