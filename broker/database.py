@@ -14,6 +14,7 @@ database.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for another process's transaction to end."""
 
 ENV_URL = "TRM_DATABASE_URL"
+_MIGRATING = threading.Lock()
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -179,7 +181,9 @@ def open_database(url: str) -> Engine:
 def migrate(engine: Engine, revision: str = "head") -> None:
     """Run the Alembic migrations on `engine` up to `revision`."""
     config = alembic_config()
-    with storage_errors("migrating the database"), engine.begin() as conn:
+    # Alembic's migration context is process-global: one migration per process
+    # at a time. Other processes are held off by the database's own locks.
+    with _MIGRATING, storage_errors("migrating the database"), engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
 
