@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -235,6 +236,32 @@ def test_crash_before_commit_then_redelivery_applies_once(
     assert inbox.handle(envelope.raw, KZ, redelivered=True).outcome is Outcome.APPLIED
     assert inbox.handle(envelope.raw, KZ, redelivered=True).outcome is Outcome.DUPLICATE
     assert [p.name for p in folder.iterdir()] == [f"{envelope.id}.json"]
+    assert len(rows(engine, inbox_table)) == 1
+    assert len(Outbox(engine).pending()) == 1
+
+
+def test_concurrent_consumers_apply_once(engine: Engine, network: Network, tmp_path: Path) -> None:
+    """Two consumers handling the same envelope at once apply it once and send one receipt."""
+    envelope = request(network)
+    inboxes = [make_inbox(engine, network, UZ, tmp_path / "inbox") for _ in range(2)]
+    outcomes: list[Outcome] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def consume(inbox: Inbox) -> None:
+        try:
+            start.wait()
+            outcomes.append(inbox.handle(envelope.raw, KZ).outcome)
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=consume, args=(inbox,)) for inbox in inboxes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(outcomes) == [Outcome.APPLIED, Outcome.DUPLICATE]
     assert len(rows(engine, inbox_table)) == 1
     assert len(Outbox(engine).pending()) == 1
 
