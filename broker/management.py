@@ -186,3 +186,13 @@ class ManagementClient:
     def delete_queue(self, vhost: str, name: str) -> None:
         """Delete the queue with its messages (no error when it is gone)."""
         self.request("DELETE", f"/queues/{_segment(vhost)}/{_segment(name)}", missing_ok=True)
+
+    def vhost_users(self, vhost: str) -> list[str]:
+        """The users holding permissions on ``vhost``."""
+        found = self.request("GET", f"/vhosts/{_segment(vhost)}/permissions", missing_ok=True)
+        return sorted(str(p["user"]) for p in found or [])
+
+    def user_vhosts(self, user: str) -> list[str]:
+        """The vhosts on which ``user`` holds permissions."""
+        found = self.request("GET", f"/users/{_segment(user)}/permissions", missing_ok=True)
+        return sorted(str(p["vhost"]) for p in found or [])

@@ -48,6 +48,8 @@ from broker.topology import EXCHANGE, QUARANTINE_EXCHANGE
 
 _log = structlog.get_logger(__name__)
 
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+"""The local broker's administrator: a default for the demo and tests only."""
 _DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 _PERSISTENT: Literal[2] = 2
 
@@ -402,6 +404,10 @@ class Publisher:
             for frame in frames:
                 if len(confirms.pending) >= window:
                     self._pump_until(lambda: len(confirms.pending) < window, deadline)
+                # Registered before sending: the confirm can arrive while basic_publish
+                # flushes its own output.
+                confirms.pending[confirms.next_tag] = frame.label
+                confirms.next_tag += 1
                 self._channel.basic_publish(
                     frame.exchange,
                     frame.routing_key,
@@ -409,8 +415,6 @@ class Publisher:
                     frame.properties,
                     mandatory=True,
                 )
-                confirms.pending[confirms.next_tag] = frame.label
-                confirms.next_tag += 1
             self._pump_until(lambda: not confirms.pending, deadline)
         except BrokerUnavailable:
             self._drop()

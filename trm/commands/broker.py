@@ -1,0 +1,180 @@
+"""``trm broker``: provision RabbitMQ from the trust directory, show queue depths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from broker.management import DEFAULT_MANAGEMENT_URL, ManagementClient
+from broker.topology import DELIVERY_LIMIT, provision
+from broker.transport import DEFAULT_AMQP_URL, AmqpSettings
+
+_EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _passwords(pairs: tuple[str, ...]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for pair in pairs:
+        participant_id, sep, secret = pair.partition("=")
+        if not sep or not participant_id or not secret:
+            raise click.BadParameter("give ID=SECRET", param_hint="--password")
+        found[participant_id] = secret
+    return found
+
+
+@click.group()
+def broker() -> None:
+    """RabbitMQ: provision users, permissions and queues; show queue depths."""
+
+
+@broker.command("provision")
+@click.option(
+    "--directory",
+    "directory_file",
+    type=_EXISTING_FILE,
+    required=True,
+    help="The signed trust directory (directory.json).",
+)
+@click.option(
+    "--authority-key",
+    type=_EXISTING_FILE,
+    required=True,
+    help="The directory authority's public key (authority.pub).",
+)
+@click.option(
+    "--vhost",
+    envvar="TRM_AMQP_VHOST",
+    default=None,
+    help="RabbitMQ vhost [TRM_AMQP_VHOST; default: from the AMQP URL, else /].",
+)
+@click.option(
+    "--amqp-url",
+    envvar="TRM_AMQP_URL",
+    default=DEFAULT_AMQP_URL,
+    show_default=True,
+    help="AMQP URL of an administrator [TRM_AMQP_URL].",
+)
+@click.option(
+    "--management-url",
+    envvar="TRM_AMQP_MANAGEMENT_URL",
+    default=DEFAULT_MANAGEMENT_URL,
+    show_default=True,
+    help="Management API URL of an administrator [TRM_AMQP_MANAGEMENT_URL].",
+)
+@click.option(
+    "--keys-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of participant homes; passwords are read from or written to "
+    "KEYS_ROOT/<id>/amqp-password (mode 0600).",
+)
+@click.option(
+    "--password",
+    "passwords",
+    multiple=True,
+    metavar="ID=SECRET",
+    help="A participant's RabbitMQ password (repeatable).",
+)
+@click.option(
+    "--delivery-limit",
+    type=click.IntRange(1),
+    default=DELIVERY_LIMIT,
+    show_default=True,
+    help="Deliveries before a message goes to the quarantine.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def provision_command(
+    directory_file: Path,
+    authority_key: Path,
+    vhost: str | None,
+    amqp_url: str,
+    management_url: str,
+    keys_root: Path | None,
+    passwords: tuple[str, ...],
+    delivery_limit: int,
+    as_json: bool,
+) -> None:
+    """Create the vhost, a user per participant, permissions, exchanges and queues.
+
+    Idempotent: running it again changes nothing.
+    """
+    from broker.directory import read_directory
+    from broker.keys import read_pinned_authority
+
+    directory = read_directory(directory_file, authority=read_pinned_authority(authority_key))
+    participants = [(p.id, str(p.role)) for p in directory.participants()]
+    chosen_vhost = vhost or AmqpSettings.from_url(amqp_url).vhost
+    result = provision(
+        ManagementClient(management_url),
+        amqp_url,
+        chosen_vhost,
+        participants,
+        keys_root=keys_root,
+        passwords=_passwords(passwords),
+        delivery_limit=delivery_limit,
+    )
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "vhost": chosen_vhost,
+                    "participants": [p for p, _ in participants],
+                    "users_created": result.users_created,
+                    "queues": result.queues,
+                    "passwords_written": [str(p) for p in result.passwords_written],
+                },
+                indent=2,
+            )
+        )
+        return
+    click.echo(f"vhost {chosen_vhost}: {len(participants)} participants provisioned")
+    created = ", ".join(result.users_created) or "none"
+    click.echo(f"  users created: {created}")
+    click.echo(f"  queues: {len(result.queues)} ({', '.join(result.queues)})")
+    for path in result.passwords_written:
+        click.echo(f"  password written: {path}")
+
+
+@broker.command("status")
+@click.option(
+    "--vhost",
+    envvar="TRM_AMQP_VHOST",
+    default="/",
+    show_default=True,
+    help="RabbitMQ vhost [TRM_AMQP_VHOST].",
+)
+@click.option(
+    "--management-url",
+    envvar="TRM_AMQP_MANAGEMENT_URL",
+    default=DEFAULT_MANAGEMENT_URL,
+    show_default=True,
+    help="Management API URL [TRM_AMQP_MANAGEMENT_URL].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the queues as JSON.")
+def status(vhost: str, management_url: str, as_json: bool) -> None:
+    """Queue depths on the vhost (as the broker last sampled them, a few seconds old)."""
+    queues = ManagementClient(management_url).list_queues(vhost)
+    rows = [
+        {
+            "queue": q.name,
+            "type": q.type,
+            "messages": q.messages,
+            "ready": q.messages_ready,
+            "unacked": q.messages_unacknowledged,
+            "consumers": q.consumers,
+        }
+        for q in queues
+    ]
+    if as_json:
+        click.echo(json.dumps({"vhost": vhost, "queues": rows}, indent=2))
+        return
+    click.echo(
+        f"{'queue':40} {'type':8} {'messages':>9} {'ready':>9} {'unacked':>8} {'consumers':>9}"
+    )
+    for row in rows:
+        click.echo(
+            f"{row['queue']:40} {row['type']:8} {row['messages']:>9} {row['ready']:>9} "
+            f"{row['unacked']:>8} {row['consumers']:>9}"
+        )
