@@ -61,6 +61,24 @@ def rabbitmq_urls() -> Iterator[tuple[str, str]]:
         yield f"amqp://guest:guest@{host}:{port}/", f"http://guest:guest@{host}:{mport}/"
 
 
+@pytest.fixture
+def vhost(rabbitmq_urls: tuple[str, str]) -> Iterator[str]:
+    """A fresh RabbitMQ vhost for one test, deleted afterwards with the users only it used."""
+    from broker.management import ManagementClient
+
+    client = ManagementClient(rabbitmq_urls[1])
+    name = f"trm-test-{uuid.uuid4().hex[:12]}"
+    client.create_vhost(name)
+    try:
+        yield name
+    finally:
+        users = client.vhost_users(name)
+        client.delete_vhost(name)
+        for user in users:
+            if user != client.username and not client.user_vhosts(user):
+                client.delete_user(user)
+
+
 @pytest.fixture(scope="session")
 def postgres_server_url() -> Iterator[str]:
     """URL of a real PostgreSQL database we may create databases from."""
