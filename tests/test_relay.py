@@ -6,18 +6,26 @@ import contextlib
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from adapters.casesystem import FileCaseSystem
 from broker.database import open_database, outbox_table
+from broker.directory import Role
 from broker.envelope import SealedEnvelope, seal
 from broker.errors import BrokerUnavailable, ConfigError, PublishFailed, TransportError
+from broker.inbox import Inbox, Outcome
+from broker.management import ManagementClient
 from broker.outbox import Outbox, Relay
 from broker.testing import MemoryBroker, Network, capture_logs, make_network
+from broker.topology import inbox_queue, provision
+from broker.transport import AmqpSettings, Consumer, Delivery, Publisher
 from schemas.base import MessageKind
 from schemas.examples import example
 
@@ -222,3 +230,101 @@ def test_bad_settings_are_refused(engine: Engine) -> None:
         Relay(Outbox(engine), publisher, batch=0)
     with pytest.raises(ConfigError):
         Relay(Outbox(engine), publisher, retry_delay=1, max_retry_delay=0.5)
+
+
+# --- against a real RabbitMQ ---------------------------------------------------------
+
+
+def consume_until(
+    settings: AmqpSettings, queue: str, inbox: Inbox, results: list[Outcome], count: int
+) -> None:
+    """Consume `queue` into `inbox` until `count` deliveries were handled."""
+    consumer = Consumer(settings, queue)
+    stop = threading.Event()
+
+    def handle(delivery: Delivery) -> None:
+        results.append(inbox.handle(delivery.body, delivery.user_id, delivery.redelivered).outcome)
+        if len(results) >= count:
+            stop.set()
+
+    thread = threading.Thread(target=consumer.run, args=(handle, stop))
+    thread.start()
+    try:
+        wait_for(lambda: len(results) >= count, timeout=30)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        consumer.close()
+
+
+@pytest.mark.rabbitmq
+def test_relay_and_inbox_through_rabbitmq(
+    rabbitmq_urls: tuple[str, str], vhost: str, tmp_path: Path
+) -> None:
+    """Envelopes relayed with real confirms are applied once by UZ, whose receipts reach KZ."""
+    suffix = uuid.uuid4().hex[:8]
+    kz, uz = f"kz-{suffix}", f"uz-{suffix}"
+    passwords = {kz: uuid.uuid4().hex, uz: uuid.uuid4().hex}
+    provision(
+        ManagementClient(rabbitmq_urls[1]),
+        rabbitmq_urls[0],
+        vhost,
+        [(kz, "mission"), (uz, "mission")],
+        passwords=passwords,
+    )
+    net = make_network(
+        tmp_path / "keys",
+        now=KEYS_FROM,
+        participants=[(kz, Role.MISSION, "KZ", None), (uz, Role.MISSION, "UZ", None)],
+    )
+
+    def settings(pid: str) -> AmqpSettings:
+        return AmqpSettings.from_url(
+            rabbitmq_urls[0], vhost=vhost, username=pid, password=passwords[pid]
+        )
+
+    def inbox(engine: Engine, me: str) -> Inbox:
+        return Inbox(
+            engine,
+            recipient=net.recipient(me),
+            sender=lambda: net.sender(me),
+            directory=lambda: net.directory,
+            case_system=FileCaseSystem(tmp_path / me),
+            outbox=Outbox(engine),
+        )
+
+    kz_db = open_database(f"sqlite:///{tmp_path / 'kz.db'}")
+    uz_db = open_database(f"sqlite:///{tmp_path / 'uz.db'}")
+    try:
+        kz_outbox = Outbox(kz_db)
+        envelopes = [
+            kz_outbox.send(
+                lambda seq: seal(
+                    example(MessageKind.RETURN_REQUEST),
+                    case=CASE,
+                    sender=net.sender(kz),
+                    recipients=[uz],
+                    directory=net.directory,
+                    seq=seq,
+                ),
+                sender=kz,
+                case=CASE,
+            )
+            for _ in range(5)
+        ]
+        assert Relay(kz_outbox, Publisher(settings(kz), kz)).run_once() == 5
+        applied: list[Outcome] = []
+        consume_until(settings(uz), inbox_queue(uz), inbox(uz_db, uz), applied, 5)
+        assert applied == [Outcome.APPLIED] * 5
+        assert Relay(Outbox(uz_db), Publisher(settings(uz), uz)).run_once() == 5
+        receipts: list[Outcome] = []
+        consume_until(settings(kz), inbox_queue(kz), inbox(kz_db, kz), receipts, 5)
+        assert receipts == [Outcome.APPLIED] * 5
+        status = kz_outbox.status()
+        assert (status.sent, status.pending, status.receipts) == (5, 0, 5)
+        assert sorted(p.stem for p in (tmp_path / uz).iterdir()) == sorted(
+            str(e.id) for e in envelopes
+        )
+    finally:
+        kz_db.dispose()
+        uz_db.dispose()
