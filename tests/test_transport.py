@@ -450,8 +450,10 @@ def test_publisher_survives_broker_restart(net: Net) -> None:
     half, resume, stop = threading.Event(), threading.Event(), threading.Event()
     failures: list[BaseException] = []
     settings = net.settings(net.a, connect_timeout=3)
+    attempts: list[int] = []
 
     def loop() -> None:
+        attempts.append(1)
         publisher = Publisher(settings, net.a)
         try:
             for start in range(0, count, batch):
@@ -486,5 +488,6 @@ def test_publisher_survives_broker_restart(net: Net) -> None:
     stop.set()
     assert not thread.is_alive() and not failures
     assert confirmed == set(ids)
+    assert len(attempts) > 1, "the publisher never lost its connection"
     present = {p.message_id for p, _ in _drain(net.admin, inbox_queue(net.b))}
     assert present >= set(ids)

@@ -6,6 +6,7 @@ import sys
 from importlib import import_module
 
 import click
+import structlog
 
 from broker.errors import TrmError
 
@@ -54,6 +55,8 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="trm-broker")
 def cli() -> None:
     """trm: sealed, signed, exactly-once handoffs between missions and NGOs."""
+    # Logs go to stderr so that stdout carries only a command's output (--json).
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 
 def main() -> None:

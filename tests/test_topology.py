@@ -1,0 +1,249 @@
+"""Provisioning the broker: names, permissions, idempotence, password files, the CLI."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import stat
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from broker import _crypto
+from broker.directory import DirectoryBody, KeyUse, Participant, PublicKey, Role, sign_directory
+from broker.errors import ConfigError, ProvisioningError
+from broker.keys import init_authority, load_authority
+from broker.management import ManagementClient
+from broker.topology import (
+    DELIVERY_LIMIT,
+    EXCHANGE,
+    QUARANTINE_EXCHANGE,
+    ROUTING_QUEUE,
+    inbox_queue,
+    permissions_for,
+    provision,
+    quarantine_queue,
+)
+from broker.transport import AmqpSettings, open_connection
+from trm.cli import cli
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+# --- permissions (no broker needed) ------------------------------------------------
+
+
+def test_permissions_grant_own_queues_only() -> None:
+    """A mission reads only its own inbox and quarantine, writes only the two exchanges."""
+    allowed = permissions_for("iom-kz", "mission")
+    assert allowed.configure == "^$"
+    for name in ("trm.inbox.iom-kz", "trm.quarantine.iom-kz"):
+        assert re.search(allowed.read, name)
+    for name in ("trm.inbox.iom-uz", "trm.inbox.iom-kzx", "trm.routing", "trm.inbox.iom-kz.x"):
+        assert not re.search(allowed.read, name)
+    for name in (EXCHANGE, QUARANTINE_EXCHANGE):
+        assert re.search(allowed.write, name)
+    for name in ("amq.default", "trm.inbox.iom-uz", "trm.handoffs", "amq.topic"):
+        assert not re.search(allowed.write, name)
+
+
+def test_routing_participant_also_reads_routing_queue() -> None:
+    """The routing participant may read trm.routing besides its own queues; others may not."""
+    assert re.search(permissions_for("routing", Role.ROUTING).read, ROUTING_QUEUE)
+    assert re.search(permissions_for("routing", "routing").read, "trm.inbox.routing")
+    assert not re.search(permissions_for("auditor-vienna", "auditor").read, ROUTING_QUEUE)
+
+
+@pytest.mark.rabbitmq
+def test_bad_participant_id_refused(rabbitmq_urls: tuple[str, str], vhost: str) -> None:
+    """An id that could widen a permission regex is refused before anything is created."""
+    management = ManagementClient(rabbitmq_urls[1])
+    with pytest.raises(ConfigError, match="not a valid id"):
+        provision(management, rabbitmq_urls[0], vhost, [(".*", "mission")], passwords={".*": "x"})
+    assert management.get_user(".*") is None
+
+
+# --- provisioning against RabbitMQ ----------------------------------------------------
+
+
+def _ids() -> tuple[str, str, str]:
+    suffix = uuid.uuid4().hex[:8]
+    return f"kz-{suffix}", f"uz-{suffix}", f"routing-{suffix}"
+
+
+@pytest.mark.rabbitmq
+def test_provision_is_idempotent(
+    rabbitmq_urls: tuple[str, str], vhost: str, tmp_path: Path
+) -> None:
+    """Provisioning twice creates users, quorum queues and 0600 password files once."""
+    amqp_url, management_url = rabbitmq_urls
+    management = ManagementClient(management_url)
+    a, b, routing = _ids()
+    participants = [(a, "mission"), (b, "ngo"), (routing, "routing")]
+    first = provision(management, amqp_url, vhost, participants, keys_root=tmp_path)
+    passwords = {p: (tmp_path / p / "amqp-password").read_text().strip() for p, _ in participants}
+    second = provision(management, amqp_url, vhost, participants, keys_root=tmp_path)
+
+    assert sorted(first.users_created) == sorted([a, b, routing])
+    assert first.passwords_written == [tmp_path / p / "amqp-password" for p, _ in participants]
+    assert second.users_created == [] and second.passwords_written == []
+    assert second.queues == first.queues
+    for path in first.passwords_written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert path.read_text().strip() == passwords[path.parent.name]
+
+    queues = {q.name: q for q in management.list_queues(vhost)}
+    expected = {inbox_queue(p) for p, _ in participants} | {ROUTING_QUEUE}
+    expected |= {quarantine_queue(p) for p, _ in participants}
+    assert set(queues) == expected
+    assert {q.type for q in queues.values()} == {"quorum"}
+    inbox = queues[inbox_queue(a)].arguments
+    assert inbox["x-delivery-limit"] == DELIVERY_LIMIT
+    assert inbox["x-dead-letter-exchange"] == QUARANTINE_EXCHANGE
+    assert inbox["x-dead-letter-routing-key"] == a
+    assert queues[ROUTING_QUEUE].arguments["x-dead-letter-routing-key"] == routing
+
+    assert management.get_permissions(vhost, a) == {
+        "configure": "^$",
+        "write": r"^trm\.(handoff|quarantine)$",
+        "read": rf"^trm\.(inbox|quarantine)\.{re.escape(a)}$",
+    }
+    routing_read = (management.get_permissions(vhost, routing) or {})["read"]
+    assert re.search(routing_read, ROUTING_QUEUE)
+    for participant_id, password in passwords.items():
+        settings = AmqpSettings.from_url(
+            amqp_url, vhost=vhost, username=participant_id, password=password
+        )
+        open_connection(settings).close()
+
+
+@pytest.mark.rabbitmq
+def test_given_password_used_and_not_written(
+    rabbitmq_urls: tuple[str, str], vhost: str, tmp_path: Path
+) -> None:
+    """A password given for a participant is the one RabbitMQ accepts, and no file is written."""
+    amqp_url, management_url = rabbitmq_urls
+    a, _, _ = _ids()
+    result = provision(
+        ManagementClient(management_url),
+        amqp_url,
+        vhost,
+        [(a, "mission")],
+        keys_root=tmp_path,
+        passwords={a: "given-secret"},
+    )
+    assert result.passwords_written == []
+    assert not (tmp_path / a).exists()
+    settings = AmqpSettings.from_url(amqp_url, vhost=vhost, username=a, password="given-secret")
+    open_connection(settings).close()
+
+
+@pytest.mark.rabbitmq
+def test_new_user_without_password_source_refused(
+    rabbitmq_urls: tuple[str, str], vhost: str
+) -> None:
+    """A new participant with neither --password nor --keys-root is refused, user not created."""
+    management = ManagementClient(rabbitmq_urls[1])
+    a, _, _ = _ids()
+    with pytest.raises(ConfigError, match="--keys-root"):
+        provision(management, rabbitmq_urls[0], vhost, [(a, "mission")])
+    assert management.get_user(a) is None
+
+
+@pytest.mark.rabbitmq
+def test_conflicting_queue_arguments_refused(rabbitmq_urls: tuple[str, str], vhost: str) -> None:
+    """Re-provisioning with another delivery limit fails clearly and keeps the queue's messages."""
+    management = ManagementClient(rabbitmq_urls[1])
+    a, _, _ = _ids()
+    provision(management, rabbitmq_urls[0], vhost, [(a, "mission")], passwords={a: "x"})
+    with pytest.raises(ProvisioningError, match="other arguments"):
+        provision(
+            management,
+            rabbitmq_urls[0],
+            vhost,
+            [(a, "mission")],
+            passwords={a: "x"},
+            delivery_limit=5,
+        )
+    queue = management.get_queue(vhost, inbox_queue(a))
+    assert queue is not None
+    assert queue["arguments"]["x-delivery-limit"] == DELIVERY_LIMIT
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def _public_key(kid: str, use: KeyUse) -> PublicKey:
+    if use is KeyUse.SIGN:
+        raw, alg = _crypto.raw_public(_crypto.new_signing_key().public_key()), "ed25519"
+    else:
+        suite = _crypto.Suite.X25519
+        raw, alg = _crypto.new_decryption_key(suite).public().raw, str(suite)
+    return PublicKey(
+        kid=kid,
+        use=use,
+        alg=alg,
+        public=base64.b64encode(raw).decode(),
+        not_before=T0,
+        not_after=T0 + timedelta(days=3650),
+    )
+
+
+def _signed_directory(tmp_path: Path, roles: dict[str, Role]) -> tuple[Path, Path]:
+    authority = tmp_path / "authority"
+    init_authority(authority)
+    participants = tuple(
+        Participant(
+            id=pid,
+            role=role,
+            country="UZ",
+            keys=(_public_key(f"{pid}-s", KeyUse.SIGN), _public_key(f"{pid}-e", KeyUse.ENCRYPT)),
+        )
+        for pid, role in roles.items()
+    )
+    body = DirectoryBody(serial=1, issued_at=T0, participants=participants)
+    directory = tmp_path / "directory.json"
+    directory.write_bytes(sign_directory(body, load_authority(authority)))
+    return directory, authority / "authority.pub"
+
+
+@pytest.mark.rabbitmq
+def test_cli_provision_and_status(
+    rabbitmq_urls: tuple[str, str], vhost: str, tmp_path: Path
+) -> None:
+    """trm broker provision reads the signed directory; trm broker status lists every queue."""
+    amqp_url, management_url = rabbitmq_urls
+    a, b, routing = _ids()
+    directory, authority = _signed_directory(
+        tmp_path, {a: Role.MISSION, b: Role.MISSION, routing: Role.ROUTING}
+    )
+    common = ["--vhost", vhost, "--management-url", management_url]
+    args = ["broker", "provision", "--directory", str(directory), "--authority-key", str(authority)]
+    args += [*common, "--amqp-url", amqp_url, "--keys-root", str(tmp_path / "homes"), "--json"]
+    runner = CliRunner()
+    result = runner.invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert sorted(summary["users_created"]) == sorted([a, b, routing])
+    assert len(summary["passwords_written"]) == 3
+    for path in summary["passwords_written"]:
+        assert Path(path).read_text().strip() not in result.output
+
+    status = runner.invoke(cli, ["broker", "status", *common, "--json"], catch_exceptions=False)
+    assert status.exit_code == 0, status.output
+    names = {row["queue"] for row in json.loads(status.stdout)["queues"]}
+    assert {inbox_queue(a), inbox_queue(b), ROUTING_QUEUE, quarantine_queue(routing)} <= names
+
+
+def test_cli_password_option_needs_id_and_secret(tmp_path: Path) -> None:
+    """A --password without ID=SECRET is a usage error naming the option."""
+    directory, authority = _signed_directory(tmp_path, {"iom-kz": Role.MISSION})
+    args = ["broker", "provision", "--directory", str(directory), "--authority-key"]
+    args += [str(authority), "--password", "iom-kz"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    assert "--password" in result.output
