@@ -35,6 +35,7 @@ BUSY_TIMEOUT_MS = 30_000
 
 ENV_URL = "TRM_DATABASE_URL"
 _MIGRATING = threading.Lock()
+_READ_ONLY = "trm_read_only"
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -208,6 +209,13 @@ def storage_errors(action: str) -> Iterator[None]:
         raise StorageError(f"{action} failed: {first}") from e
 
 
+@contextmanager
+def reading(engine: Engine) -> Iterator[sa.Connection]:
+    """A connection for reads only: on SQLite it takes no write lock."""
+    with engine.connect() as conn:
+        yield conn.execution_options(**{_READ_ONLY: True})
+
+
 def _engine(url: sa.URL) -> Engine:
     if url.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
@@ -253,7 +261,11 @@ def _sqlite_engine(url: sa.URL) -> Engine:
     def _begin(conn: sa.Connection) -> None:
         # Take the write lock up front: a read-then-write transaction (the
         # sequence counter, the inbox check) then waits for another process
-        # instead of failing when it tries to upgrade its lock.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # instead of failing when it tries to upgrade its lock. Readers that
+        # say so read a snapshot without the lock.
+        if conn.get_execution_options().get(_READ_ONLY):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine

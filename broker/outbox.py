@@ -25,10 +25,12 @@ from sqlalchemy.engine import Connection, Engine
 from broker.database import (
     case_sequence_table,
     outbox_table,
+    reading,
     receipts_table,
     storage_errors,
 )
 from broker.errors import ConfigError, StorageError, TransportError
+from broker.faults import fault_point
 from broker.transport import Outgoing
 
 if TYPE_CHECKING:
@@ -138,7 +140,7 @@ class Outbox:
             .order_by(t.created_at, t.envelope_id)
             .limit(limit)
         )
-        with storage_errors("reading the outbox"), self.engine.connect() as conn:
+        with storage_errors("reading the outbox"), reading(self.engine) as conn:
             rows = conn.execute(query).all()
         return [
             Outgoing(envelope_id=r.envelope_id, recipients=tuple(r.recipients.split()), body=r.body)
@@ -172,7 +174,7 @@ class Outbox:
         """Pending and sent counts, the oldest pending envelope's age and error, receipts."""
         t = outbox_table.c
         count = sa.func.count()
-        with storage_errors("reading the outbox status"), self.engine.connect() as conn:
+        with storage_errors("reading the outbox status"), reading(self.engine) as conn:
             pending = conn.execute(sa.select(count).where(t.sent_at.is_(None))).scalar_one()
             sent = conn.execute(sa.select(count).where(t.sent_at.is_not(None))).scalar_one()
             oldest = conn.execute(
@@ -231,6 +233,7 @@ class Relay:
         except TransportError as e:
             self.outbox.record_failure(ids, f"{e.reason}: {e}")
             raise
+        fault_point("relay.after_confirm")
         self.outbox.mark_sent(ids)
         log.debug("relay.sent", count=len(ids), first_envelope_id=ids[0])
         return len(ids)

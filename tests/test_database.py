@@ -19,6 +19,7 @@ from broker.database import (
     inbox_table,
     metadata,
     open_database,
+    reading,
     storage_errors,
 )
 from broker.errors import StorageError
@@ -145,6 +146,33 @@ def test_sqlite_connection_settings(tmp_path: Path) -> None:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
+    finally:
+        engine.dispose()
+
+
+def test_readers_do_not_wait_for_writers(database_url: str) -> None:
+    """A read-only connection sees the last commit while another transaction is writing."""
+    engine = open_database(database_url)
+    now = datetime.now(UTC)
+    try:
+        with engine.begin() as writer:
+            writer.execute(
+                inbox_table.insert().values(
+                    envelope_id="0190c0de-0000-7000-8000-000000000003",
+                    digest="cd" * 32,
+                    sender="iom-kz",
+                    case_ref="KZ-2026-0003",
+                    kind="return_request",
+                    received_at=now,
+                    applied_at=now,
+                )
+            )
+            with reading(engine) as reader:
+                seen = reader.execute(sa.select(sa.func.count()).select_from(inbox_table))
+                assert seen.scalar_one() == 0
+        with reading(engine) as reader:
+            seen = reader.execute(sa.select(sa.func.count()).select_from(inbox_table))
+            assert seen.scalar_one() == 1
     finally:
         engine.dispose()
 
