@@ -112,7 +112,13 @@ def make_world(root: Path) -> World:
     ]
     cards = [
         init_participant(
-            root / pid, participant_id=pid, role=role, country=c, parent=p, now=KEYS_FROM
+            root / pid,
+            participant_id=pid,
+            role=role,
+            country=c,
+            parent=p,
+            valid_days=3650,
+            now=KEYS_FROM,
         )
         for pid, role, c, p in specs
     ]
