@@ -56,6 +56,7 @@ class FileCaseSystem:
             "schema_version": header.schema_version,
             "case": header.case,
             "sender": header.sender,
+            "recipients": list(header.recipients),
             "sent_at": header.sent_at.isoformat(),
             "payload": opened.message.model_dump(mode="json"),
         }

@@ -41,6 +41,7 @@ from broker.errors import (
     StorageError,
     TrmError,
 )
+from broker.faults import fault_point
 from broker.outbox import Outbox
 from schemas.control import DeliveryReceipt
 
@@ -165,6 +166,8 @@ class Inbox:
                     )
                 )
                 result = Result(Outcome.APPLIED, envelope_id, None)
+            fault_point("inbox.before_commit")
+        fault_point("inbox.after_commit")
         log.info(
             f"inbox.{result.outcome}",
             envelope_id=envelope_id,

@@ -44,6 +44,7 @@ from broker.errors import (
     TransportError,
     TrmError,
 )
+from broker.faults import fault_point
 from broker.topology import EXCHANGE, QUARANTINE_EXCHANGE
 
 _log = structlog.get_logger(__name__)
@@ -348,7 +349,7 @@ class Publisher:
         later), `AccessRefused` when the user may not publish so.
         """
         frames = [self._frame(m) for m in messages]
-        self._send(frames, timeout, "publishing envelopes")
+        self._send(frames, timeout, "publishing envelopes", fault="relay.after_publish")
         self._log.debug("published", count=len(frames))
 
     def publish_quarantine(
@@ -388,7 +389,9 @@ class Publisher:
             self._exchange, message.recipients[0], message.body, properties, message.envelope_id
         )
 
-    def _send(self, frames: Sequence[_Frame], timeout: float, doing: str) -> None:
+    def _send(
+        self, frames: Sequence[_Frame], timeout: float, doing: str, fault: str | None = None
+    ) -> None:
         if not frames:
             return
         deadline = time.monotonic() + timeout
@@ -415,6 +418,9 @@ class Publisher:
                     frame.properties,
                     mandatory=True,
                 )
+            if fault is not None:
+                # Handed to RabbitMQ, confirms not yet awaited (reliability campaigns).
+                fault_point(fault)
             self._pump_until(lambda: not confirms.pending, deadline)
         except BrokerUnavailable:
             self._drop()

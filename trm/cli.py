@@ -22,6 +22,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("ack", "adapter", "ack"),
     ("outbox", "adapter", "outbox"),
     ("quarantine", "adapter", "quarantine"),
+    ("health", "adapter", "health"),
     ("routing", "routing", "routing"),
     ("cases", "routing", "cases"),
     ("audit", "audit", "audit"),

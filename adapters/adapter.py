@@ -1,0 +1,183 @@
+"""The participant adapter process: consume the inbox, relay the outbox.
+
+Two threads, each with its own RabbitMQ connection and each restarted with
+backoff while the broker is unreachable (`run_with_reconnect`):
+
+- the consumer reads ``trm.inbox.<id>``; each delivery goes through
+  `Inbox.handle` (open, deduplicate, apply, receipt: one transaction) and is
+  acked only after that transaction committed. An envelope that fails
+  opening is recorded, copied to ``trm.quarantine.<id>`` with its reason
+  (on the consumer's own publisher) and then acked, so it never blocks the
+  queue behind it.
+- the relay publishes the outbox with windowed confirms and marks envelopes
+  sent only once confirmed.
+
+Deliveries are handled one at a time, each in its own transaction, because
+`Inbox.handle` owns its transaction; the prefetch window keeps the next
+deliveries on their way while one is applied.
+
+A crash anywhere loses nothing: before the commit the redelivery applies the
+envelope, after it the redelivery is absorbed as a duplicate.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from adapters.home import Home
+from broker.errors import TrmError
+from broker.inbox import Inbox, Outcome
+from broker.outbox import Outbox, Relay
+from broker.topology import inbox_queue
+from broker.transport import AmqpSettings, Consumer, Delivery, Publisher, run_with_reconnect
+
+log = structlog.get_logger(__name__)
+
+JOIN_SECONDS = 30.0
+"""How long a clean shutdown waits for each thread."""
+
+
+@dataclass
+class AdapterStats:
+    """What the adapter did since it started (read by tests and the shutdown log line)."""
+
+    applied: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, outcome: Outcome) -> None:
+        """Count one handled delivery."""
+        with self._lock:
+            if outcome is Outcome.APPLIED:
+                self.applied += 1
+            elif outcome is Outcome.DUPLICATE:
+                self.duplicates += 1
+            else:
+                self.quarantined += 1
+
+
+class Adapter:
+    """One participant's adapter: inbox consumer and outbox relay."""
+
+    def __init__(self, home: Home, *, relay_batch: int = 500) -> None:
+        """Run for `home`; settings are checked here, before any thread starts."""
+        self.home = home
+        self.relay_batch = relay_batch
+        self.participant_id = home.participant_id
+        self.settings: AmqpSettings = home.amqp_settings()
+        home.directory()
+        self.stats = AdapterStats()
+        self._failure: BaseException | None = None
+        self._log = log.bind(participant=self.participant_id)
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume and relay until `stop` is set; then join both threads and return.
+
+        A failure that retrying cannot cure (refused login, missing queue,
+        broken database) stops the adapter and is raised here.
+        """
+        engine = self.home.open_database()
+        try:
+            outbox = Outbox(engine)
+            inbox = Inbox(
+                engine,
+                recipient=self.home.recipient(),
+                sender=self.home.sender,
+                directory=self.home.directory,
+                case_system=self.home.case_system(),
+                outbox=outbox,
+            )
+            wake = threading.Event()
+            threads = [
+                self._thread("consumer", lambda: self._consume(inbox, stop, wake), stop),
+                self._thread("relay", lambda: self._relay(outbox, stop, wake), stop),
+            ]
+            self._log.info(
+                "adapter.started", vhost=self.settings.vhost, queue=inbox_queue(self.participant_id)
+            )
+            for thread in threads:
+                thread.start()
+            stop.wait()
+            for thread in threads:
+                thread.join(JOIN_SECONDS)
+        finally:
+            engine.dispose()
+        self._log.info(
+            "adapter.stopped",
+            applied=self.stats.applied,
+            duplicates=self.stats.duplicates,
+            quarantined=self.stats.quarantined,
+        )
+        if self._failure is not None:
+            raise self._failure
+
+    def _thread(
+        self, name: str, target: Callable[[], None], stop: threading.Event
+    ) -> threading.Thread:
+        def body() -> None:
+            try:
+                target()
+            except BaseException as e:
+                self._failure = e
+                reason = e.reason if isinstance(e, TrmError) else type(e).__name__
+                self._log.error("adapter.failed", thread=name, reason=reason, error=str(e))
+            finally:
+                stop.set()
+
+        return threading.Thread(target=body, name=f"trm-{name}-{self.participant_id}")
+
+    # --- the consumer ---------------------------------------------------------------
+
+    def _consume(self, inbox: Inbox, stop: threading.Event, wake: threading.Event) -> None:
+        state: dict[str, Consumer | Publisher] = {}
+
+        def quarantine_publisher() -> Publisher:
+            publisher = state.get("publisher")
+            if not isinstance(publisher, Publisher):
+                publisher = Publisher(self.settings, self.participant_id)
+                state["publisher"] = publisher
+            return publisher
+
+        def handle(delivery: Delivery) -> None:
+            result = inbox.handle(delivery.body, delivery.user_id, delivery.redelivered)
+            self.stats.count(result.outcome)
+            if result.outcome is Outcome.QUARANTINED:
+                quarantine_publisher().publish_quarantine(
+                    delivery.body,
+                    participant_id=self.participant_id,
+                    reason=result.reason or "error",
+                    detail=result.detail or "",
+                )
+            elif result.outcome is Outcome.APPLIED:
+                # A receipt is waiting in the outbox: let the relay send it now.
+                wake.set()
+
+        def once() -> None:
+            consumer = state.get("consumer")
+            if not isinstance(consumer, Consumer):
+                consumer = Consumer(self.settings, inbox_queue(self.participant_id))
+                state["consumer"] = consumer
+            consumer.run(handle, stop)
+
+        try:
+            run_with_reconnect(once, stop, log=self._log)
+        finally:
+            for item in state.values():
+                item.close()
+
+    # --- the relay --------------------------------------------------------------------
+
+    def _relay(self, outbox: Outbox, stop: threading.Event, wake: threading.Event) -> None:
+        def once() -> None:
+            publisher = Publisher(self.settings, self.participant_id)
+            try:
+                Relay(outbox, publisher, batch=self.relay_batch).run(stop, wake)
+            finally:
+                publisher.close()
+
+        run_with_reconnect(once, stop, log=self._log)

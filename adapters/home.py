@@ -1,0 +1,236 @@
+"""A participant's home folder and the settings a process reads around it.
+
+The home (docs/architecture.md, "A participant's home folder") holds the keys,
+the pinned authority key, the installed directory and, by default, the
+database and the case folder. Everything that changes at run time may live
+elsewhere, so that a home can be mounted read-only (docker/compose.yml):
+
+| setting | flag | environment | default |
+| --- | --- | --- | --- |
+| database | ``--database-url`` | ``TRM_DATABASE_URL`` | ``sqlite:///HOME/trm.db`` |
+| database password | | ``TRM_DATABASE_PASSWORD_FILE`` | none (merged into the URL) |
+| RabbitMQ | ``--amqp-url`` | ``TRM_AMQP_URL`` | ``amqp://127.0.0.1:5672/`` |
+| vhost | ``--vhost`` | ``TRM_AMQP_VHOST`` | from the URL, else ``/`` |
+| RabbitMQ password | | ``TRM_AMQP_PASSWORD_FILE`` | ``HOME/amqp-password`` (required) |
+| case folder | ``--case-dir`` | ``TRM_CASE_DIR`` | ``HOME/inbox`` |
+| case system | ``--case-system`` | ``TRM_CASE_SYSTEM`` | one JSON file per message |
+
+The RabbitMQ user is always the participant id; credentials in the AMQP URL
+are ignored, so a process never logs in as ``guest`` by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError
+
+from adapters.casesystem import INBOX_DIR, CaseSystem, FileCaseSystem, load_case_system
+from broker.database import open_database, storage_errors
+from broker.directory import DIRECTORY_FILE, Directory, load_home_directory
+from broker.envelope import Recipient
+from broker.errors import ConfigError, TrmError
+from broker.keys import ParticipantKeys, Sender, load_keys
+from broker.topology import PASSWORD_FILE
+from broker.transport import AmqpSettings
+
+DEFAULT_AMQP_URL = "amqp://127.0.0.1:5672/"
+ENV_AMQP_URL = "TRM_AMQP_URL"
+ENV_VHOST = "TRM_AMQP_VHOST"
+ENV_AMQP_PASSWORD_FILE = "TRM_AMQP_PASSWORD_FILE"  # noqa: S105 - a variable name
+ENV_DATABASE_URL = "TRM_DATABASE_URL"
+ENV_DATABASE_PASSWORD_FILE = "TRM_DATABASE_PASSWORD_FILE"  # noqa: S105 - a variable name
+ENV_CASE_DIR = "TRM_CASE_DIR"
+ENV_CASE_SYSTEM = "TRM_CASE_SYSTEM"
+
+
+def _read_secret(path: Path, setting: str) -> str:
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read {setting} file {path}: {e.strerror}; run `trm broker provision "
+            f"--keys-root` to write it, or point {setting} at the file holding the password"
+        ) from e
+    if not secret:
+        raise ConfigError(f"{setting} file {path} is empty: put the password in it")
+    return secret
+
+
+@dataclass
+class Home:
+    """A participant's home folder with its resolved settings.
+
+    Keys are loaded once; the directory is reloaded whenever
+    ``HOME/directory.json`` changes on disk, so a directory with a new serial
+    (installed with ``trm directory install``) takes effect without a restart.
+    """
+
+    path: Path
+    database_url: str
+    amqp_url: str
+    vhost: str | None
+    amqp_password_file: Path
+    case_dir: Path
+    case_system_spec: str | None = None
+    _keys: ParticipantKeys | None = field(default=None, init=False, repr=False)
+    _directory: Directory | None = field(default=None, init=False, repr=False)
+    _directory_stamp: tuple[int, int, int] | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @classmethod
+    def resolve(
+        cls,
+        path: Path,
+        *,
+        database_url: str | None = None,
+        amqp_url: str | None = None,
+        vhost: str | None = None,
+        case_dir: Path | None = None,
+        case_system: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Home:
+        """The home at `path`; each setting from its argument, else environment, else default."""
+        env = os.environ if environ is None else environ
+        home = Path(path)
+        if not home.is_dir():
+            raise ConfigError(f"--home {home} is not a folder: create it with `trm init`")
+        chosen_case_dir = case_dir or (Path(env[ENV_CASE_DIR]) if env.get(ENV_CASE_DIR) else None)
+        password_file = env.get(ENV_AMQP_PASSWORD_FILE)
+        return cls(
+            path=home,
+            database_url=_database_url(home, database_url or env.get(ENV_DATABASE_URL), env),
+            amqp_url=amqp_url or env.get(ENV_AMQP_URL) or DEFAULT_AMQP_URL,
+            vhost=vhost or env.get(ENV_VHOST) or None,
+            amqp_password_file=Path(password_file) if password_file else home / PASSWORD_FILE,
+            case_dir=chosen_case_dir or home / INBOX_DIR,
+            case_system_spec=case_system or env.get(ENV_CASE_SYSTEM) or None,
+        )
+
+    # --- identity -------------------------------------------------------------
+
+    def keys(self) -> ParticipantKeys:
+        """The participant's card and private keys (loaded once)."""
+        with self._lock:
+            if self._keys is None:
+                self._keys = load_keys(self.path)
+            return self._keys
+
+    @property
+    def participant_id(self) -> str:
+        """The participant's id, from its card."""
+        return self.keys().card.id
+
+    def sender(self) -> Sender:
+        """The signing identity valid now."""
+        return self.keys().sender(datetime.now(UTC))
+
+    def recipient(self) -> Recipient:
+        """The decryption identity."""
+        return Recipient(self.participant_id, self.keys().decryption)
+
+    def directory(self) -> Directory:
+        """The installed directory, reloaded (and verified again) when its file changed."""
+        target = self.path / DIRECTORY_FILE
+        try:
+            status = target.stat()
+        except OSError as e:
+            raise ConfigError(
+                f"{target} is missing: install the signed directory with "
+                "`trm directory install FILE --home HOME`"
+            ) from e
+        stamp = (status.st_ino, status.st_mtime_ns, status.st_size)
+        with self._lock:
+            if self._directory is None or stamp != self._directory_stamp:
+                self._directory = load_home_directory(self.path)
+                self._directory_stamp = stamp
+            return self._directory
+
+    # --- services -------------------------------------------------------------
+
+    def amqp_settings(self) -> AmqpSettings:
+        """How to log in to RabbitMQ as this participant; ConfigError without a password."""
+        password = _read_secret(self.amqp_password_file, ENV_AMQP_PASSWORD_FILE)
+        return AmqpSettings.from_url(
+            self.amqp_url, vhost=self.vhost, username=self.participant_id, password=password
+        )
+
+    def open_database(self) -> Engine:
+        """An engine on the participant's database, migrated to the newest schema."""
+        return open_database(self.database_url)
+
+    def case_system(self) -> CaseSystem:
+        """Where decrypted payloads go: the configured case system, else the case folder."""
+        if self.case_system_spec is None:
+            return FileCaseSystem(self.case_dir)
+        return load_case_system(self.case_system_spec, self.path)
+
+
+def _database_url(home: Path, given: str | None, env: Mapping[str, str]) -> str:
+    """The database URL, with the password from TRM_DATABASE_PASSWORD_FILE merged in."""
+    if not given:
+        return f"sqlite:///{home / 'trm.db'}"
+    password_file = env.get(ENV_DATABASE_PASSWORD_FILE)
+    if not password_file:
+        return given
+    try:
+        url = sa.make_url(given)
+    except ArgumentError as e:
+        raise ConfigError(
+            f"{ENV_DATABASE_URL} / --database-url is not a database URL: "
+            "use e.g. postgresql+psycopg://user@host/db"
+        ) from e
+    secret = _read_secret(Path(password_file), ENV_DATABASE_PASSWORD_FILE)
+    return url.set(password=secret).render_as_string(hide_password=False)
+
+
+def check_health(home: Home) -> list[tuple[str, bool, str]]:
+    """(check, passed, detail) for keys, directory, database and broker login, in that order.
+
+    Each check runs even when an earlier one failed, so one run names every
+    problem; a check's detail is the error's message, never a secret.
+    """
+    from broker.transport import open_connection
+
+    results: list[tuple[str, bool, str]] = []
+
+    def attempt(name: str, check: Callable[[], str]) -> None:
+        try:
+            results.append((name, True, check()))
+        except TrmError as e:
+            results.append((name, False, f"{e.reason}: {e}"))
+
+    def keys() -> str:
+        found = home.keys()
+        return f"{found.card.id}: {len(found.signing)} signing, {len(found.decryption)} decryption"
+
+    def directory() -> str:
+        return f"serial {home.directory().serial}"
+
+    def database() -> str:
+        engine = home.open_database()
+        try:
+            with storage_errors("reaching the database"), engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        finally:
+            engine.dispose()
+        return sa.make_url(home.database_url).render_as_string(hide_password=True)
+
+    def broker() -> str:
+        settings = home.amqp_settings()
+        connection = open_connection(settings)
+        connection.close()
+        return f"logged in as {settings.describe()}"
+
+    attempt("keys", keys)
+    attempt("directory", directory)
+    attempt("database", database)
+    attempt("broker", broker)
+    return results

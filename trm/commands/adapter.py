@@ -1,0 +1,440 @@
+"""The participant commands: adapter run, send, ack, outbox, quarantine and health.
+
+Every command takes ``--home DIR`` and the settings of `adapters.home.Home`
+(flags with ``TRM_*`` environment variables as defaults).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, ParamSpec, TextIO, TypeVar
+
+import click
+import sqlalchemy as sa
+import structlog
+
+from adapters.home import Home
+from broker.database import quarantine_table, storage_errors
+from broker.errors import ConfigError, TrmError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _home_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The --home option and the settings every adapter command shares."""
+    options = [
+        click.option(
+            "--home",
+            required=True,
+            type=click.Path(file_okay=False, exists=True, path_type=Path),
+            help="The participant's home folder (keys, directory, amqp-password).",
+        ),
+        click.option(
+            "--database-url",
+            default=None,
+            help="Local database [TRM_DATABASE_URL; default sqlite:///HOME/trm.db].",
+        ),
+        click.option(
+            "--amqp-url",
+            default=None,
+            help="RabbitMQ host [TRM_AMQP_URL; default amqp://127.0.0.1:5672/].",
+        ),
+        click.option("--vhost", default=None, help="RabbitMQ vhost [TRM_AMQP_VHOST; default /]."),
+        click.option(
+            "--case-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Where decrypted payloads are written [TRM_CASE_DIR; default HOME/inbox].",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _home(
+    home: Path,
+    database_url: str | None,
+    amqp_url: str | None,
+    vhost: str | None,
+    case_dir: Path | None,
+    case_system: str | None = None,
+) -> Home:
+    return Home.resolve(
+        home,
+        database_url=database_url,
+        amqp_url=amqp_url,
+        vhost=vhost,
+        case_dir=case_dir,
+        case_system=case_system,
+    )
+
+
+def _reasons(command: Callable[P, R]) -> Callable[P, R]:
+    """End the command with a one-line reason instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except TrmError as e:
+            raise click.ClickException(f"{e.reason}: {e}") from e
+
+    return wrapper
+
+
+def configure_logging(log_file: Path | None) -> TextIO | None:
+    """structlog JSON lines to `log_file` (appended) or stderr; the file opened, if any."""
+    handle: TextIO | None = None
+    if log_file is not None:
+        try:
+            handle = log_file.open("a", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot open --log-file {log_file}: {e.strerror}") from e
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(handle or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    return handle
+
+
+# --- trm adapter run -----------------------------------------------------------------
+
+
+@click.group()
+def adapter() -> None:
+    """The participant adapter: consume the inbox, relay the outbox."""
+
+
+@adapter.command("run")
+@_home_options
+@click.option(
+    "--case-system",
+    default=None,
+    help="Case system as package.module:factory or entry point name [TRM_CASE_SYSTEM].",
+)
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Append JSON log lines here instead of stderr.",
+)
+@_reasons
+def run(
+    home: Path,
+    database_url: str | None,
+    amqp_url: str | None,
+    vhost: str | None,
+    case_dir: Path | None,
+    case_system: str | None,
+    log_file: Path | None,
+) -> None:
+    """Run until SIGTERM or SIGINT: apply each delivery once, publish the outbox."""
+    from adapters.adapter import Adapter
+
+    handle = configure_logging(log_file)
+    try:
+        process = Adapter(_home(home, database_url, amqp_url, vhost, case_dir, case_system))
+        stop = threading.Event()
+
+        def on_signal(_signum: int, _frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        process.run(stop)
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+# --- trm send / trm ack ----------------------------------------------------------------
+
+
+@click.command()
+@click.argument("kind")
+@_home_options
+@click.option("--to", "to", required=True, help="Recipient ids, comma-separated.")
+@click.option("--case", "case", required=True, help="The pseudonymous case reference.")
+@click.option(
+    "--payload",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON file with the message, checked against the kind's schema.",
+)
+@click.option("--reply-to", default=None, help="Envelope id of the message this answers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_reasons
+def send(
+    kind: str,
+    home: Path,
+    database_url: str | None,
+    amqp_url: str | None,
+    vhost: str | None,
+    case_dir: Path | None,
+    to: str,
+    case: str,
+    payload: Path,
+    reply_to: str | None,
+    as_json: bool,
+) -> None:
+    """Seal a KIND message and queue it; the running adapter publishes it."""
+    from uuid import UUID
+
+    from adapters.sending import load_payload, send_message
+
+    message = load_payload(kind, payload)
+    answer = None
+    if reply_to is not None:
+        try:
+            answer = UUID(reply_to)
+        except ValueError as e:
+            raise ConfigError(f"--reply-to {reply_to!r} is not an envelope id (a UUID)") from e
+    sealed = send_message(
+        _home(home, database_url, amqp_url, vhost, case_dir),
+        message,
+        to=to.split(","),
+        case=case,
+        reply_to=answer,
+    )
+    _print_sent(sealed.header.model_dump(mode="json"), as_json)
+
+
+def _print_sent(header: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"envelope_id": header["id"], **header}, indent=2))
+    else:
+        click.echo(header["id"])
+
+
+@click.command()
+@_home_options
+@click.option("--case", "case", required=True, help="The case whose returnee was received.")
+@click.option("--place", default=None, help="Where the person was received.")
+@click.option("--note", default=None, help="A note on the person's condition (encrypted).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_reasons
+def ack(
+    home: Path,
+    database_url: str | None,
+    amqp_url: str | None,
+    vhost: str | None,
+    case_dir: Path | None,
+    case: str,
+    place: str | None,
+    note: str | None,
+    as_json: bool,
+) -> None:
+    """Confirm reception of a returnee to every mission taking part in the case."""
+    from adapters.sending import confirm_reception
+
+    sealed = confirm_reception(
+        _home(home, database_url, amqp_url, vhost, case_dir), case, place=place, note=note
+    )
+    _print_sent(sealed.header.model_dump(mode="json"), as_json)
+
+
+# --- trm outbox / trm quarantine --------------------------------------------------------
+
+
+@click.group()
+def outbox() -> None:
+    """What waits to be published."""
+
+
+@outbox.command("status")
+@_home_options
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_reasons
+def outbox_status(
+    home: Path,
+    database_url: str | None,
+    amqp_url: str | None,
+    vhost: str | None,
+    case_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Pending and sent envelopes, the oldest pending one, receipts received."""
+    from broker.outbox import Outbox
+
+    engine = _home(home, database_url, amqp_url, vhost, case_dir).open_database()
+    try:
+        status = Outbox(engine).status()
+    finally:
+        engine.dispose()
+    row = {
+        "pending": status.pending,
+        "sent": status.sent,
+        "oldest_pending": _iso(status.oldest_pending),
+        "last_error": status.last_error,
+        "receipts": status.receipts,
+    }
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+        return
+    click.echo(f"pending {status.pending}, sent {status.sent}, receipts {status.receipts}")
+    if status.oldest_pending is not None:
+        click.echo(f"oldest pending since {_iso(status.oldest_pending)}")
+    if status.last_error:
+        click.echo(f"last error: {status.last_error}")
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+@click.group()
+def quarantine() -> None:
+    """Envelopes refused on arrival, and why."""
+
+
+@quarantine.command("list")
+@_home_options
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@_reasons
+def quarantine_list(
+    home: Path,
+    database_url: str | None,
+    amqp_url: str | None,
+    vhost: str | None,
+    case_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Every quarantined envelope: id, time, sender, reason."""
+    q = quarantine_table.c
+    rows = _query(
+        _home(home, database_url, amqp_url, vhost, case_dir),
+        sa.select(q.id, q.envelope_id, q.sender, q.reason, q.received_at, q.redeliveries).order_by(
+            q.id
+        ),
+    )
+    records = [
+        {
+            "id": r.id,
+            "envelope_id": r.envelope_id,
+            "sender": r.sender,
+            "reason": r.reason,
+            "received_at": _iso(r.received_at),
+            "redeliveries": r.redeliveries,
+        }
+        for r in rows
+    ]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    if not records:
+        click.echo("the quarantine is empty")
+    for rec in records:
+        click.echo(
+            f"{rec['id']:>5}  {rec['received_at']}  {rec['reason']:<20} "
+            f"sender {rec['sender'] or '?'}  envelope {rec['envelope_id'] or '?'}"
+        )
+
+
+@quarantine.command("show")
+@click.argument("record_id", type=int)
+@_home_options
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@_reasons
+def quarantine_show(
+    record_id: int,
+    home: Path,
+    database_url: str | None,
+    amqp_url: str | None,
+    vhost: str | None,
+    case_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """One quarantined envelope: reason, detail, sender, time and its header, never its payload."""
+    from broker.envelope import read_header
+
+    q = quarantine_table.c
+    rows = _query(
+        _home(home, database_url, amqp_url, vhost, case_dir),
+        sa.select(quarantine_table).where(q.id == record_id),
+    )
+    if not rows:
+        raise ConfigError(f"no quarantine record {record_id}: see `trm quarantine list`")
+    r = rows[0]
+    header: dict[str, Any] | None
+    try:
+        header = read_header(r.body).model_dump(mode="json")
+    except TrmError:
+        header = None
+    record = {
+        "id": r.id,
+        "envelope_id": r.envelope_id,
+        "sender": r.sender,
+        "reason": r.reason,
+        "detail": r.detail,
+        "received_at": _iso(r.received_at),
+        "redeliveries": r.redeliveries,
+        "size": len(r.body),
+        "unverified_header": header,
+    }
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    for key in ("id", "envelope_id", "sender", "reason", "detail", "received_at", "redeliveries"):
+        click.echo(f"{key}: {record[key]}")
+    click.echo(f"size: {record['size']} bytes")
+    if header is None:
+        click.echo("header (UNVERIFIED): unreadable, the envelope's framing is broken")
+        return
+    click.echo("header (UNVERIFIED: as claimed by the envelope, not checked):")
+    for key, value in header.items():
+        click.echo(f"  {key}: {value}")
+
+
+def _query(home: Home, statement: sa.Select[Any]) -> list[Any]:
+    engine = home.open_database()
+    try:
+        with storage_errors("reading the quarantine"), engine.connect() as conn:
+            return list(conn.execute(statement).all())
+    finally:
+        engine.dispose()
+
+
+# --- trm health -------------------------------------------------------------------------
+
+
+@click.command()
+@_home_options
+@click.option("--json", "as_json", is_flag=True, help="Print each check as JSON.")
+def health(
+    home: Path,
+    database_url: str | None,
+    amqp_url: str | None,
+    vhost: str | None,
+    case_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Check keys, directory, database and broker login; exit 0 if all pass, else 1."""
+    from adapters.home import check_health
+
+    results = check_health(_home(home, database_url, amqp_url, vhost, case_dir))
+    if as_json:
+        click.echo(json.dumps([{"check": c, "ok": ok, "detail": d} for c, ok, d in results]))
+    else:
+        for check, ok, detail in results:
+            click.echo(f"{'ok  ' if ok else 'FAIL'} {check}: {detail}")
+    if not all(ok for _, ok, _ in results):
+        sys.exit(1)
