@@ -15,6 +15,7 @@ quarantine and acks.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -109,6 +110,9 @@ class Inbox:
         must then reject the delivery for redelivery, not ack it.
         """
         received_at = self.clock()
+        known = self._known_duplicate(body)
+        if known is not None:
+            return known
         try:
             opened = open_envelope(
                 body,
@@ -127,6 +131,36 @@ class Inbox:
             # Another consumer recorded the same id between our check and our
             # insert; its transaction won, ours left nothing behind.
             return self._apply(opened, received_at)
+
+    def _known_duplicate(self, body: bytes) -> Result | None:
+        """DUPLICATE if these exact bytes were applied before, without opening them again.
+
+        Identical bytes were verified when first applied, so a redelivery
+        storm costs a lookup, not a signature check and a decryption.
+        """
+        try:
+            header = read_header(body)
+        except EnvelopeError:
+            return None
+        envelope_id = str(header.id)
+        digest = hashlib.sha256(body).hexdigest()
+        t = inbox_table.c
+        with storage_errors(f"checking envelope {envelope_id}"), self.engine.begin() as conn:
+            counted = conn.execute(
+                inbox_table.update()
+                .where(t.envelope_id == envelope_id, t.digest == digest)
+                .values(redeliveries=t.redeliveries + 1)
+            ).rowcount
+        if not counted:
+            return None
+        log.info(
+            "inbox.duplicate",
+            envelope_id=envelope_id,
+            case=header.case,
+            participant=header.sender,
+            kind=str(header.kind),
+        )
+        return Result(Outcome.DUPLICATE, envelope_id, None)
 
     def _apply(self, opened: OpenedEnvelope, received_at: datetime) -> Result:
         header = opened.header

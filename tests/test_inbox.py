@@ -24,6 +24,7 @@ from broker.database import (
     quarantine_table,
     receipts_table,
 )
+from broker.directory import Directory
 from broker.envelope import OpenedEnvelope, SealedEnvelope, open_envelope, seal
 from broker.errors import CaseSystemError, ConfigError
 from broker.inbox import Inbox, Outcome
@@ -117,6 +118,23 @@ def test_duplicate_has_no_second_effect(engine: Engine, network: Network, tmp_pa
     assert len(list((tmp_path / "inbox").iterdir())) == 1
     assert (tmp_path / "inbox" / f"{envelope.id}.json").stat().st_mtime_ns == written
     assert len(Outbox(engine).pending()) == 1
+    [row] = rows(engine, inbox_table)
+    assert row.redeliveries == 1
+
+
+def test_duplicate_is_recognised_without_opening(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """A redelivery of applied bytes is answered from the inbox table, with no crypto."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    envelope = request(network)
+    inbox.handle(envelope.raw, KZ)
+
+    def no_directory() -> Directory:
+        raise AssertionError("the duplicate was opened again")
+
+    inbox.directory = no_directory
+    assert inbox.handle(envelope.raw, KZ, redelivered=True).outcome is Outcome.DUPLICATE
     [row] = rows(engine, inbox_table)
     assert row.redeliveries == 1
 
@@ -340,10 +358,12 @@ def test_file_case_system_writes_private_files(network: Network, tmp_path: Path)
         "schema_version",
         "case",
         "sender",
+        "recipients",
         "sent_at",
         "payload",
     }
     assert (document["envelope_id"], document["sender"]) == (str(envelope.id), KZ)
+    assert document["recipients"] == [UZ, NGO]
     assert [p.name for p in (tmp_path / "inbox").iterdir()] == [path.name]
 
 
