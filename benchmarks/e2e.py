@@ -1,0 +1,402 @@
+"""trm end to end between two real adapter processes: throughput and latency.
+
+A scratch network on a fresh vhost: a directory authority, two missions
+(``iom-kz`` sends, ``iom-uz`` receives) and the routing participant, each
+with its own home folder and SQLite database, provisioned on RabbitMQ as in
+production (own users, quorum inboxes, ``trm.routing`` bound with ``#``).
+Both missions run ``trm adapter run`` as separate processes.
+
+Throughput: a loader process seals N messages (2 KiB payloads) into the
+sender's outbox, 100 to a transaction; the clock starts before the first seal.
+The sender's adapter relays them, the recipient's adapter opens, applies and
+answers each with a signed delivery receipt, and the sender's adapter records
+the receipts. Two figures: N over the time until the last envelope was applied
+at the recipient (the newest ``inbox.applied_at``), and N over the time until
+the last receipt was recorded at the sender.
+
+Latency: the loader sends one message per transaction (as ``trm send`` does)
+at a fixed offered rate; each envelope's latency is its ``applied_at`` at the
+recipient minus its ``created_at`` in the sender's outbox (same clock).
+
+The routing service does not run here (its ingest is measured by
+`benchmarks.routing`): its queue still receives a copy of every envelope, as
+in production, and is deleted with the vhost.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from benchmarks.crypto import message_of_size
+from benchmarks.raw import BenchmarkFailed, latency_of, scratch_vhost
+from broker.database import inbox_table, open_database, outbox_table, receipts_table
+from broker.directory import DirectoryBody, Role, install_directory, sign_directory
+from broker.envelope import seal
+from broker.keys import init_authority, init_participant, load_authority, load_keys, pin_authority
+from broker.management import ManagementClient
+from broker.outbox import Outbox
+from broker.topology import inbox_queue, provision
+
+SENDER = "iom-kz"
+RECIPIENT = "iom-uz"
+ROUTING = "routing"
+PARTICIPANTS: dict[str, tuple[Role, str]] = {
+    SENDER: (Role.MISSION, "KZ"),
+    RECIPIENT: (Role.MISSION, "UZ"),
+    ROUTING: (Role.ROUTING, "AT"),
+}
+LOAD_BATCH = 100
+"""Envelopes per outbox transaction when loading a backlog."""
+CASES = 500
+"""Distinct case references the messages are spread over."""
+WAIT_SECONDS = 900.0
+
+
+def rabbitmq_version(management_url: str) -> str:
+    """The RabbitMQ version the management API reports."""
+    overview = ManagementClient(management_url).request("GET", "/overview")
+    return str((overview or {}).get("rabbitmq_version", "unknown"))
+
+
+@dataclass(frozen=True)
+class Network:
+    """A provisioned scratch network: homes by participant id, on one vhost."""
+
+    root: Path
+    vhost: str
+    amqp_url: str
+    management_url: str
+
+    def home(self, participant_id: str) -> Path:
+        """The home folder of `participant_id`."""
+        return self.root / participant_id
+
+    def database_url(self, participant_id: str) -> str:
+        """The SQLite database of `participant_id`."""
+        return f"sqlite:///{self.home(participant_id) / 'trm.db'}"
+
+    def command(self, participant_id: str, *args: str) -> list[str]:
+        """A ``trm`` command line for `participant_id`'s home on this network."""
+        return [
+            sys.executable,
+            "-m",
+            "trm",
+            *args,
+            "--home",
+            str(self.home(participant_id)),
+            "--amqp-url",
+            self.amqp_url,
+            "--vhost",
+            self.vhost,
+        ]
+
+
+@contextmanager
+def network(root: Path, amqp_url: str, management_url: str) -> Iterator[Network]:
+    """Keys, a signed directory and RabbitMQ users and queues on a fresh vhost."""
+    root.mkdir(parents=True, exist_ok=True)
+    start = datetime.now(UTC) - timedelta(hours=1)
+    authority_dir = root / "authority"
+    init_authority(authority_dir)
+    cards = [
+        init_participant(root / pid, participant_id=pid, role=role, country=country, now=start)
+        for pid, (role, country) in PARTICIPANTS.items()
+    ]
+    body = DirectoryBody(serial=1, issued_at=start, participants=tuple(cards))
+    signed = sign_directory(body, load_authority(authority_dir))
+    for pid in PARTICIPANTS:
+        pin_authority(root / pid, authority_dir / "authority.pub")
+        install_directory(signed, root / pid)
+    client = ManagementClient(management_url)
+    with scratch_vhost(management_url, amqp_url, prefix="trm-bench-net") as vhost:
+        try:
+            provision(
+                client,
+                amqp_url,
+                vhost,
+                [(pid, str(role)) for pid, (role, _) in PARTICIPANTS.items()],
+                keys_root=root,
+            )
+            yield Network(root, vhost, amqp_url, management_url)
+        finally:
+            for pid in PARTICIPANTS:
+                client.delete_user(pid)
+
+
+@contextmanager
+def running(net: Network, args: list[str], log_name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``trm`` process, stopped with SIGTERM (then killed) on the way out."""
+    log = (net.root / f"{log_name}.stderr").open("ab")
+    process = subprocess.Popen(args, stdout=log, stderr=log)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def adapter_args(net: Network, participant_id: str) -> list[str]:
+    """``trm adapter run`` for `participant_id`, logging JSON lines to a file."""
+    log_file = net.root / f"{participant_id}.log"
+    return [*net.command(participant_id, "adapter", "run"), "--log-file", str(log_file)]
+
+
+def wait_for(
+    condition: Callable[[], bool],
+    what: str,
+    processes: list[subprocess.Popen[bytes]],
+    timeout: float = WAIT_SECONDS,
+    poll: float = 0.1,
+) -> None:
+    """Poll `condition` until it holds; `BenchmarkFailed` if a process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for process in processes:
+            if process.poll() is not None:
+                raise BenchmarkFailed(
+                    f"{' '.join(map(str, process.args[3:6]))} exited with {process.returncode} "
+                    f"while waiting for {what}"
+                )
+        if time.monotonic() > deadline:
+            raise BenchmarkFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+
+
+def consuming(net: Network, queue: str) -> Callable[[], bool]:
+    """Whether `queue` has a consumer, per the management API."""
+    client = ManagementClient(net.management_url)
+
+    def check() -> bool:
+        info = client.get_queue(net.vhost, queue)
+        return bool(info and info.get("consumers"))
+
+    return check
+
+
+def count_rows(url: str, table: sa.Table) -> Callable[[], int]:
+    """A counter of the rows of `table` in the database at `url`."""
+    engine = sa.create_engine(url)
+
+    def count() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+
+    return count
+
+
+def latest(url: str, column: sa.Column[Any]) -> float:
+    """The newest value of a timestamp column, as a Unix time."""
+    engine = open_database(url)
+    try:
+        with engine.connect() as conn:
+            value = conn.execute(sa.select(sa.func.max(column))).scalar_one()
+    finally:
+        engine.dispose()
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return float(value.timestamp())
+
+
+# --- the loader ---------------------------------------------------------------------
+
+
+def load(
+    home: Path, database_url: str, count: int, payload_bytes: int, rate: float | None
+) -> dict[str, Any]:
+    """Seal `count` messages for the recipient into `home`'s outbox.
+
+    Without `rate`, as a backlog: `LOAD_BATCH` envelopes per transaction, as
+    fast as it goes. With `rate`, one message per transaction (as ``trm send``
+    does) at `rate` messages per second.
+    """
+    keys = load_keys(home)
+    from broker.directory import load_home_directory
+
+    directory = load_home_directory(home)
+    engine = open_database(database_url)
+    outbox = Outbox(engine)
+    message = message_of_size(payload_bytes)
+    me = keys.card.id
+    started = time.time()
+    size = 0
+    try:
+        step = 1 if rate is not None else LOAD_BATCH
+        for first in range(0, count, step):
+            if rate is not None:
+                delay = started + first / rate - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+            sender = keys.sender()
+            with engine.begin() as conn:
+                for i in range(first, min(first + step, count)):
+                    case = f"KZ-2026-{i % CASES:04d}"
+                    sealed = seal(
+                        message,
+                        case=case,
+                        sender=sender,
+                        recipients=(RECIPIENT,),
+                        directory=directory,
+                        seq=outbox.next_seq(conn, me, case),
+                    )
+                    outbox.add(conn, sealed)
+                    size = len(sealed.raw)
+    finally:
+        engine.dispose()
+    return {"started": started, "finished": time.time(), "envelope_bytes": size}
+
+
+def _load_main(args: tuple[Path, str, int, int, float | None], results: Any) -> None:
+    try:
+        results.put(load(*args))
+    except Exception as e:
+        results.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _spawn_loader(
+    net: Network, count: int, payload_bytes: int, rate: float | None
+) -> tuple[Any, Any]:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    args = (net.home(SENDER), net.database_url(SENDER), count, payload_bytes, rate)
+    process = context.Process(target=_load_main, args=(args, results), name="bench-loader")
+    process.start()
+    return process, results
+
+
+def _loader_result(process: Any, results: Any) -> dict[str, Any]:
+    value: dict[str, Any] = results.get(timeout=WAIT_SECONDS)
+    process.join(30)
+    if "error" in value:
+        raise BenchmarkFailed(f"loader: {value['error']}")
+    return value
+
+
+@contextmanager
+def _two_adapters(net: Network) -> Iterator[list[subprocess.Popen[bytes]]]:
+    with (
+        running(net, adapter_args(net, SENDER), SENDER) as sender,
+        running(net, adapter_args(net, RECIPIENT), RECIPIENT) as recipient,
+    ):
+        processes = [sender, recipient]
+        for pid in (SENDER, RECIPIENT):
+            wait_for(consuming(net, inbox_queue(pid)), f"{pid}'s adapter", processes, 120)
+        yield processes
+
+
+def throughput(
+    root: Path,
+    amqp_url: str,
+    management_url: str,
+    *,
+    messages: int,
+    payload_bytes: int,
+    prefetch: int,
+) -> dict[str, Any]:
+    """N messages from a sealed backlog to applied (and to receipts back), per second."""
+    with network(root, amqp_url, management_url) as net, _two_adapters(net) as processes:
+        # Open (and migrate) both databases before the clock starts.
+        for pid in (SENDER, RECIPIENT):
+            open_database(net.database_url(pid)).dispose()
+        applied = count_rows(net.database_url(RECIPIENT), inbox_table)
+        receipts = count_rows(net.database_url(SENDER), receipts_table)
+        process, results = _spawn_loader(net, messages, payload_bytes, None)
+        wait_for(lambda: applied() >= messages, "all envelopes applied", processes, poll=0.25)
+        wait_for(lambda: receipts() >= messages, "all receipts back", processes, poll=0.25)
+        loaded = _loader_result(process, results)
+        applied_end = latest(net.database_url(RECIPIENT), inbox_table.c.applied_at)
+        receipts_end = latest(net.database_url(SENDER), receipts_table.c.received_at)
+    start = loaded["started"]
+    return {
+        "messages": messages,
+        "envelope_bytes": loaded["envelope_bytes"],
+        "prefetch": prefetch,
+        "load_seconds": loaded["finished"] - start,
+        "applied_seconds": applied_end - start,
+        "applied_per_s": messages / (applied_end - start),
+        "receipts_seconds": receipts_end - start,
+        "receipts_per_s": messages / (receipts_end - start),
+    }
+
+
+def latency(
+    root: Path,
+    amqp_url: str,
+    management_url: str,
+    *,
+    messages: int,
+    rate: float,
+    payload_bytes: int,
+    prefetch: int,
+) -> dict[str, Any]:
+    """Send-to-applied percentiles at `rate` messages per second, one send per transaction."""
+    del prefetch  # the adapters use their configured prefetch; recorded by the caller
+    with network(root, amqp_url, management_url) as net, _two_adapters(net) as processes:
+        applied = count_rows(net.database_url(RECIPIENT), inbox_table)
+        process, results = _spawn_loader(net, messages, payload_bytes, rate)
+        wait_for(lambda: applied() >= messages, "all envelopes applied", processes, poll=0.25)
+        loaded = _loader_result(process, results)
+        samples = _latencies(net)
+    seconds = max(loaded["finished"] - loaded["started"], 1e-9)
+    figures = latency_of(samples, rate, seconds)
+    return {
+        "messages": figures.messages,
+        "offered_per_s": figures.offered_per_s,
+        "achieved_per_s": figures.achieved_per_s,
+        "p50": figures.p50,
+        "p95": figures.p95,
+        "p99": figures.p99,
+    }
+
+
+def _times(url: str, table: sa.Table, column: str) -> dict[str, float]:
+    engine = open_database(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(table.c.envelope_id, table.c[column])).all()
+    finally:
+        engine.dispose()
+    return {row[0]: row[1].timestamp() for row in rows if row[1] is not None}
+
+
+def _latencies(net: Network) -> list[float]:
+    sent = _times(net.database_url(SENDER), outbox_table, "created_at")
+    applied = _times(net.database_url(RECIPIENT), inbox_table, "applied_at")
+    return [applied[i] - sent[i] for i in applied if i in sent]
+
+
+def main() -> None:
+    """Run both figures alone at a small size and print them."""
+    import tempfile
+
+    amqp = os.environ.get("TRM_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    management = os.environ.get("TRM_AMQP_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672/")
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    with tempfile.TemporaryDirectory() as folder:
+        figures = throughput(
+            Path(folder) / "t", amqp, management, messages=count, payload_bytes=2048, prefetch=200
+        )
+        print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
