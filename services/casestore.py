@@ -1,0 +1,235 @@
+"""Where the routing service keeps its view of the cases: states, anomalies, reminders.
+
+Three tables beside the audit log, in the same database, written in the same
+transaction as the log entry that caused the change:
+
+- ``cases``: one row per case, its current stage and the whole `CaseState`
+  as JSON (`CaseState.to_dict`: header metadata only; the routing service
+  never sees a payload, so there is no personal data to store);
+- ``anomalies``: every impossible or out-of-order event, with its reason;
+- ``reminders``: the key of every reminder sent, so that a deadline gets one
+  reminder per status however often it is polled and across restarts.
+
+Everything here can be rebuilt from the audit log (`trm audit replay`); the
+tables exist so the service and `trm cases` need not replay it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from broker.database import (
+    CASE,
+    ENVELOPE_ID,
+    PARTICIPANT,
+    REASON,
+    UTCDateTime,
+    metadata,
+    storage_errors,
+)
+from services.cases import Anomaly, CaseState, Stage
+from services.deadlines import Reminder, ReminderKey
+
+STAGE = 32
+STATUS = 16
+
+cases_table = sa.Table(
+    "cases",
+    metadata,
+    sa.Column("case_ref", sa.String(CASE), primary_key=True),
+    sa.Column("stage", sa.String(STAGE), nullable=True, index=True),
+    sa.Column("state", sa.JSON(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+"""Each case's current stage and full header-derived state (`CaseState.to_dict`)."""
+
+anomalies_table = sa.Table(
+    "anomalies",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("case_ref", sa.String(CASE), nullable=False, index=True),
+    sa.Column("envelope_id", sa.String(ENVELOPE_ID), nullable=False),
+    sa.Column("reason", sa.String(REASON), nullable=False),
+    sa.Column("detail", sa.Text(), nullable=False),
+    sa.Column("recorded_at", UTCDateTime(), nullable=False),
+)
+"""Events that did not fit their case, kept with the reason (they are never dropped)."""
+
+reminders_table = sa.Table(
+    "reminders",
+    metadata,
+    sa.Column("key", sa.Text(), primary_key=True),
+    sa.Column("case_ref", sa.String(CASE), nullable=False, index=True),
+    sa.Column("stage", sa.String(STAGE), nullable=False),
+    sa.Column("owed_by", sa.String(PARTICIPANT), nullable=True),
+    sa.Column("status", sa.String(STATUS), nullable=False),
+    sa.Column("due", UTCDateTime(), nullable=False),
+    sa.Column("sent_at", UTCDateTime(), nullable=False),
+    sa.Column("envelope_id", sa.String(ENVELOPE_ID), nullable=True),
+)
+"""One row per reminder sent; `envelope_id` is None when no participant could be named."""
+
+
+def key_text(key: ReminderKey) -> str:
+    """The stored form of a reminder key: its parts joined by ``|`` (no part contains one)."""
+    return "|".join(key)
+
+
+@dataclass(frozen=True)
+class AnomalyRecord:
+    """A stored anomaly."""
+
+    case: str
+    envelope_id: str
+    reason: str
+    detail: str
+    recorded_at: datetime
+
+
+@dataclass(frozen=True)
+class ReminderRecord:
+    """A stored reminder: which deadline, its status when sent, and the envelope sent."""
+
+    key: str
+    case: str
+    stage: str
+    owed_by: str | None
+    status: str
+    due: datetime
+    sent_at: datetime
+    envelope_id: str | None
+
+
+class CaseStore:
+    """The case tables of one (already migrated) database."""
+
+    def __init__(self, engine: Engine) -> None:
+        """Use the database behind `engine`."""
+        self.engine = engine
+
+    # -- inside the caller's transaction ---------------------------------------------
+
+    @staticmethod
+    def load(conn: Connection, case: str) -> CaseState | None:
+        """The stored state of `case`, or None if it was never seen."""
+        with storage_errors(f"reading case {case}"):
+            data = conn.execute(
+                sa.select(cases_table.c.state).where(cases_table.c.case_ref == case)
+            ).scalar()
+        return None if data is None else CaseState.from_dict(data)
+
+    @staticmethod
+    def save(conn: Connection, state: CaseState) -> None:
+        """Store `state` as its case's current state (insert or replace)."""
+        values = {
+            "stage": None if state.stage is None else str(state.stage),
+            "state": state.to_dict(),
+            "updated_at": state.updated_at,
+        }
+        with storage_errors(f"storing case {state.case}"):
+            done = conn.execute(
+                cases_table.update().where(cases_table.c.case_ref == state.case).values(**values)
+            )
+            if done.rowcount == 0:
+                conn.execute(cases_table.insert().values(case_ref=state.case, **values))
+
+    @staticmethod
+    def add_anomaly(conn: Connection, case: str, anomaly: Anomaly, recorded_at: datetime) -> None:
+        """Record that `anomaly` was found on `case` at `recorded_at`."""
+        with storage_errors(f"recording an anomaly on case {case}"):
+            conn.execute(
+                anomalies_table.insert().values(
+                    case_ref=case,
+                    envelope_id=anomaly.envelope_id,
+                    reason=str(anomaly.reason),
+                    detail=anomaly.detail,
+                    recorded_at=recorded_at,
+                )
+            )
+
+    @staticmethod
+    def reminder_sent(conn: Connection, key: ReminderKey) -> bool:
+        """Whether the reminder with `key` was already recorded."""
+        with storage_errors("reading reminders"):
+            found = conn.execute(
+                sa.select(reminders_table.c.key).where(reminders_table.c.key == key_text(key))
+            ).first()
+        return found is not None
+
+    @staticmethod
+    def record_reminder(
+        conn: Connection, reminder: Reminder, *, sent_at: datetime, envelope_id: str | None
+    ) -> None:
+        """Record `reminder` as sent; its envelope, if any, joins the outbox in this transaction."""
+        deadline = reminder.deadline
+        with storage_errors(f"recording a reminder on case {deadline.case}"):
+            conn.execute(
+                reminders_table.insert().values(
+                    key=key_text(reminder.key),
+                    case_ref=deadline.case,
+                    stage=str(deadline.stage),
+                    owed_by=deadline.owed_by,
+                    status=str(reminder.status),
+                    due=deadline.due,
+                    sent_at=sent_at,
+                    envelope_id=envelope_id,
+                )
+            )
+
+    # -- reading, each on its own connection -------------------------------------------
+
+    def get(self, case: str) -> CaseState | None:
+        """The stored state of `case`, or None."""
+        with storage_errors(f"reading case {case}"), self.engine.connect() as conn:
+            return self.load(conn, case)
+
+    def states(self, stages: Iterable[Stage] | None = None) -> list[CaseState]:
+        """Every stored case (only those at one of `stages`, if given), by case reference."""
+        query = sa.select(cases_table.c.state).order_by(cases_table.c.case_ref)
+        if stages is not None:
+            query = query.where(cases_table.c.stage.in_([str(s) for s in stages]))
+        with storage_errors("reading cases"), self.engine.connect() as conn:
+            rows = conn.execute(query).scalars().all()
+        return [CaseState.from_dict(data) for data in rows]
+
+    def all_states(self) -> dict[str, CaseState]:
+        """Every stored case's state, keyed by case reference."""
+        return {state.case: state for state in self.states()}
+
+    def anomalies(self, case: str | None = None) -> list[AnomalyRecord]:
+        """Stored anomalies (of `case`, if given) in the order they were recorded."""
+        t = anomalies_table.c
+        query = sa.select(anomalies_table).order_by(t.id)
+        if case is not None:
+            query = query.where(t.case_ref == case)
+        with storage_errors("reading anomalies"), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            AnomalyRecord(r.case_ref, r.envelope_id, r.reason, r.detail, r.recorded_at)
+            for r in rows
+        ]
+
+    def reminders(self, case: str | None = None) -> list[ReminderRecord]:
+        """Stored reminders (of `case`, if given), oldest first."""
+        t = reminders_table.c
+        query = sa.select(reminders_table).order_by(t.sent_at, t.key)
+        if case is not None:
+            query = query.where(t.case_ref == case)
+        with storage_errors("reading reminders"), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            ReminderRecord(
+                r.key, r.case_ref, r.stage, r.owed_by, r.status, r.due, r.sent_at, r.envelope_id
+            )
+            for r in rows
+        ]
+
+    def sent_keys(self) -> set[str]:
+        """The stored keys (`key_text`) of every reminder sent."""
+        with storage_errors("reading reminders"), self.engine.connect() as conn:
+            return set(conn.execute(sa.select(reminders_table.c.key)).scalars())

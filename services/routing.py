@@ -1,0 +1,477 @@
+"""The routing service: verify every envelope, log it, track its case, chase deadlines.
+
+The routing service holds no decryption key for anyone's payloads: it sees
+every envelope published on ``trm.handoff`` (its queue ``trm.routing`` is
+bound with ``#``), checks each one's signature against the trust directory,
+and in one database transaction
+
+1. skips it if the same bytes are already logged as verified, or as rejected
+   and failing again (a redelivery); a different envelope under an id already
+   verified is logged as ``rejected:replayed``,
+2. appends it to the audit log with its receive time and verification result
+   (``ok`` or ``rejected:<reason>``),
+3. for a verified envelope, folds its header into the case's state
+   (`services.cases.apply`) and stores the state and any anomaly;
+
+and only then acks the delivery. A crash anywhere before the commit leaves
+nothing behind and the broker redelivers; a crash between commit and ack
+makes the redelivery a no-op.
+
+Deadlines are polled on a timer: each warning or overdue deadline gets one
+signed reminder envelope (no personal data) for the participant who owes the
+next step, written to the outbox in the same transaction that records the
+reminder's key; the relay publishes it. The log is checkpointed every N
+entries, every T seconds and on shutdown.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import UUID
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Connection, Engine
+
+from broker.database import storage_errors
+from broker.directory import DIRECTORY_FILE, Directory, load_home_directory
+from broker.envelope import MAX_AGE, SealedEnvelope, read_header, seal, verify_envelope
+from broker.errors import ConfigError, ReplayedEnvelope, TransportError, TrmError
+from broker.keys import ParticipantKeys, load_keys
+from broker.outbox import Outbox, Relay
+from broker.topology import ROUTING_QUEUE
+from broker.transport import (
+    AmqpSettings,
+    Consumer,
+    Delivery,
+    Outgoing,
+    Publisher,
+    run_with_reconnect,
+)
+from schemas.control import Reminder as ReminderMessage
+from schemas.header import EnvelopeHeader
+from services.auditlog import REJECTED, VERIFIED, AuditLog, log_entries_table
+from services.cases import Anomaly, Event, Stage, apply
+from services.casestore import CaseStore, key_text
+from services.checkpoint import origin_for
+from services.deadlines import DEFAULT_POLICIES, Policy, Reminder, Status, due_reminders
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime]
+"""The routing service's clock: timezone-aware UTC now."""
+DirectorySource = Callable[[], Directory]
+"""Gives the directory to verify with; called for every envelope, so it may change."""
+
+# Serialises the routing transaction across processes on PostgreSQL ("trmR");
+# SQLite's BEGIN IMMEDIATE already does.
+_PG_ROUTING_LOCK = 0x74726D52
+TIMER_TICK = 0.5
+"""Seconds between checks of the deadline and checkpoint timers."""
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Timers:
+    """How often the service checkpoints and polls deadlines."""
+
+    checkpoint_every: int = 1000
+    """Sign a checkpoint once the log has grown by this many entries."""
+    checkpoint_interval: float = 60.0
+    """Seconds between checkpoints while the log grows more slowly."""
+    deadline_poll: float = 30.0
+    """Seconds between deadline polls."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+        if self.checkpoint_interval <= 0 or self.deadline_poll <= 0:
+            raise ConfigError("--checkpoint-interval and --deadline-poll must be positive seconds")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What handling one delivery did."""
+
+    envelope_id: str | None
+    """The header's envelope id (unverified when rejected), None if the bytes do not frame."""
+    verification: str
+    """``ok`` or ``rejected:<reason>``."""
+    index: int | None
+    """The audit log index of the new entry; None for a redelivery (nothing was written)."""
+    case: str | None = None
+    stage: Stage | None = None
+    """The case's stage after the envelope (verified envelopes only)."""
+    anomaly: Anomaly | None = None
+
+    @property
+    def duplicate(self) -> bool:
+        """Whether the envelope was already logged, so nothing changed."""
+        return self.index is None
+
+
+@dataclass(frozen=True)
+class SentReminder:
+    """A reminder recorded by a deadline poll, and the envelope put in the outbox for it."""
+
+    reminder: Reminder
+    envelope_id: str | None
+    """None when the deadline names no participant who could be reminded."""
+
+
+class HomeDirectory:
+    """A home's installed directory, re-read when the file changes (a new serial)."""
+
+    def __init__(self, home: Path) -> None:
+        """Watch ``HOME/directory.json``; the first call loads and verifies it."""
+        self.home = home
+        self._stamp: tuple[int, int] | None = None
+        self._directory: Directory | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Directory:
+        """The newest verified directory (load_home_directory refuses a rollback)."""
+        path = self.home / DIRECTORY_FILE
+        try:
+            info = path.stat()
+        except OSError as e:
+            raise ConfigError(
+                f"{path} cannot be read ({e.strerror}): install a directory with "
+                "`trm directory install`"
+            ) from e
+        stamp = (info.st_mtime_ns, info.st_size)
+        with self._lock:
+            if self._directory is None or stamp != self._stamp:
+                fresh = load_home_directory(self.home)
+                if self._directory is None or fresh.serial >= self._directory.serial:
+                    self._directory = fresh
+                self._stamp = stamp
+            return self._directory
+
+
+class RoutingService:
+    """Verifies, logs and tracks every envelope; reminds of deadlines; checkpoints the log."""
+
+    def __init__(
+        self,
+        home: Path,
+        engine: Engine,
+        directory: DirectorySource,
+        *,
+        clock: Clock = utc_now,
+        policies: Sequence[Policy] = DEFAULT_POLICIES,
+        timers: Timers | None = None,
+        max_age: timedelta | None = MAX_AGE,
+        keys: ParticipantKeys | None = None,
+    ) -> None:
+        """The routing participant whose key folder is `home`, on the migrated `engine`."""
+        self.keys = keys if keys is not None else load_keys(home)
+        self.participant = self.keys.card.id
+        self.engine = engine
+        self.directory = directory
+        self.clock = clock
+        self.policies = tuple(policies)
+        self.timers = timers or Timers()
+        self.max_age = max_age
+        self.store = CaseStore(engine)
+        self.outbox = Outbox(engine)
+        self.auditlog = AuditLog(
+            engine, origin=origin_for(self.participant), signer=self.keys.sender(clock())
+        )
+        self.relay_wake = threading.Event()
+        self._log = log.bind(participant=self.participant)
+        self._roles: tuple[int, Mapping[str, str]] = (-1, {})
+        self._appended = 0
+        self._counter = threading.Lock()
+
+    # -- one delivery ---------------------------------------------------------------------
+
+    def handle(self, delivery: Delivery) -> None:
+        """The consumer's handler: returns once the envelope is committed (then it is acked)."""
+        self.receive(delivery.body, user_id=delivery.user_id)
+
+    def receive(self, raw: bytes, *, user_id: str | None) -> Outcome:
+        """Verify, log and apply one envelope as received now; idempotent for the same bytes."""
+        at = self.clock()
+        directory = self.directory()
+        header, verification = self._verify(raw, directory, at, user_id)
+        envelope_id = None if header is None else str(header.id)
+        with storage_errors("recording an envelope"), self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_ROUTING_LOCK)))
+            seen = _logged(conn, envelope_id)
+            # Bytes logged ok, or logged at all and still failing: a redelivery. Bytes
+            # rejected before (say, under another AMQP user) that now verify are logged.
+            if (raw, VERIFIED) in seen or (verification != VERIFIED and raw in dict(seen)):
+                self._log.info("envelope already logged", envelope_id=envelope_id)
+                return Outcome(envelope_id, "duplicate", None)
+            if verification == VERIFIED and any(v == VERIFIED for _, v in seen):
+                verification = REJECTED + ReplayedEnvelope.reason
+            index = self.auditlog.append(conn, raw, received_at=at, verification=verification)
+            outcome = Outcome(envelope_id, verification, index)
+            if verification == VERIFIED and header is not None:
+                outcome = self._track(conn, header, at, directory, index)
+        self._logged(outcome, header)
+        self._count_entry()
+        return outcome
+
+    def _verify(
+        self, raw: bytes, directory: Directory, at: datetime, user_id: str | None
+    ) -> tuple[EnvelopeHeader | None, str]:
+        try:
+            verified = verify_envelope(
+                raw, directory, at=at, amqp_user_id=user_id, max_age=self.max_age
+            )
+        except TrmError as e:
+            try:
+                header: EnvelopeHeader | None = read_header(raw)
+            except TrmError:
+                header = None
+            return header, REJECTED + e.reason
+        return verified.header, VERIFIED
+
+    def _track(
+        self,
+        conn: Connection,
+        header: EnvelopeHeader,
+        at: datetime,
+        directory: Directory,
+        index: int,
+    ) -> Outcome:
+        event = Event.from_header(header, at)
+        state, anomaly = apply(self.store.load(conn, header.case), event, self._role_map(directory))
+        self.store.save(conn, state)
+        if anomaly is not None:
+            self.store.add_anomaly(conn, header.case, anomaly, at)
+        return Outcome(str(header.id), VERIFIED, index, header.case, state.stage, anomaly)
+
+    def _logged(self, outcome: Outcome, header: EnvelopeHeader | None) -> None:
+        bound = self._log.bind(
+            envelope_id=outcome.envelope_id,
+            case=None if header is None else header.case,
+            sender=None if header is None else header.sender,
+            kind=None if header is None else str(header.kind),
+            index=outcome.index,
+        )
+        if outcome.verification != VERIFIED:
+            bound.warning("envelope rejected", verification=outcome.verification)
+        elif outcome.anomaly is not None:
+            bound.warning(
+                "case anomaly",
+                reason=str(outcome.anomaly.reason),
+                detail=outcome.anomaly.detail,
+                stage=None if outcome.stage is None else str(outcome.stage),
+            )
+        else:
+            bound.info(
+                "envelope logged", stage=None if outcome.stage is None else str(outcome.stage)
+            )
+
+    def _role_map(self, directory: Directory) -> Mapping[str, str]:
+        serial, roles = self._roles
+        if serial != directory.serial:
+            roles = {p.id: str(p.role) for p in directory.participants()}
+            self._roles = (directory.serial, roles)
+        return roles
+
+    def _count_entry(self) -> None:
+        with self._counter:
+            self._appended += 1
+            due = self._appended >= self.timers.checkpoint_every
+        if due:
+            self.checkpoint()
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def checkpoint(self, now: datetime | None = None) -> bytes | None:
+        """Sign a checkpoint if the log grew since the last one; return its note."""
+        with self._counter:
+            self._appended = 0
+        return self.auditlog.checkpoint(now or self.clock())
+
+    # -- deadlines ------------------------------------------------------------------------
+
+    def poll_deadlines(self, now: datetime | None = None) -> list[SentReminder]:
+        """Send one reminder per warning or overdue deadline not yet reminded of; return them."""
+        at = now or self.clock()
+        stages = [p.stage for p in self.policies]
+        sent = self.store.sent_keys()
+        due = due_reminders(
+            self.store.states(stages), at, lambda key: key_text(key) in sent, self.policies
+        )
+        done = [s for s in (self._remind(reminder, at) for reminder in due) if s is not None]
+        if any(s.envelope_id is not None for s in done):
+            self.relay_wake.set()
+        return done
+
+    def _remind(self, reminder: Reminder, at: datetime) -> SentReminder | None:
+        deadline = reminder.deadline
+        bound = self._log.bind(
+            case=deadline.case,
+            stage=str(deadline.stage),
+            owed_by=deadline.owed_by,
+            due=deadline.due.isoformat(),
+            status=str(reminder.status),
+        )
+        with storage_errors("recording a reminder"), self.engine.begin() as conn:
+            if self.store.reminder_sent(conn, reminder.key):
+                return None  # another routing process sent it in the meantime
+            sealed = self._seal_reminder(conn, reminder, at, bound)
+            if sealed is not None:
+                self.outbox.add(conn, sealed, now=at)
+            envelope_id = None if sealed is None else str(sealed.id)
+            self.store.record_reminder(conn, reminder, sent_at=at, envelope_id=envelope_id)
+        if reminder.status is Status.OVERDUE:
+            bound.warning("handoff overdue", envelope_id=envelope_id)
+        else:
+            bound.info("handoff due soon", envelope_id=envelope_id)
+        return SentReminder(reminder, envelope_id)
+
+    def _seal_reminder(
+        self, conn: Connection, reminder: Reminder, at: datetime, bound: structlog.BoundLogger
+    ) -> SealedEnvelope | None:
+        deadline = reminder.deadline
+        if deadline.owed_by is None:
+            bound.warning("no participant owes this handoff; reminder recorded, not sent")
+            return None
+        message = ReminderMessage(
+            stage=str(deadline.stage),
+            owed_by=deadline.owed_by,
+            deadline=deadline.due,
+            overdue=reminder.status is Status.OVERDUE,
+            about_envelope=UUID(deadline.about_envelope),
+        )
+        try:
+            return seal(
+                message,
+                case=deadline.case,
+                sender=self.keys.sender(at),
+                recipients=[deadline.owed_by],
+                directory=self.directory(),
+                seq=self.outbox.next_seq(conn, self.participant, deadline.case),
+                reply_to=UUID(deadline.about_envelope),
+                now=at,
+            )
+        except TrmError as e:
+            bound.warning("reminder cannot be sealed; recorded, not sent", reason=e.reason)
+            return None
+
+    # -- the process ----------------------------------------------------------------------
+
+    def run_timers(self, stop: threading.Event) -> None:
+        """Poll deadlines and checkpoint on their intervals until `stop` is set."""
+        next_poll = next_checkpoint = time.monotonic()
+        while not stop.wait(TIMER_TICK):
+            moment = time.monotonic()
+            if moment >= next_poll:
+                self._guarded(self.poll_deadlines, "deadline poll")
+                next_poll = moment + self.timers.deadline_poll
+            if moment >= next_checkpoint:
+                self._guarded(self.checkpoint, "checkpoint")
+                next_checkpoint = moment + self.timers.checkpoint_interval
+
+    def _guarded(self, action: Callable[[], object], what: str) -> None:
+        try:
+            action()
+        except TrmError as e:
+            # The next tick tries again; a database outage must not end the process.
+            self._log.error(f"{what} failed; will retry", reason=e.reason, error=str(e))
+
+    def run(self, settings: AmqpSettings, stop: threading.Event) -> None:
+        """Consume, relay and run the timers until `stop` is set; then sign a final checkpoint.
+
+        Raises the first error that ended a worker thread (after stopping the others).
+        """
+        failures: list[BaseException] = []
+
+        def worker(name: str, body: Callable[[], None]) -> threading.Thread:
+            def target() -> None:
+                try:
+                    body()
+                except BaseException as e:
+                    failures.append(e)
+                    stop.set()
+
+            thread = threading.Thread(target=target, name=f"routing-{name}", daemon=True)
+            thread.start()
+            return thread
+
+        relay = Relay(self.outbox, LazyPublisher(settings, self.participant))
+        threads = [
+            worker("consumer", lambda: self._consume(settings, stop)),
+            worker("relay", lambda: relay.run(stop, self.relay_wake)),
+            worker("timers", lambda: self.run_timers(stop)),
+        ]
+        self._log.info("routing service started", broker=settings.describe())
+        while not stop.wait(TIMER_TICK):
+            pass  # a short wait, so that the main thread runs signal handlers promptly
+        for thread in threads:
+            thread.join()
+        note = self.checkpoint()
+        self._log.info("routing service stopped", checkpoint_signed=note is not None)
+        if failures:
+            raise failures[0]
+
+    def _consume(self, settings: AmqpSettings, stop: threading.Event) -> None:
+        def loop() -> None:
+            consumer = Consumer(settings, ROUTING_QUEUE)
+            try:
+                consumer.run(self.handle, stop)
+            finally:
+                consumer.close()
+
+        run_with_reconnect(loop, stop, log=self._log)
+
+
+class LazyPublisher:
+    """A `transport.Publisher` connected on first use, so the relay starts without a broker."""
+
+    def __init__(self, settings: AmqpSettings, participant_id: str) -> None:
+        """Publish as `participant_id` with `settings` once something is to be sent."""
+        self._settings = settings
+        self._participant = participant_id
+        self._publisher: Publisher | None = None
+
+    def _connected(self) -> Publisher:
+        if self._publisher is None:
+            self._publisher = Publisher(self._settings, self._participant)
+        return self._publisher
+
+    def publish(self, messages: Sequence[Outgoing], timeout: float = 30) -> None:
+        """Publish with confirms (see `transport.Publisher.publish`)."""
+        try:
+            self._connected().publish(messages, timeout)
+        except TransportError:
+            self.close()
+            raise
+
+    def publish_quarantine(
+        self, body: bytes, *, participant_id: str, reason: str, detail: str
+    ) -> None:
+        """Quarantine a message (see `transport.Publisher.publish_quarantine`)."""
+        self._connected().publish_quarantine(
+            body, participant_id=participant_id, reason=reason, detail=detail
+        )
+
+    def close(self) -> None:
+        """Drop the connection; the next publish reconnects."""
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+
+
+def _logged(conn: Connection, envelope_id: str | None) -> list[tuple[bytes, str]]:
+    """(body, verification) of the entries logged under `envelope_id` (under no id when None)."""
+    t = log_entries_table.c
+    match = t.envelope_id.is_(None) if envelope_id is None else t.envelope_id == envelope_id
+    rows = conn.execute(sa.select(t.body, t.verification).where(match)).all()
+    return [(bytes(r.body), r.verification) for r in rows]

@@ -1,0 +1,119 @@
+"""The routing service's case tables on SQLite and PostgreSQL: schema, round trips, refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from broker.database import metadata, open_database
+from broker.errors import CaseStateInvalid, StorageError
+from schemas.base import MessageKind
+from services.cases import Event, Stage, apply
+from services.casestore import CaseStore, anomalies_table, cases_table, reminders_table
+from services.deadlines import deadline_for, due_reminders
+
+T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+ROLES = {"iom-kz": "mission", "iom-uz": "mission"}
+MINE = {cases_table.name, anomalies_table.name, reminders_table.name}
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    """A migrated database on SQLite or PostgreSQL."""
+    db = open_database(database_url)
+    yield db
+    db.dispose()
+
+
+def event(
+    kind: MessageKind, n: int, sender: str = "iom-kz", recipient: str = "iom-uz", seq: int = 1
+) -> Event:
+    return Event(
+        envelope_id=f"019c0000-0000-7000-8000-{n:012d}",
+        kind=kind,
+        case="KZ-2026-0001",
+        sender=sender,
+        recipients=(recipient,),
+        sent_at=T0 + timedelta(minutes=n),
+        received_at=T0 + timedelta(minutes=n, seconds=1),
+        seq=seq,
+    )
+
+
+def test_migration_matches_the_table_definitions(engine: sa.Engine) -> None:
+    """Migration 0003 creates exactly the columns, types and indexes casestore declares."""
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        differences = [d for d in compare_metadata(context, metadata) if _table_name(d) in MINE]
+    assert differences == []
+    assert set(sa.inspect(engine).get_table_names()) >= MINE
+
+
+def _table_name(diff: object) -> str | None:
+    """The table an Alembic comparison result is about."""
+    # Modifications come as a list of tuples (op, schema, table, column, ...);
+    # the rest as (op, Table | Index | ...) or (op, schema, table, Column).
+    first = diff[0] if isinstance(diff, list) else diff
+    assert isinstance(first, tuple)
+    if len(first) >= 3 and isinstance(first[2], str):
+        return first[2]
+    item = first[1]
+    table = item if isinstance(item, sa.Table) else getattr(item, "table", None)
+    return table.name if isinstance(table, sa.Table) else None
+
+
+def test_state_round_trips_and_is_replaced(engine: sa.Engine) -> None:
+    """A saved state loads back equal; saving the next state replaces it, with its stage."""
+    store = CaseStore(engine)
+    first, _ = apply(None, event(MessageKind.RETURN_REQUEST, 1), ROLES)
+    with engine.begin() as conn:
+        store.save(conn, first)
+    assert store.get(first.case) == first
+    second, anomaly = apply(first, event(MessageKind.RETURN_ACCEPTED, 2, "iom-uz", "iom-kz"), ROLES)
+    assert anomaly is None
+    with engine.begin() as conn:
+        store.save(conn, second)
+    assert store.get(first.case) == second
+    assert [s.stage for s in store.states([Stage.ACCEPTED])] == [Stage.ACCEPTED]
+    assert store.states([Stage.REQUESTED]) == []
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(cases_table.c.stage)).scalars().all() == ["accepted"]
+
+
+def test_anomaly_and_reminder_records(engine: sa.Engine) -> None:
+    """Anomalies and reminders are stored and listed; a reminder key cannot be recorded twice."""
+    store = CaseStore(engine)
+    state, _ = apply(None, event(MessageKind.RETURN_REQUEST, 1), ROLES)
+    _, anomaly = apply(state, event(MessageKind.DEPARTED, 2, seq=2), ROLES)
+    assert anomaly is not None
+    [reminder] = due_reminders([state], T0 + timedelta(days=4), set())
+    with engine.begin() as conn:
+        store.add_anomaly(conn, state.case, anomaly, T0)
+        store.record_reminder(conn, reminder, sent_at=T0, envelope_id=None)
+        assert store.reminder_sent(conn, reminder.key)
+    [stored] = store.anomalies(state.case)
+    assert (stored.reason, stored.envelope_id) == ("out_of_order", anomaly.envelope_id)
+    [sent] = store.reminders()
+    deadline = deadline_for(state)
+    assert deadline is not None and (sent.due, sent.owed_by) == (deadline.due, "iom-uz")
+    assert store.sent_keys() == {sent.key}
+    with pytest.raises(StorageError), engine.begin() as conn:
+        store.record_reminder(conn, reminder, sent_at=T0, envelope_id=None)
+    assert len(store.reminders()) == 1
+
+
+def test_corrupt_stored_state_is_a_clear_error(engine: sa.Engine) -> None:
+    """A state row altered outside trm raises CaseStateInvalid pointing at the audit replay."""
+    with engine.begin() as conn:
+        conn.execute(
+            cases_table.insert().values(
+                case_ref="KZ-2026-0009", stage="requested", state={"format": 1}, updated_at=T0
+            )
+        )
+    with pytest.raises(CaseStateInvalid, match="trm audit replay"):
+        CaseStore(engine).get("KZ-2026-0009")

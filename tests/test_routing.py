@@ -1,0 +1,443 @@
+"""The routing service's handler and deadline poll on SQLite and PostgreSQL, with real keys."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.database import open_database
+from broker.directory import Directory, DirectoryBody, Role, load_directory, sign_directory
+from broker.envelope import Recipient, open_envelope, read_header, seal
+from broker.keys import (
+    ParticipantKeys,
+    init_authority,
+    init_participant,
+    load_authority,
+    load_keys,
+    pin_authority,
+)
+from broker.outbox import Outbox
+from broker.testing import capture_logs
+from schemas.base import MessageKind
+from schemas.control import Reminder as ReminderMessage
+from schemas.examples import EXAMPLE_PERSON_NAME, example
+from services.audit import diff_states, replay_export
+from services.auditlog import AuditLog, log_entries_table
+from services.cases import Stage
+from services.casestore import CaseStore
+from services.checkpoint import origin_for
+from services.deadlines import Status
+from services.routing import HomeDirectory, RoutingService, Timers
+from trm.cli import cli
+
+T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+KEYS_FROM = T0 - timedelta(days=10)
+KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
+CASE = "KZ-2026-0042"
+
+K = MessageKind
+FULL_RETURN: tuple[tuple[MessageKind, str, tuple[str, ...], Stage], ...] = (
+    (K.RETURN_REQUEST, KZ, (UZ, NGO), Stage.REQUESTED),
+    (K.RETURN_ACCEPTED, UZ, (KZ, NGO), Stage.ACCEPTED),
+    (K.TRAVEL_ARRANGED, KZ, (UZ, NGO), Stage.TRAVEL_ARRANGED),
+    (K.DEPARTED, KZ, (UZ, NGO), Stage.DEPARTED),
+    (K.RECEPTION_CONFIRMED, NGO, (KZ, UZ), Stage.RECEIVED),
+    (K.REINTEGRATION_UPDATE, NGO, (KZ, UZ), Stage.REINTEGRATION),
+    (K.CASE_CLOSED, UZ, (KZ, NGO), Stage.CLOSED),
+)
+"""A return from Kazakhstan to Uzbekistan, from request to closure, and the stage after each."""
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> datetime:
+        self.now += timedelta(**delta)
+        return self.now
+
+
+@dataclass(frozen=True)
+class World:
+    """An authority, three case participants and the routing service, with real keys."""
+
+    root: Path
+    keys: dict[str, ParticipantKeys]
+    authority: Ed25519PrivateKey
+    directory: Directory
+
+    @property
+    def home(self) -> Path:
+        """The routing service's home (keys, pinned authority, directory.json)."""
+        return self.root / ROUTING
+
+    def seal(
+        self,
+        kind: MessageKind,
+        sender: str,
+        recipients: tuple[str, ...],
+        *,
+        seq: int,
+        at: datetime,
+        case: str = CASE,
+        envelope_id: UUID | None = None,
+    ) -> bytes:
+        """The exact bytes of a sealed example message of `kind`."""
+        return seal(
+            example(kind),
+            case=case,
+            sender=self.keys[sender].sender(at),
+            recipients=list(recipients),
+            directory=self.directory,
+            seq=seq,
+            now=at,
+            envelope_id=envelope_id,
+        ).raw
+
+
+def make_world(root: Path) -> World:
+    """Key folders for KZ, UZ, the NGO and the routing service; a signed directory installed."""
+    init_authority(root / "authority")
+    authority = load_authority(root / "authority")
+    specs: list[tuple[str, Role, str, str | None]] = [
+        (KZ, Role.MISSION, "KZ", None),
+        (UZ, Role.MISSION, "UZ", None),
+        (NGO, Role.NGO, "UZ", UZ),
+        (ROUTING, Role.ROUTING, "KZ", None),
+    ]
+    cards = [
+        init_participant(
+            root / pid, participant_id=pid, role=role, country=c, parent=p, now=KEYS_FROM
+        )
+        for pid, role, c, p in specs
+    ]
+    body = DirectoryBody(serial=1, issued_at=KEYS_FROM, participants=tuple(cards))
+    raw = sign_directory(body, authority)
+    (root / "directory.json").write_bytes(raw)
+    (root / ROUTING / "directory.json").write_bytes(raw)
+    pin_authority(root / ROUTING, root / "authority" / "authority.pub")
+    directory = load_directory(raw, authority=authority.public_key())
+    keys = {pid: load_keys(root / pid) for pid, *_ in specs}
+    return World(root, keys, authority, directory)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """One set of keys for the whole session."""
+    return make_world(tmp_path_factory.mktemp("routing-world"))
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    """A migrated database on SQLite or PostgreSQL."""
+    db = open_database(database_url)
+    yield db
+    db.dispose()
+
+
+def service(world: World, engine: sa.Engine, clock: Clock, **kwargs: object) -> RoutingService:
+    """A routing service object on `engine` with the test's clock and the home's directory."""
+    return RoutingService(world.home, engine, HomeDirectory(world.home), clock=clock, **kwargs)  # type: ignore[arg-type]
+
+
+def feed_full_return(world: World, svc: RoutingService, clock: Clock) -> list[datetime]:
+    """Every envelope of the full return, one hour apart; returns the receive times."""
+    seqs: dict[str, int] = {}
+    times = []
+    for kind, sender, recipients, stage in FULL_RETURN:
+        seqs[sender] = seqs.get(sender, 0) + 1
+        at = clock.advance(hours=1)
+        raw = world.seal(kind, sender, recipients, seq=seqs[sender], at=at - timedelta(seconds=3))
+        outcome = svc.receive(raw, user_id=sender)
+        assert (outcome.verification, outcome.stage, outcome.anomaly) == ("ok", stage, None)
+        times.append(at)
+    return times
+
+
+def trm(*args: str) -> tuple[int, str]:
+    """Run the trm command line in-process; (exit code, output)."""
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def show(world: World, url: str, *extra: str) -> dict[str, object]:
+    code, out = trm("cases", "show", CASE, "--home", str(world.home), "--database-url", url,
+                    "--json", *extra)  # fmt: skip
+    assert code == 0, out
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def log_size(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(sa.select(sa.func.count()).select_from(log_entries_table)).scalar_one()
+        )
+
+
+# --- tracking ---------------------------------------------------------------------------
+
+
+def test_full_return_case_shows_every_stage_with_times(
+    world: World, engine: sa.Engine, database_url: str
+) -> None:
+    """A full return's envelopes yield every stage, each with its receive time, in `cases show`."""
+    clock = Clock(T0)
+    times = feed_full_return(world, service(world, engine, clock), clock)
+    detail = show(world, database_url)
+    timeline = detail["timeline"]
+    assert isinstance(timeline, list)
+    assert [t["stage_after"] for t in timeline] == [str(s) for *_, s in FULL_RETURN]
+    assert [t["received_at"] for t in timeline] == [t.isoformat() for t in times]
+    assert [t["sender"] for t in timeline] == [s for _, s, _, _ in FULL_RETURN]
+    assert [t["gap_seconds"] for t in timeline] == [None] + [3600.0] * (len(FULL_RETURN) - 1)
+    assert detail["stage"] == "closed" and detail["deadline"] is None
+    code, text = trm("cases", "show", CASE, "--home", str(world.home), "--database-url",
+                     database_url)  # fmt: skip
+    assert code == 0
+    for _, _, _, stage in FULL_RETURN:
+        assert str(stage) in text
+    assert times[0].strftime("%Y-%m-%d %H:%M:%S") in text
+
+
+def test_out_of_order_envelope_is_stored_as_an_anomaly(
+    world: World, engine: sa.Engine, database_url: str
+) -> None:
+    """A departure before acceptance is logged, kept in the timeline and stored as an anomaly."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    svc.receive(world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0), user_id=KZ)
+    early = world.seal(K.DEPARTED, KZ, (UZ, NGO), seq=2, at=clock.advance(hours=2))
+    outcome = svc.receive(early, user_id=KZ)
+    assert outcome.verification == "ok" and outcome.anomaly is not None
+    assert outcome.anomaly.reason == "out_of_order" and outcome.stage is Stage.REQUESTED
+    store = CaseStore(engine)
+    [stored] = store.anomalies(CASE)
+    assert (stored.envelope_id, stored.reason) == (str(read_header(early).id), "out_of_order")
+    assert "cannot follow stage requested" in stored.detail
+    assert log_size(engine) == 2
+    detail = show(world, database_url)
+    assert [t["anomaly"] for t in detail["timeline"]] == [None, "out_of_order"]  # type: ignore[union-attr]
+    code, out = trm("cases", "list", "--home", str(world.home), "--database-url", database_url)
+    assert code == 0 and CASE in out and "requested" in out
+
+
+def test_forged_and_malformed_envelopes_are_logged_as_rejected(
+    world: World, engine: sa.Engine
+) -> None:
+    """A flipped signature bit, a wrong AMQP user and garbage are logged rejected; no case moves."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    raw = world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0)
+    forged = raw[:-1] + bytes([raw[-1] ^ 1])
+    assert svc.receive(forged, user_id=KZ).verification == "rejected:bad_signature"
+    assert svc.receive(raw, user_id=UZ).verification == "rejected:sender_mismatch"
+    garbage = svc.receive(b"\x00not an envelope", user_id=KZ)
+    assert (garbage.verification, garbage.envelope_id) == ("rejected:malformed", None)
+    assert CaseStore(engine).get(CASE) is None
+    log = AuditLog(engine, origin=origin_for(ROUTING), signer=None)
+    verdicts = [log.entry(i).verification for i in range(log.size())]
+    assert verdicts == ["rejected:bad_signature", "rejected:sender_mismatch", "rejected:malformed"]
+    assert log.entry(0).envelope == forged
+    # The genuine envelope from its genuine sender is still accepted afterwards.
+    assert svc.receive(raw, user_id=KZ).stage is Stage.REQUESTED
+
+
+def test_redelivery_changes_nothing(world: World, engine: sa.Engine) -> None:
+    """The same bytes delivered again (valid or garbage) add no log entry and leave the state."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    request = world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0)
+    first = svc.receive(request, user_id=KZ)
+    svc.receive(b"garbage", user_id=KZ)
+    before = CaseStore(engine).get(CASE)
+    clock.advance(minutes=5)
+    again = svc.receive(request, user_id=KZ)
+    assert first.index == 0 and again.duplicate and again.index is None
+    assert svc.receive(b"garbage", user_id=KZ).duplicate
+    assert log_size(engine) == 2
+    assert CaseStore(engine).get(CASE) == before
+    assert CaseStore(engine).anomalies() == []
+
+
+def test_same_id_with_other_bytes_is_rejected_as_replayed(world: World, engine: sa.Engine) -> None:
+    """A validly signed envelope reusing a verified id with other bytes is logged as replayed."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    request = world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0)
+    svc.receive(request, user_id=KZ)
+    twin = world.seal(
+        K.RETURN_REQUEST, KZ, (UZ,), seq=2, at=T0, envelope_id=read_header(request).id
+    )
+    outcome = svc.receive(twin, user_id=KZ)
+    assert (outcome.verification, outcome.index) == ("rejected:replayed", 1)
+    state = CaseStore(engine).get(CASE)
+    assert state is not None and len(state.entries) == 1
+
+
+def test_checkpoint_every_n_entries(world: World, engine: sa.Engine) -> None:
+    """With checkpoint_every=3 a checkpoint covering 3 entries is signed after the third."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock, timers=Timers(checkpoint_every=3))
+    for n in range(3):
+        svc.receive(f"junk {n}".encode(), user_id=KZ)
+        latest = svc.auditlog.latest_checkpoint()
+        assert (latest is None) == (n < 2)
+    assert latest is not None and latest[0] == 3
+    assert svc.checkpoint() is None  # nothing new to sign
+
+
+def test_log_replay_equals_the_database(world: World, engine: sa.Engine, tmp_path: Path) -> None:
+    """Replaying an export of the log gives exactly the case states the database holds."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    feed_full_return(world, svc, clock)
+    svc.receive(world.seal(K.DEPARTED, KZ, (UZ,), seq=9, at=clock.now, case="KZ-2026-0043"),
+                user_id=KZ)  # fmt: skip
+    svc.receive(b"garbage", user_id=KZ)
+    out = tmp_path / "export.jsonl"
+    svc.auditlog.export(out, now=clock.advance(minutes=1), directory=world.directory)
+    replayed = replay_export(out)
+    assert set(replayed) == {CASE, "KZ-2026-0043"}
+    assert diff_states(replayed, CaseStore(engine).all_states()) == []
+
+
+def test_no_payload_reaches_logs_or_the_case_tables(world: World, engine: sa.Engine) -> None:
+    """The person's name in the payloads reaches no log line, case, anomaly or reminder row."""
+    clock = Clock(T0)
+    with capture_logs() as logs:
+        svc = service(world, engine, clock)
+        feed_full_return(world, svc, clock)
+        clock.advance(days=400)
+        svc.poll_deadlines()
+    assert logs and EXAMPLE_PERSON_NAME not in json.dumps(logs, default=str)
+    with engine.connect() as conn:
+        for table in ("cases", "anomalies", "reminders"):
+            rows = conn.execute(sa.text(f"SELECT * FROM {table}")).all()  # noqa: S608
+            assert EXAMPLE_PERSON_NAME not in repr(rows)
+
+
+# --- deadlines ----------------------------------------------------------------------------
+
+
+def pending_reminders(engine: sa.Engine) -> list[bytes]:
+    """Bodies of the reminder envelopes waiting in the routing service's outbox."""
+    return [m.body for m in Outbox(engine).pending()]
+
+
+def test_unanswered_request_is_overdue_and_reminded_once(
+    world: World, engine: sa.Engine, database_url: str
+) -> None:
+    """Past 72 h a request is listed overdue and one reminder is queued, however often polled."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    svc.receive(world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0), user_id=KZ)
+    assert svc.poll_deadlines() == []
+    clock.advance(hours=73)
+    [sent] = svc.poll_deadlines()
+    assert sent.reminder.status is Status.OVERDUE and sent.reminder.deadline.owed_by == UZ
+    for _ in range(5):
+        clock.advance(minutes=30)
+        assert svc.poll_deadlines() == []
+    restarted = service(world, engine, clock)
+    assert restarted.poll_deadlines() == []
+    [body] = pending_reminders(engine)
+    assert str(read_header(body).id) == sent.envelope_id
+
+    at = clock.now.isoformat()
+    base = ("--home", str(world.home), "--database-url", database_url, "--at", at, "--json")
+    code, out = trm("cases", "list", "--overdue", *base)
+    assert code == 0 and [c["case"] for c in json.loads(out)["cases"]] == [CASE]
+    code, out = trm("cases", "list", "--needs-action", UZ, *base)
+    assert [c["owed_by"] for c in json.loads(out)["cases"]] == [UZ]
+    code, out = trm("cases", "list", "--needs-action", KZ, *base)
+    assert json.loads(out)["cases"] == []
+    assert show(world, database_url, "--at", at)["reminders"][0]["status"] == "overdue"  # type: ignore[index]
+
+
+def test_reminder_envelope_is_signed_for_the_owner_without_personal_data(
+    world: World, engine: sa.Engine
+) -> None:
+    """The queued reminder verifies as sent by routing, opens for UZ only and names the stage."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    request = world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0)
+    svc.receive(request, user_id=KZ)
+    clock.advance(hours=80)
+    svc.poll_deadlines()
+    [body] = pending_reminders(engine)
+    header = read_header(body)
+    assert (header.kind, header.sender, header.recipients) == (K.REMINDER, ROUTING, (UZ,))
+    assert header.reply_to == read_header(request).id
+    opened = open_envelope(
+        body,
+        recipient=Recipient(UZ, world.keys[UZ].decryption),
+        directory=world.directory,
+        now=clock.now,
+        amqp_user_id=ROUTING,
+    )
+    message = opened.message
+    assert isinstance(message, ReminderMessage)
+    assert (message.stage, message.owed_by, message.overdue) == ("requested", UZ, True)
+    assert message.deadline == T0 + timedelta(hours=72)
+    assert EXAMPLE_PERSON_NAME.encode() not in body
+
+
+def test_warning_then_overdue_each_reminded_once(world: World, engine: sa.Engine) -> None:
+    """A deadline gets one warning reminder (from 48 h) and one overdue reminder (from 72 h)."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    svc.receive(world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0), user_id=KZ)
+    clock.advance(hours=50)
+    assert [s.reminder.status for s in svc.poll_deadlines()] == [Status.WARNING]
+    assert svc.poll_deadlines() == []
+    clock.advance(hours=23)
+    assert [s.reminder.status for s in svc.poll_deadlines()] == [Status.OVERDUE]
+    assert svc.poll_deadlines() == []
+    assert len(pending_reminders(engine)) == 2
+
+
+def test_new_stage_resets_the_deadline(world: World, engine: sa.Engine, database_url: str) -> None:
+    """After acceptance the request's reminder is over; the accepted stage gets its own later."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    svc.receive(world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0), user_id=KZ)
+    clock.advance(hours=73)
+    assert len(svc.poll_deadlines()) == 1
+    accepted_at = clock.advance(hours=1)
+    svc.receive(world.seal(K.RETURN_ACCEPTED, UZ, (KZ, NGO), seq=1, at=accepted_at), user_id=UZ)
+    assert svc.poll_deadlines() == []
+    at = clock.now.isoformat()
+    code, out = trm("cases", "list", "--overdue", "--home", str(world.home), "--database-url",
+                    database_url, "--at", at, "--json")  # fmt: skip
+    assert code == 0 and json.loads(out)["cases"] == []
+    clock.advance(days=15)
+    [sent] = svc.poll_deadlines()
+    deadline = sent.reminder.deadline
+    assert (deadline.stage, deadline.owed_by, sent.reminder.status) == (
+        Stage.ACCEPTED,
+        KZ,
+        Status.OVERDUE,
+    )
+    assert deadline.due == accepted_at + timedelta(days=14)
+    assert len(pending_reminders(engine)) == 2
+
+
+def test_show_unknown_case_fails_clearly(world: World, database_url: str) -> None:
+    """`trm cases show` of a reference the database lacks exits non-zero naming it."""
+    code, out = trm("cases", "show", "KZ-0000-NONE", "--home", str(world.home),
+                    "--database-url", database_url)  # fmt: skip
+    assert code == 1 and "no case 'KZ-0000-NONE'" in out
