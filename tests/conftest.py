@@ -12,8 +12,9 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -121,3 +122,65 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'trm.db'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def network_databases(
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[[Sequence[str]], dict[str, str]]]:
+    """Per-participant database URLs for a local network: none (SQLite in each home), or a
+    fresh PostgreSQL database per participant, dropped afterwards."""
+    created: list[str] = []
+    if request.param == "sqlite":
+        yield lambda _ids: {}
+        return
+    server = str(request.getfixturevalue("postgres_server_url"))
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+
+    def make(ids: Sequence[str]) -> dict[str, str]:
+        urls = {}
+        for participant_id in ids:
+            name = f"trm_net_{uuid.uuid4().hex[:10]}"
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+            created.append(name)
+            urls[participant_id] = (
+                sa.make_url(server).set(database=name).render_as_string(hide_password=False)
+            )
+        return urls
+
+    try:
+        yield make
+    finally:
+        with admin.connect() as conn:
+            for name in created:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def local_network(rabbitmq_urls: tuple[str, str], tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """A factory of `trm.localnet` networks on the real RabbitMQ, each closed afterwards."""
+    from trm.localnet import DEMO_PARTICIPANTS, LocalNetwork, create_network
+
+    networks: list[LocalNetwork] = []
+
+    def make(
+        participants: Sequence[Any] = DEMO_PARTICIPANTS,
+        database_urls: dict[str, str] | None = None,
+    ) -> LocalNetwork:
+        net = create_network(
+            tmp_path / f"net{len(networks)}",
+            participants,
+            amqp_url=rabbitmq_urls[0],
+            management_url=rabbitmq_urls[1],
+            database_urls=database_urls,
+        )
+        networks.append(net)
+        return net
+
+    try:
+        yield make
+    finally:
+        for net in networks:
+            net.close()
