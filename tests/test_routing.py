@@ -441,3 +441,22 @@ def test_show_unknown_case_fails_clearly(world: World, database_url: str) -> Non
     code, out = trm("cases", "show", "KZ-0000-NONE", "--home", str(world.home),
                     "--database-url", database_url)  # fmt: skip
     assert code == 1 and "no case 'KZ-0000-NONE'" in out
+
+
+def test_audit_replay_against_reports_differences(
+    world: World, engine: sa.Engine, database_url: str, tmp_path: Path
+) -> None:
+    """`trm audit replay --against` exits 0 on the routing database, 1 naming an altered case."""
+    clock = Clock(T0)
+    feed_full_return(world, service(world, engine, clock), clock)
+    out = tmp_path / "export.jsonl"
+    code, text = trm("audit", "export", "--home", str(world.home), "--database-url",
+                     database_url, "--out", str(out))  # fmt: skip
+    assert code == 0, text
+    code, text = trm("audit", "replay", str(out), "--against", database_url)
+    assert code == 0 and "no difference" in text
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM cases"))
+    code, text = trm("audit", "replay", str(out), "--against", database_url, "--json")
+    assert code == 1
+    assert json.loads(text)["differences"] == [f"case {CASE}: only in the first (log)"]

@@ -23,9 +23,10 @@ from broker.database import home_database_url, open_database
 from broker.directory import load_home_directory, read_directory
 from broker.errors import AuditError, LogTampered, TrmError
 from broker.keys import load_keys, read_pinned_authority
-from services.audit import replay_export, verify_export
+from services.audit import diff_states, replay_export, verify_export
 from services.auditlog import AuditLog
 from services.cases import CaseState, timeline
+from services.casestore import CaseStore
 from services.checkpoint import origin_for
 
 P = ParamSpec("P")
@@ -148,11 +149,22 @@ def verify(
 @audit.command()
 @EXPORT_FILE
 @click.option("--case", "case", help="Only this case reference.")
+@click.option(
+    "--against",
+    "against",
+    metavar="DBURL",
+    default=None,
+    help="Compare with the routing database at DBURL: exit 0 if it holds exactly the "
+    "replayed states, else 1 listing every difference.",
+)
 @JSON
 @_reasons
-def replay(file: Path, case: str | None, as_json: bool) -> None:
+def replay(file: Path, case: str | None, against: str | None, as_json: bool) -> None:
     """Rebuild every case's handoff history from the export alone and print it."""
     states = replay_export(file, case=case)
+    if against is not None:
+        _compare(states, against, case, as_json)
+        return
     if case is not None and case not in states:
         raise AuditError(f"case {case!r} does not appear in {file}")
     if as_json:
@@ -160,6 +172,27 @@ def replay(file: Path, case: str | None, as_json: bool) -> None:
         return
     for ref, state in sorted(states.items()):
         _print_case(ref, state)
+
+
+def _compare(states: dict[str, CaseState], url: str, case: str | None, as_json: bool) -> None:
+    """Print the differences between replayed states and the routing database's; exit 1 if any."""
+    engine = open_database(url)
+    try:
+        stored = CaseStore(engine).all_states()
+    finally:
+        engine.dispose()
+    if case is not None:
+        stored = {ref: s for ref, s in stored.items() if ref == case}
+    differences = diff_states(states, stored)
+    if as_json:
+        click.echo(json.dumps({"cases": len(states), "differences": differences}))
+    elif differences:
+        for line in differences:
+            click.echo(line)
+    else:
+        click.echo(f"no difference: the {len(states)} case(s) of the log match the database")
+    if differences:
+        sys.exit(1)
 
 
 def _print_case(ref: str, state: CaseState) -> None:
