@@ -183,7 +183,7 @@ def _b64(text: str, where: int | None, what: str) -> bytes:
     return raw
 
 
-def _entry(data: dict[str, Any], expected: int) -> LogEntry:
+def _entry(data: dict[str, Any], expected: int) -> tuple[LogEntry, datetime]:
     """The entry on a line that should hold entry `expected`; LogTampered naming it if not."""
     if set(data) != _ENTRY_KEYS:
         raise LogTampered(expected, f"the entry line has fields {sorted(data)}")
@@ -211,7 +211,7 @@ def _entry(data: dict[str, Any], expected: int) -> LogEntry:
     if not all(isinstance(v, str) for v in (received_at, verification, prev, envelope)):
         raise LogTampered(expected, "a field of the entry is not a string")
     try:
-        parse_time(received_at)
+        at = parse_time(received_at)
         check_verification(verification)
     except AuditError as e:
         raise LogTampered(expected, str(e)) from e
@@ -222,7 +222,7 @@ def _entry(data: dict[str, Any], expected: int) -> LogEntry:
     except ValueError as e:
         raise LogTampered(expected, "prev is not 64 lowercase hex digits") from e
     raw = _b64(envelope, expected, "the envelope")
-    return LogEntry(index, received_at, verification, prev_bytes, raw)
+    return LogEntry(index, received_at, verification, prev_bytes, raw), at
 
 
 def _mark(data: dict[str, Any], after: int) -> _Mark:
@@ -234,7 +234,7 @@ def _mark(data: dict[str, Any], after: int) -> _Mark:
     return _Mark(key_name, note.encode(), after)
 
 
-def _scan(path: Path, on_entry: Callable[[LogEntry], None], findings: _Findings) -> _Scan:
+def _scan(path: Path, on_entry: Callable[[LogEntry, datetime], None], findings: _Findings) -> _Scan:
     """Read the export once: structure, sequence and leaf hashes; each entry to `on_entry`.
 
     A structural problem ends the scan and is added to `findings`; what was
@@ -252,11 +252,11 @@ def _scan(path: Path, on_entry: Callable[[LogEntry], None], findings: _Findings)
                 continue
             if kind != "entry":
                 raise LogTampered(expected, f"a line of unknown type {kind!r}")
-            entry = _entry(data, expected)
+            entry, at = _entry(data, expected)
             scan.leaves.append(entry.leaf_hash())
             scan.prevs.append(entry.prev)
-            scan.times.append(parse_time(entry.received_at))
-            on_entry(entry)
+            scan.times.append(at)
+            on_entry(entry, at)
     except LogTampered as e:
         findings.add(e.index or 0, _STRUCTURE, e.problem)
     return scan
@@ -361,10 +361,8 @@ class _Signatures:
         self.pending: list[Future[_ChunkResult]] = []
         self.results: list[_ChunkResult] = []
 
-    def add(self, entry: LogEntry) -> None:
-        self.chunk.append(
-            (entry.index, parse_time(entry.received_at), entry.verification, entry.envelope)
-        )
+    def add(self, entry: LogEntry, at: datetime) -> None:
+        self.chunk.append((entry.index, at, entry.verification, entry.envelope))
         if len(self.chunk) >= CHUNK:
             self._flush()
 
@@ -632,7 +630,9 @@ def verify_export(
         envelopes_ok=sum(r.ok for r in results),
         rejected_recorded=sum(r.rejected for r in results),
         rejected_confirmed=sum(r.confirmed for r in results),
-        root=_Roots(scan.leaves).root(len(scan.leaves)).hex(),
+        root=max(verified, key=lambda v: v.checkpoint.size).checkpoint.root.hex()
+        if verified
+        else EMPTY_ROOT.hex(),
         origin=scan.header.origin,
         log_key=scan.header.log_key,
     )
@@ -649,7 +649,7 @@ def replay_export(
     """
     events: list[Event] = []
 
-    def collect(entry: LogEntry) -> None:
+    def collect(entry: LogEntry, at: datetime) -> None:
         if entry.verification != VERIFIED:
             return
         try:
@@ -659,7 +659,7 @@ def replay_export(
                 entry.index, f"recorded ok but the envelope does not parse: {e}"
             ) from e
         if case is None or header.case == case:
-            events.append(Event.from_header(header, parse_time(entry.received_at)))
+            events.append(Event.from_header(header, at))
 
     findings = _Findings()
     scan = _scan(path, collect, findings)
