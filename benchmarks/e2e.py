@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,14 +51,12 @@ from broker.management import ManagementClient
 from broker.outbox import Outbox
 from broker.topology import inbox_queue, provision
 
-SENDER = "iom-kz"
-RECIPIENT = "iom-uz"
-ROUTING = "routing"
-PARTICIPANTS: dict[str, tuple[Role, str]] = {
-    SENDER: (Role.MISSION, "KZ"),
-    RECIPIENT: (Role.MISSION, "UZ"),
-    ROUTING: (Role.ROUTING, "AT"),
+ROLES: dict[str, tuple[Role, str]] = {
+    "sender": (Role.MISSION, "KZ"),
+    "recipient": (Role.MISSION, "UZ"),
+    "routing": (Role.ROUTING, "AT"),
 }
+"""The three participants of a benchmark network: role and country."""
 LOAD_BATCH = 100
 """Envelopes per outbox transaction when loading a backlog."""
 CASES = 500
@@ -79,6 +78,23 @@ class Network:
     vhost: str
     amqp_url: str
     management_url: str
+    ids: dict[str, str]
+    """Participant ids by part ("sender", "recipient", "routing"), unique to this network."""
+
+    @property
+    def sender(self) -> str:
+        """The sending mission's id."""
+        return self.ids["sender"]
+
+    @property
+    def recipient(self) -> str:
+        """The receiving mission's id."""
+        return self.ids["recipient"]
+
+    @property
+    def routing(self) -> str:
+        """The routing service's id."""
+        return self.ids["routing"]
 
     def home(self, participant_id: str) -> Path:
         """The home folder of `participant_id`."""
@@ -106,18 +122,26 @@ class Network:
 
 @contextmanager
 def network(root: Path, amqp_url: str, management_url: str) -> Iterator[Network]:
-    """Keys, a signed directory and RabbitMQ users and queues on a fresh vhost."""
+    """Keys, a signed directory and RabbitMQ users and queues on a fresh vhost.
+
+    RabbitMQ users are global to the broker, so the participant ids carry a
+    random suffix: the network's users clash with no other network's and are
+    deleted with it.
+    """
     root.mkdir(parents=True, exist_ok=True)
+    suffix = uuid.uuid4().hex[:6]
+    ids = {part: f"bench-{part[:4]}-{suffix}" for part in ROLES}
+    roles = {ids[part]: value for part, value in ROLES.items()}
     start = datetime.now(UTC) - timedelta(hours=1)
     authority_dir = root / "authority"
     init_authority(authority_dir)
     cards = [
         init_participant(root / pid, participant_id=pid, role=role, country=country, now=start)
-        for pid, (role, country) in PARTICIPANTS.items()
+        for pid, (role, country) in roles.items()
     ]
     body = DirectoryBody(serial=1, issued_at=start, participants=tuple(cards))
     signed = sign_directory(body, load_authority(authority_dir))
-    for pid in PARTICIPANTS:
+    for pid in roles:
         pin_authority(root / pid, authority_dir / "authority.pub")
         install_directory(signed, root / pid)
     client = ManagementClient(management_url)
@@ -127,12 +151,12 @@ def network(root: Path, amqp_url: str, management_url: str) -> Iterator[Network]
                 client,
                 amqp_url,
                 vhost,
-                [(pid, str(role)) for pid, (role, _) in PARTICIPANTS.items()],
+                [(pid, str(role)) for pid, (role, _) in roles.items()],
                 keys_root=root,
             )
-            yield Network(root, vhost, amqp_url, management_url)
+            yield Network(root, vhost, amqp_url, management_url, ids)
         finally:
-            for pid in PARTICIPANTS:
+            for pid in roles:
                 client.delete_user(pid)
 
 
@@ -159,6 +183,13 @@ def adapter_args(net: Network, participant_id: str) -> list[str]:
     return [*net.command(participant_id, "adapter", "run"), "--log-file", str(log_file)]
 
 
+def log_name_of(process: subprocess.Popen[bytes]) -> str:
+    """The command words of a ``python -m trm`` process, for messages."""
+    args = process.args
+    words = [str(a) for a in args] if isinstance(args, list) else [str(args)]
+    return " ".join(words[3:5])
+
+
 def wait_for(
     condition: Callable[[], bool],
     what: str,
@@ -172,7 +203,7 @@ def wait_for(
         for process in processes:
             if process.poll() is not None:
                 raise BenchmarkFailed(
-                    f"{' '.join(map(str, process.args[3:6]))} exited with {process.returncode} "
+                    f"a trm process ({log_name_of(process)}) exited with {process.returncode} "
                     f"while waiting for {what}"
                 )
         if time.monotonic() > deadline:
@@ -221,7 +252,12 @@ def latest(url: str, column: sa.Column[Any]) -> float:
 
 
 def load(
-    home: Path, database_url: str, count: int, payload_bytes: int, rate: float | None
+    home: Path,
+    database_url: str,
+    recipient: str,
+    count: int,
+    payload_bytes: int,
+    rate: float | None,
 ) -> dict[str, Any]:
     """Seal `count` messages for the recipient into `home`'s outbox.
 
@@ -254,7 +290,7 @@ def load(
                         message,
                         case=case,
                         sender=sender,
-                        recipients=(RECIPIENT,),
+                        recipients=(recipient,),
                         directory=directory,
                         seq=outbox.next_seq(conn, me, case),
                     )
@@ -265,7 +301,7 @@ def load(
     return {"started": started, "finished": time.time(), "envelope_bytes": size}
 
 
-def _load_main(args: tuple[Path, str, int, int, float | None], results: Any) -> None:
+def _load_main(args: tuple[Path, str, str, int, int, float | None], results: Any) -> None:
     try:
         results.put(load(*args))
     except Exception as e:
@@ -277,7 +313,14 @@ def _spawn_loader(
 ) -> tuple[Any, Any]:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    args = (net.home(SENDER), net.database_url(SENDER), count, payload_bytes, rate)
+    args = (
+        net.home(net.sender),
+        net.database_url(net.sender),
+        net.recipient,
+        count,
+        payload_bytes,
+        rate,
+    )
     process = context.Process(target=_load_main, args=(args, results), name="bench-loader")
     process.start()
     return process, results
@@ -294,11 +337,11 @@ def _loader_result(process: Any, results: Any) -> dict[str, Any]:
 @contextmanager
 def _two_adapters(net: Network) -> Iterator[list[subprocess.Popen[bytes]]]:
     with (
-        running(net, adapter_args(net, SENDER), SENDER) as sender,
-        running(net, adapter_args(net, RECIPIENT), RECIPIENT) as recipient,
+        running(net, adapter_args(net, net.sender), net.sender) as sender,
+        running(net, adapter_args(net, net.recipient), net.recipient) as recipient,
     ):
         processes = [sender, recipient]
-        for pid in (SENDER, RECIPIENT):
+        for pid in (net.sender, net.recipient):
             wait_for(consuming(net, inbox_queue(pid)), f"{pid}'s adapter", processes, 120)
         yield processes
 
@@ -315,16 +358,16 @@ def throughput(
     """N messages from a sealed backlog to applied (and to receipts back), per second."""
     with network(root, amqp_url, management_url) as net, _two_adapters(net) as processes:
         # Open (and migrate) both databases before the clock starts.
-        for pid in (SENDER, RECIPIENT):
+        for pid in (net.sender, net.recipient):
             open_database(net.database_url(pid)).dispose()
-        applied = count_rows(net.database_url(RECIPIENT), inbox_table)
-        receipts = count_rows(net.database_url(SENDER), receipts_table)
+        applied = count_rows(net.database_url(net.recipient), inbox_table)
+        receipts = count_rows(net.database_url(net.sender), receipts_table)
         process, results = _spawn_loader(net, messages, payload_bytes, None)
         wait_for(lambda: applied() >= messages, "all envelopes applied", processes, poll=0.25)
         wait_for(lambda: receipts() >= messages, "all receipts back", processes, poll=0.25)
         loaded = _loader_result(process, results)
-        applied_end = latest(net.database_url(RECIPIENT), inbox_table.c.applied_at)
-        receipts_end = latest(net.database_url(SENDER), receipts_table.c.received_at)
+        applied_end = latest(net.database_url(net.recipient), inbox_table.c.applied_at)
+        receipts_end = latest(net.database_url(net.sender), receipts_table.c.received_at)
     start = loaded["started"]
     return {
         "messages": messages,
@@ -351,7 +394,7 @@ def latency(
     """Send-to-applied percentiles at `rate` messages per second, one send per transaction."""
     del prefetch  # the adapters use their configured prefetch; recorded by the caller
     with network(root, amqp_url, management_url) as net, _two_adapters(net) as processes:
-        applied = count_rows(net.database_url(RECIPIENT), inbox_table)
+        applied = count_rows(net.database_url(net.recipient), inbox_table)
         process, results = _spawn_loader(net, messages, payload_bytes, rate)
         wait_for(lambda: applied() >= messages, "all envelopes applied", processes, poll=0.25)
         loaded = _loader_result(process, results)
@@ -379,8 +422,8 @@ def _times(url: str, table: sa.Table, column: str) -> dict[str, float]:
 
 
 def _latencies(net: Network) -> list[float]:
-    sent = _times(net.database_url(SENDER), outbox_table, "created_at")
-    applied = _times(net.database_url(RECIPIENT), inbox_table, "applied_at")
+    sent = _times(net.database_url(net.sender), outbox_table, "created_at")
+    applied = _times(net.database_url(net.recipient), inbox_table, "applied_at")
     return [applied[i] - sent[i] for i in applied if i in sent]
 
 

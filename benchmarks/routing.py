@@ -1,0 +1,125 @@
+"""Routing ingest: envelopes per second the routing service verifies, logs and tracks.
+
+On a scratch network (see `benchmarks.e2e`), N envelopes (2 KiB payloads)
+are sealed by the sending mission and published as that mission, with
+confirms, so that ``trm.routing`` holds all N before the service starts (each
+envelope also lands in the recipient's inbox, which nobody reads here). Then
+``trm routing run`` starts and drains the queue: each envelope is verified,
+appended to the hash-chained audit log and folded into its case's state, one
+transaction per envelope, then acked.
+
+The rate is N over the time from the first log entry's receive time to the
+last one's, the same span as the raw baseline's drain (first delivery to last
+ack, `benchmarks.raw.consume_rate`), so process start-up counts in neither.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from benchmarks.crypto import message_of_size
+from benchmarks.e2e import CASES, Network, count_rows, network, running, wait_for
+from broker.database import open_database
+from broker.directory import load_home_directory
+from broker.envelope import seal
+from broker.keys import load_keys
+from broker.topology import ROUTING_QUEUE, queue_depths
+from broker.transport import AmqpSettings, Outgoing, Publisher
+from services.auditlog import log_entries_table
+
+PUBLISH_BATCH = 500
+
+
+def preload(net: Network, count: int, payload_bytes: int) -> int:
+    """Seal `count` envelopes and publish them as the sender; the envelope size in bytes."""
+    home = net.home(net.sender)
+    keys = load_keys(home)
+    directory = load_home_directory(home)
+    message = message_of_size(payload_bytes)
+    password = (home / "amqp-password").read_text().strip()
+    settings = AmqpSettings.from_url(
+        net.amqp_url, vhost=net.vhost, username=net.sender, password=password
+    )
+    publisher = Publisher(settings, net.sender)
+    size = 0
+    try:
+        sender = keys.sender()
+        for first in range(0, count, PUBLISH_BATCH):
+            batch = []
+            for i in range(first, min(first + PUBLISH_BATCH, count)):
+                sealed = seal(
+                    message,
+                    case=f"KZ-2026-{i % CASES:04d}",
+                    sender=sender,
+                    recipients=(net.recipient,),
+                    directory=directory,
+                    seq=i // CASES + 1,
+                )
+                size = len(sealed.raw)
+                batch.append(Outgoing(str(sealed.id), sealed.header.recipients, sealed.raw))
+            publisher.publish(batch)
+    finally:
+        publisher.close()
+    return size
+
+
+def _span(url: str) -> float:
+    """Seconds from the first log entry's receive time to the last one's."""
+    engine = open_database(url)
+    try:
+        with engine.connect() as conn:
+            first, last = conn.execute(
+                sa.select(
+                    sa.func.min(log_entries_table.c.received_at),
+                    sa.func.max(log_entries_table.c.received_at),
+                )
+            ).one()
+    finally:
+        engine.dispose()
+    values = [v.replace(tzinfo=v.tzinfo or UTC).timestamp() for v in (first, last)]
+    return float(max(values[1] - values[0], 1e-9))
+
+
+def ingest(
+    root: Path,
+    amqp_url: str,
+    management_url: str,
+    *,
+    messages: int,
+    payload_bytes: int,
+    prefetch: int,
+) -> dict[str, Any]:
+    """Pre-load `messages` envelopes into ``trm.routing``, run the service, time the drain."""
+    with network(root, amqp_url, management_url) as net:
+        envelope_bytes = preload(net, messages, payload_bytes)
+        admin = AmqpSettings.from_url(amqp_url, vhost=net.vhost)
+        depth = queue_depths(admin, [ROUTING_QUEUE])[ROUTING_QUEUE]
+        url = f"sqlite:///{net.home(net.routing) / 'trm.db'}"
+        open_database(url).dispose()
+        logged = count_rows(url, log_entries_table)
+        args = [
+            *net.command(net.routing, "routing", "run"),
+            "--log-file",
+            str(root / "routing.log"),
+        ]
+        started = time.monotonic()
+        with running(net, args, net.routing) as process:
+            wait_for(
+                lambda: logged() >= messages, "the routing queue drained", [process], poll=0.25
+            )
+        wall = time.monotonic() - started
+        seconds = _span(url)
+    return {
+        "messages": messages,
+        "preloaded": depth,
+        "envelope_bytes": envelope_bytes,
+        "prefetch": prefetch,
+        "seconds": seconds,
+        "ingest_per_s": messages / seconds,
+        "wall_seconds_with_startup": wall,
+    }
