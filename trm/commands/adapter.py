@@ -85,6 +85,8 @@ def _reasons(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        # Log lines go to stderr so that stdout stays the command's answer.
+        configure_logging(None)
         try:
             return command(*args, **kwargs)
         except TrmError as e:
