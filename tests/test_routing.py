@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -460,3 +463,28 @@ def test_audit_replay_against_reports_differences(
     code, text = trm("audit", "replay", str(out), "--against", database_url, "--json")
     assert code == 1
     assert json.loads(text)["differences"] == [f"case {CASE}: only in the first (log)"]
+
+
+def test_routing_run_without_a_password_fails_clearly(world: World, tmp_path: Path) -> None:
+    """`trm routing run` with no RabbitMQ password file exits 1 naming the file and the fix."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRM_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trm",
+            "routing",
+            "run",
+            "--home",
+            str(world.home),
+            "--database-url",
+            f"sqlite:///{tmp_path / 'r.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "amqp-password" in result.stderr and "trm broker provision" in result.stderr
