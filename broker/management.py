@@ -183,6 +183,14 @@ class ManagementClient:
             )
         return int(found.get("messages", 0) or 0)
 
+    def peek_messages(self, vhost: str, name: str, count: int) -> list[bytes]:
+        """Up to `count` message bodies from the head of the queue, requeued (for inspection)."""
+        if count <= 0:
+            return []
+        body = {"count": count, "ackmode": "ack_requeue_true", "encoding": "base64"}
+        found = self.request("POST", f"/queues/{_segment(vhost)}/{_segment(name)}/get", body)
+        return [base64.b64decode(m["payload"]) for m in found or []]
+
     def delete_queue(self, vhost: str, name: str) -> None:
         """Delete the queue with its messages (no error when it is gone)."""
         self.request("DELETE", f"/queues/{_segment(vhost)}/{_segment(name)}", missing_ok=True)

@@ -173,6 +173,15 @@ def declare(
 
 def queue_depths(settings: AmqpSettings, queues: Sequence[str]) -> dict[str, int]:
     """Exact ready-message counts of ``queues`` now, by passive declare over AMQP."""
+    return {name: messages for name, (messages, _) in _queue_counts(settings, queues).items()}
+
+
+def queue_consumers(settings: AmqpSettings, queues: Sequence[str]) -> dict[str, int]:
+    """Exact consumer counts of ``queues`` now (the management API's lag by seconds)."""
+    return {name: consumers for name, (_, consumers) in _queue_counts(settings, queues).items()}
+
+
+def _queue_counts(settings: AmqpSettings, queues: Sequence[str]) -> dict[str, tuple[int, int]]:
     import pika.exceptions
 
     from broker.transport import open_connection, translate
@@ -180,12 +189,13 @@ def queue_depths(settings: AmqpSettings, queues: Sequence[str]) -> dict[str, int
     connection = open_connection(settings)
     try:
         channel = connection.channel()
-        return {
-            name: int(channel.queue_declare(name, passive=True).method.message_count)
-            for name in queues
-        }
+        counts = {}
+        for name in queues:
+            method = channel.queue_declare(name, passive=True).method
+            counts[name] = (int(method.message_count), int(method.consumer_count))
+        return counts
     except (pika.exceptions.AMQPError, OSError) as e:
-        raise translate(e, settings, "counting queue depths") from e
+        raise translate(e, settings, "counting queue messages and consumers") from e
     finally:
         if connection.is_open:
             connection.close()

@@ -35,21 +35,15 @@ class LazyGroup(click.Group):
     """A group whose subcommands are imported only when used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [name for name, _, _ in COMMANDS if self._available(name)]
+        return [name for name, _, _ in COMMANDS]
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         for name, module, attribute in COMMANDS:
             if name == cmd_name:
-                try:
-                    loaded = import_module(f"trm.commands.{module}")
-                except ModuleNotFoundError:
-                    return None
+                loaded = import_module(f"trm.commands.{module}")
                 command = getattr(loaded, attribute, None)
                 return command if isinstance(command, click.Command) else None
         return None
-
-    def _available(self, name: str) -> bool:
-        return self.get_command(click.Context(self), name) is not None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,7 +57,7 @@ def cli() -> None:
 def main() -> None:
     """Run the command line; a TrmError ends it with a one-line reason."""
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)
@@ -73,8 +67,9 @@ def main() -> None:
     except TrmError as e:
         click.echo(f"trm: {e.reason}: {e}", err=True)
         sys.exit(1)
-    except SystemExit:
-        raise
+    # Without standalone mode click returns, rather than raises, a ctx.exit code.
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

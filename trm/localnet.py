@@ -208,6 +208,12 @@ class LocalNetwork:
                 proc.kill()
         return proc.wait()
 
+    def stop_all(self, timeout: float = 20) -> list[int]:
+        """Stop every process started here (see `stop`); their exit codes, in start order."""
+        with self._lock:
+            processes, self._processes = list(self._processes), []
+        return [self.stop(proc, timeout) for proc in processes]
+
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL the process and reap it."""
         if proc.poll() is None:
@@ -277,8 +283,11 @@ class LocalNetwork:
 
     # --- teardown -----------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Stop every process started here, close databases, delete the vhost and its users."""
+    def close(self, *, keep_vhost: bool = False) -> None:
+        """Stop every process started here, close databases, delete the vhost and its users.
+
+        `keep_vhost` leaves the vhost, its queues and users for inspection.
+        """
         with self._lock:
             processes, self._processes = list(self._processes), []
             engines, self._engines = list(self._engines.values()), {}
@@ -286,6 +295,8 @@ class LocalNetwork:
             self.stop(proc)
         for engine in engines:
             engine.dispose()
+        if keep_vhost:
+            return
         client = ManagementClient(self.management_url)
         if client.vhost_exists(self.vhost):
             client.delete_vhost(self.vhost)

@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
+
+from broker.management import DEFAULT_MANAGEMENT_URL
+from broker.transport import DEFAULT_AMQP_URL
+from trm.demo import run_demo
 
 
 @click.command()
-def demo() -> None:
-    """Walk one return case through every stage (not yet built)."""
-    raise click.ClickException("trm demo is not built yet; see issue 5")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-run"),
+    show_default=True,
+    help="Where everything is left for inspection; a previous demo's folder is wiped first.",
+)
+@click.option("--amqp-url", envvar="TRM_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True)
+@click.option(
+    "--management-url",
+    envvar="TRM_AMQP_MANAGEMENT_URL",
+    default=DEFAULT_MANAGEMENT_URL,
+    show_default=True,
+    help="RabbitMQ management API, used to create the demo's vhost, users and permissions.",
+)
+def demo(workdir: Path, amqp_url: str, management_url: str) -> None:
+    """Walk one return case KZ -> UZ -> NGO through every stage, then audit it.
+
+    Creates the directory authority and the participants iom-kz, iom-uz,
+    ngo-uz-istiqbolli-avlod, routing and auditor on the vhost trm-demo;
+    starts the three adapters and the routing service as separate processes;
+    sends each handoff; exports, verifies and replays the audit log; prints
+    the case timeline. Exits non-zero naming the step that failed.
+    """
+    run_demo(workdir.resolve(), sys.stdout, amqp_url=amqp_url, management_url=management_url)

@@ -1,0 +1,319 @@
+"""The three stories end to end on the local RabbitMQ: what `trm demo` runs.
+
+One return case goes from the Kazakhstan mission to the Uzbekistan mission
+and its NGO through every stage, each handoff sent by a real adapter process
+and watched by the routing service; then the audit log is exported,
+verified and replayed as an auditor would, and the case timeline printed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TextIO, TypeVar
+
+import sqlalchemy as sa
+import structlog
+
+from adapters.sending import confirm_reception
+from broker.database import receipts_table, storage_errors
+from broker.envelope import SealedEnvelope
+from broker.errors import ConfigError, TrmError
+from broker.topology import ROUTING_QUEUE, inbox_queue, queue_consumers
+from broker.transport import AmqpSettings
+from schemas.base import MessageKind
+from schemas.examples import EXAMPLE_CASE
+from services.casestore import CaseStore
+from trm.localnet import DEMO_PARTICIPANTS, LocalNetwork, create_network
+
+KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
+DEMO_VHOST = "trm-demo"
+MARKER = ".trm-demo"
+"""Left in the work folder so a later run knows the folder is the demo's to wipe."""
+STEP_TIMEOUT = 60.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One handoff of the story: who sends which kind to whom, and the stage it leads to."""
+
+    kind: MessageKind
+    sender: str
+    recipients: tuple[str, ...]
+    stage: str
+    story: str
+
+
+STEPS: tuple[Step, ...] = (
+    Step(
+        MessageKind.RETURN_REQUEST,
+        KZ,
+        (UZ, NGO),
+        "requested",
+        "asks Uzbekistan to take the person home",
+    ),
+    Step(
+        MessageKind.RETURN_ACCEPTED, UZ, (KZ, NGO), "accepted", "accepts, names the NGO to receive"
+    ),
+    Step(
+        MessageKind.TRAVEL_ARRANGED,
+        KZ,
+        (UZ, NGO),
+        "travel_arranged",
+        "books the flight, issues documents",
+    ),
+    Step(MessageKind.DEPARTED, KZ, (UZ, NGO), "departed", "the person has left Kazakhstan"),
+    Step(
+        MessageKind.RECEPTION_CONFIRMED,
+        NGO,
+        (KZ, UZ),
+        "received",
+        "the NGO met the person (trm ack)",
+    ),
+    Step(
+        MessageKind.REINTEGRATION_UPDATE,
+        NGO,
+        (UZ, KZ),
+        "reintegration",
+        "shelter, medical, counselling",
+    ),
+    Step(MessageKind.CASE_CLOSED, UZ, (KZ, NGO), "closed", "reintegrated; the case is closed"),
+)
+
+
+class DemoFailed(TrmError):
+    """A step of the demo did not complete; the message names the step."""
+
+    reason = "demo_failed"
+
+
+class Demo:
+    """The demo on one local network, printing a line per step to `out`."""
+
+    def __init__(self, workdir: Path, out: TextIO, *, amqp_url: str, management_url: str) -> None:
+        self.workdir = workdir
+        self.out = out
+        self.amqp_url = amqp_url
+        self.management_url = management_url
+        self.case = EXAMPLE_CASE
+        self.sent: list[SealedEnvelope] = []
+
+    def say(self, text: str) -> None:
+        """One progress line."""
+        print(text, file=self.out, flush=True)
+
+    def run(self) -> None:
+        """Every stage, then the auditor's checks; raises DemoFailed naming the failed step."""
+        prepare_workdir(self.workdir)
+        try:
+            net = self._step("setup", self._create)
+        finally:
+            if self.workdir.is_dir():  # even half made, the folder is the demo's to wipe
+                (self.workdir / MARKER).write_text("made by trm demo; wiped by the next run\n")
+        try:
+            self._step("start", lambda: self._start(net))
+            for number, step in enumerate(STEPS, 1):
+                label = f"[{number}/{len(STEPS)}] {step.kind}"
+                self._step(label, partial(self._handoff, net, step, label))
+            self._step("receipts", lambda: self._receipts(net))
+            self._step("shutdown", lambda: self._shutdown(net))
+            self._step("audit", lambda: self._audit(net))
+        finally:
+            net.close(keep_vhost=True)  # queues stay inspectable until the next run
+        self.say(f"\ndone: everything is in {self.workdir}/ (directory.json, audit.jsonl, logs/)")
+
+    def _step(self, label: str, action: Callable[[], T]) -> T:
+        try:
+            return action()
+        except (TrmError, TimeoutError, OSError, subprocess.SubprocessError) as e:
+            raise DemoFailed(f"step {label} failed: {e}") from e
+
+    def _create(self) -> LocalNetwork:
+        net = create_network(
+            self.workdir,
+            DEMO_PARTICIPANTS,
+            amqp_url=self.amqp_url,
+            management_url=self.management_url,
+            vhost=DEMO_VHOST,
+        )
+        names = ", ".join(p for p, *_ in DEMO_PARTICIPANTS)
+        self.say(f"[setup] directory authority and participants {names}")
+        self.say(f"[setup] signed trust directory -> {net.directory_file}")
+        self.say(f"[setup] RabbitMQ vhost {net.vhost}: users, permissions, quorum queues")
+        return net
+
+    def _start(self, net: LocalNetwork) -> None:
+        started = time.monotonic()
+        for participant in (KZ, UZ, NGO):
+            net.start_adapter(participant)
+        net.start_process(["routing", "run", "--home", str(net.home(ROUTING))], ROUTING)
+        admin = AmqpSettings.from_url(self.amqp_url, vhost=net.vhost)
+        queues = [inbox_queue(p) for p in (KZ, UZ, NGO)] + [ROUTING_QUEUE]
+        net.wait_for(
+            lambda: all(queue_consumers(admin, queues).values()),
+            STEP_TIMEOUT,
+            "the adapters and the routing service to start consuming",
+        )
+        took = time.monotonic() - started
+        self.say(
+            f"[start] adapters {KZ}, {UZ}, {NGO} and the routing service, "
+            f"each its own process, consuming after {took:.1f} s"
+        )
+
+    def _handoff(self, net: LocalNetwork, step: Step, label: str) -> None:
+        started = time.monotonic()
+        reply_to = self.sent[-1].id if self.sent else None
+        if step.kind is MessageKind.RECEPTION_CONFIRMED:
+            sealed = confirm_reception(
+                net.settings(NGO), self.case, place="Tashkent airport", engine=net.engine(NGO)
+            )
+        else:
+            sealed = net.send(
+                step.sender, step.kind, to=step.recipients, case=self.case, reply_to=reply_to
+            )
+        self.sent.append(sealed)
+        envelope = str(sealed.id)
+        for recipient in sealed.header.recipients:
+            net.wait_for(
+                partial(_applied, net, recipient, envelope),
+                STEP_TIMEOUT,
+                f"{recipient} to apply {step.kind}",
+            )
+        net.wait_for(
+            lambda: _routing_stage(net, self.case) == step.stage,
+            STEP_TIMEOUT,
+            f"the routing service to record stage {step.stage}",
+        )
+        to = ", ".join(sealed.header.recipients)
+        took = time.monotonic() - started
+        self.say(
+            f"{label:<28} {step.sender} -> {to}: {step.story}; "
+            f"applied by all in {took:.2f} s; routing stage {step.stage}"
+        )
+
+    def _receipts(self, net: LocalNetwork) -> None:
+        expected = sum(len(s.header.recipients) for s in self.sent)
+        net.wait_for(
+            lambda: _receipts(net, self.sent) == expected,
+            STEP_TIMEOUT,
+            "every delivery receipt to reach its sender",
+        )
+        self.say(f"[receipts] {expected} signed delivery receipts back at their senders")
+
+    def _shutdown(self, net: LocalNetwork) -> None:
+        codes = net.stop_all()
+        if any(codes):
+            raise ConfigError(f"a process exited with {codes}: see {self.workdir}/logs/")
+        self.say(f"[shutdown] {len(codes)} processes stopped cleanly; final checkpoint signed")
+
+    def _audit(self, net: LocalNetwork) -> None:
+        export = self.workdir / "audit.jsonl"
+        routing_home = net.home(ROUTING)
+        pub = net.authority / "authority.pub"
+        env = net.environment(ROUTING)
+        self._trm(["audit", "export", "--home", str(routing_home), "--out", str(export)], env)
+        self._trm(
+            [
+                "audit",
+                "verify",
+                str(export),
+                "--directory",
+                str(net.directory_file),
+                "--authority-key",
+                str(pub),
+            ],
+            env,
+        )
+        self._trm(["audit", "replay", str(export), "--against", net.database_url(ROUTING)], env)
+        self.say("")
+        self._trm(["cases", "show", self.case, "--home", str(routing_home)], env)
+
+    def _trm(self, args: Sequence[str], env: dict[str, str]) -> None:
+        shown = " ".join(a if len(a) < 40 else Path(a).name for a in args)
+        self.say(f"[audit] $ trm {shown}")
+        with (self.workdir / "logs" / "auditor.log").open("a", encoding="utf-8") as log:
+            done = subprocess.run(
+                [sys.executable, "-m", "trm", *args],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=env,
+                cwd=self.workdir,
+                check=False,
+            )
+        for line in done.stdout.splitlines():
+            self.say(f"    {line}")
+        if done.returncode != 0:
+            raise ConfigError(
+                f"`trm {args[0]} {args[1]}` exited {done.returncode}: see logs/auditor.log"
+            )
+
+
+class _AppendingFile:
+    """A file opened for each line, so the work folder may be wiped and remade meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, text: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(text)
+
+    def flush(self) -> None:
+        """Each write is closed, hence flushed, already."""
+
+
+def log_json_to(path: Path) -> None:
+    """This process's structlog lines as JSON into `path`, off the progress output."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.WriteLoggerFactory(_AppendingFile(path)),  # type: ignore[arg-type]
+        cache_logger_on_first_use=False,
+    )
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Refuse to wipe a folder that is neither empty nor a previous demo's."""
+    if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
+        raise ConfigError(
+            f"{workdir} exists and was not made by trm demo; choose another --workdir "
+            "or remove it yourself"
+        )
+
+
+def _applied(net: LocalNetwork, participant: str, envelope_id: str) -> bool:
+    return envelope_id in net.inbox_ids(participant)
+
+
+def _routing_stage(net: LocalNetwork, case: str) -> str | None:
+    state = CaseStore(net.engine(ROUTING)).get(case)
+    return None if state is None or state.stage is None else str(state.stage)
+
+
+def _receipts(net: LocalNetwork, sent: Sequence[SealedEnvelope]) -> int:
+    total = 0
+    for sender in {s.header.sender for s in sent}:
+        ids = [str(s.id) for s in sent if s.header.sender == sender]
+        query = sa.select(sa.func.count()).where(receipts_table.c.envelope_id.in_(ids))
+        with storage_errors("counting receipts"), net.engine(sender).connect() as conn:
+            total += int(conn.execute(query).scalar_one())
+    return total
+
+
+def run_demo(workdir: Path, out: TextIO, *, amqp_url: str, management_url: str) -> None:
+    """Run the demo in `workdir` (wiped first if it holds a previous run)."""
+    prepare_workdir(workdir)
+    log_json_to(workdir / "logs" / "demo.log")
+    Demo(workdir, out, amqp_url=amqp_url, management_url=management_url).run()
