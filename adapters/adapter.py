@@ -39,6 +39,8 @@ log = structlog.get_logger(__name__)
 
 JOIN_SECONDS = 30.0
 """How long a clean shutdown waits for each thread."""
+RETRY_MAX_SECONDS = 5.0
+"""Longest wait between reconnect attempts: back within seconds of the broker's return."""
 
 
 @dataclass
@@ -165,7 +167,7 @@ class Adapter:
             consumer.run(handle, stop)
 
         try:
-            run_with_reconnect(once, stop, log=self._log)
+            run_with_reconnect(once, stop, maximum=RETRY_MAX_SECONDS, log=self._log)
         finally:
             for item in state.values():
                 item.close()
@@ -176,8 +178,10 @@ class Adapter:
         def once() -> None:
             publisher = Publisher(self.settings, self.participant_id)
             try:
-                Relay(outbox, publisher, batch=self.relay_batch).run(stop, wake)
+                Relay(
+                    outbox, publisher, batch=self.relay_batch, max_retry_delay=RETRY_MAX_SECONDS
+                ).run(stop, wake)
             finally:
                 publisher.close()
 
-        run_with_reconnect(once, stop, log=self._log)
+        run_with_reconnect(once, stop, maximum=RETRY_MAX_SECONDS, log=self._log)
