@@ -1,0 +1,91 @@
+"""`trm bench` at a tiny size, so the benchmark cannot rot; figures are checked, never timed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from trm.cli import cli
+
+REPO = Path(__file__).resolve().parent.parent
+RATIOS = (
+    "throughput_ratio",
+    "latency_p99_ratio",
+    "audit_verify_ratio_per_core",
+    "routing_ingest_ratio",
+)
+RAW_FIGURES = (
+    "raw_throughput_per_s",
+    "raw_latency_p99_s",
+    "raw_ed25519_verify_per_s",
+    "raw_consume_per_s",
+)
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_bench_json_has_every_ratio_and_raw_figure(rabbitmq_urls, monkeypatch) -> None:
+    """A tiny `trm bench --json` gives positive ratios and raw figures; the table shows all four."""
+    amqp, management = rabbitmq_urls
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "--quick",
+            "--messages",
+            "40",
+            "--json",
+            "--amqp-url",
+            amqp,
+            "--management-url",
+            management,
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    for key in (*RATIOS, *RAW_FIGURES):
+        assert _positive(figures[key]), (key, figures[key])
+    assert figures["trm"]["messages"] == 40
+    for key in ("applied_per_s", "receipts_per_s"):
+        assert _positive(figures["trm"][key]), key
+    for key in ("p50", "p95", "p99"):
+        assert _positive(figures["trm"]["latency"][key]), key
+        assert _positive(figures["raw"]["latency"][key]), key
+    assert _positive(figures["routing"]["ingest_per_s"])
+    assert figures["machine"]["cpus"] >= 1
+    from benchmarks.run import table
+
+    text = table(figures)
+    for label in ("ratio trm/raw", "ratio trm/raw p99", "ratio ingest/raw", "ratio audit/raw"):
+        assert label in text
+    assert text.count("goal") == 4
+
+
+def test_bench_outside_a_checkout_says_where_to_run(tmp_path: Path) -> None:
+    """Outside a checkout `trm bench` exits non-zero, saying to run it from the repository."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-m", "trm", "bench", "--quick"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "runs from a trm checkout" in done.stderr
+    assert "Traceback" not in done.stderr
