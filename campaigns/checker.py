@@ -22,6 +22,7 @@ outbox holds: effects nobody sent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections import Counter
@@ -208,14 +209,37 @@ def check(
     return verdict
 
 
-def quarantine_rows(url: str) -> list[tuple[str | None, str, int]]:
-    """(envelope id, reason, redeliveries) of every quarantine row of a database."""
-    query = "SELECT envelope_id, reason, redeliveries FROM quarantine"
+@dataclass(frozen=True)
+class QuarantineRow:
+    """One row of a participant's quarantine table."""
+
+    envelope_id: str | None
+    reason: str
+    redeliveries: int
+    digest: str
+    """Hex SHA-256 of the body as received."""
+
+
+def quarantine_rows(url: str) -> list[QuarantineRow]:
+    """Every quarantine row of a database."""
+    query = "SELECT envelope_id, reason, redeliveries, body FROM quarantine"
     return [
-        (None if r[0] is None else str(r[0]), str(r[1]), int(str(r[2]))) for r in _rows(url, query)
+        QuarantineRow(
+            None if r[0] is None else str(r[0]),
+            str(r[1]),
+            int(str(r[2])),
+            hashlib.sha256(bytes(r[3])).hexdigest(),
+        )
+        for r in _rows(url, query)
     ]
 
 
 def inbox_ids(url: str) -> set[str]:
     """The envelope ids in a database's inbox table."""
     return {str(r[0]) for r in _rows(url, "SELECT envelope_id FROM inbox")}
+
+
+def outbox_count(url: str, kind: str | None = None) -> int:
+    """How many envelopes (of `kind`, if given) a database's outbox holds."""
+    rows = _rows(url, "SELECT kind FROM outbox")
+    return sum(1 for (found,) in rows if kind is None or str(found) == kind)

@@ -37,6 +37,8 @@ from trm.localnet import LocalNetwork
 CASES = 50
 """Messages are spread over this many case references."""
 RABBITMQ_BOOT_SECONDS = 180
+RESTART_SECONDS = 2.5
+"""About how long an adapter takes to die, be noticed and start again."""
 _PENDING = "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
 
 
@@ -144,11 +146,13 @@ class _Run:
             and _count(self.net.database_url(ROUTING), "SELECT count(*) FROM log_entries") >= 2 * n
         )
 
-    def wait(self, timeout: float, tend: Callable[[], None]) -> bool:
+    def wait(
+        self, timeout: float, tend: Callable[[], None], faulted: Callable[[], bool] = lambda: True
+    ) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             tend()
-            if self.settled():
+            if faulted() and self.settled():
                 return True
             time.sleep(0.5)
         return False
@@ -219,13 +223,15 @@ def run_consumer_crashes(
         def tend() -> None:
             receiver.tend()
             sender.tend()
-            due = receiver.deaths < kills and receiver.external_kills < external_target
+            # Past the planned share, external kills make up what the fault points missed.
+            behind = receiver.external_kills < external_target or run.sent == messages
+            due = receiver.deaths < kills and behind
             if due and run.rng.random() < 0.25:
                 # A random moment: anywhere in opening, applying, committing or acking.
                 time.sleep(run.rng.uniform(0.0, 0.5))
                 receiver.kill()
 
-        settled = run.wait(_timeout(messages), tend)
+        settled = run.wait(_timeout(messages), tend, lambda: receiver.deaths >= kills)
         seconds = time.monotonic() - started
         receiver.stop()
         sender.stop()
@@ -250,18 +256,21 @@ def run_relay_crashes(
         receiver.start()
         sender.start()
         started = time.monotonic()
-        run.sender()
+        # Paced so that the relay has many batches to die in.
+        run.sender(pace=RESTART_SECONDS * kills / max(messages, 1))
         external_target = kills // 3
 
         def tend() -> None:
             receiver.tend()
             sender.tend()
-            due = sender.deaths < kills and sender.external_kills < external_target
+            # Past the planned share, external kills make up what the fault points missed.
+            behind = sender.external_kills < external_target or run.sent == messages
+            due = sender.deaths < kills and behind
             if due and run.rng.random() < 0.2:
                 time.sleep(run.rng.uniform(0.0, 0.5))
                 sender.kill()
 
-        settled = run.wait(_timeout(messages), tend)
+        settled = run.wait(_timeout(messages), tend, lambda: sender.deaths >= kills)
         seconds = time.monotonic() - started
         sender.stop()
         receiver.stop()

@@ -14,21 +14,31 @@ import hashlib
 import json
 import random
 import struct
+import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import pika
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import _crypto
 from broker.directory import Directory
 from broker.envelope import MAX_ENVELOPE_BYTES, SealedEnvelope, new_envelope_id, seal
 from broker.errors import EnvelopeError, TrmError
-from broker.keys import ParticipantKeys
+from broker.keys import ParticipantKeys, load_keys
+from broker.topology import inbox_queue
+from broker.transport import AmqpSettings, Outgoing, Publisher
+from campaigns.checker import RECEIPT_KIND, inbox_ids, outbox_count, quarantine_rows
+from campaigns.network import KZ, NGO, UZ, Services, scratch_network
+from campaigns.report import Row
 from schemas.base import MessageKind
 from schemas.examples import example
 from schemas.registry import encode_payload
+from trm.localnet import LocalNetwork
 
 ADMIN = None
 """`publish_as` of an envelope injected by the broker's administrator (no participant)."""
@@ -243,7 +253,7 @@ class _Maker:
         return Hostile("schema_violation", body, frozenset({"schema_violation"}), ADMIN)
 
     def oversize(self) -> Hostile:
-        body = self.base + bytes(MAX_ENVELOPE_BYTES + 1 - len(self.base))
+        body = self.base + self.rng.randbytes(MAX_ENVELOPE_BYTES + 1 - len(self.base))
         return Hostile("oversize", body, frozenset({"too_large"}), self.cast.sender_id)
 
     def stale_future(self) -> Hostile:
@@ -266,7 +276,7 @@ class _Maker:
 
     def header_tamper(self) -> Hostile:
         # Change one character of the case reference after signing: same length, same frame.
-        data = bytearray(self.base)
+        data = bytearray(seal_valid(self.cast, self._next()).raw)
         marker = f'"case":"{self.cast.case}"'.encode()
         at = bytes(data).index(marker) + len(marker) - 2
         data[at] = ord("0") + (data[at] - ord("0") + 1) % 10
@@ -339,6 +349,7 @@ def hostile_stream(
     replays: list[Hostile] = []
     made = 0
     seq = 1
+    seen: set[bytes] = set()
     while made < hostile:
         if made % valid_every == 0:
             seq += 1
@@ -354,6 +365,139 @@ def hostile_stream(
             items.append(maker.oversize())
         else:
             family = FAMILIES[made % len(FAMILIES)]
-            items.append(getattr(maker, family)())
+            item: Hostile = getattr(maker, family)()
+            # Identical bytes would count as a redelivery of one quarantined envelope.
+            for _ in range(100):
+                if hashlib.sha256(item.body).digest() not in seen:
+                    break
+                item = getattr(maker, family)()
+            else:
+                raise ValueError(f"the {family} family keeps making the same bytes")
+            items.append(item)
         made += 1
+        last = items[-1]
+        if isinstance(last, Hostile):
+            seen.add(hashlib.sha256(last.body).digest())
     return items
+
+
+# --- the campaign ------------------------------------------------------------------------
+
+
+def run_hostile(root: Path, services: Services, *, hostile: int, seed: int = 5) -> Row:
+    """Campaign 5: `hostile` hostile envelopes interleaved with valid ones on iom-uz's queue."""
+    with scratch_network(root, "sqlite", [KZ, UZ, NGO], services) as net:
+        uz = net.settings(UZ)
+        cast = Cast(
+            directory=uz.directory(),
+            sender=load_keys(net.home(KZ)),
+            target=UZ,
+            third=load_keys(net.home(NGO)),
+            now=datetime.now(UTC),
+        )
+        items = hostile_stream(cast, hostile, seed=seed)
+        receiver = net.start_adapter(UZ)
+        started = time.monotonic()
+        with _Injector(net, services) as injector:
+            for i, item in enumerate(items):
+                injector.publish(i, item)
+        valid = [item for item in items if isinstance(item, Valid)]
+        bad = [item for item in items if isinstance(item, Hostile)]
+        url = net.database_url(UZ)
+
+        def settled() -> bool:
+            return len(quarantine_rows(url)) >= len(bad) and len(inbox_ids(url)) >= len(valid)
+
+        try:
+            net.wait_for(settled, 120 + 0.2 * len(items), "every envelope handled")
+            finished = True
+        except TimeoutError:
+            finished = False
+        seconds = time.monotonic() - started
+        alive = receiver.poll() is None
+        net.stop(receiver)
+        return _hostile_row(net, valid, bad, finished, alive, seconds, hostile)
+
+
+def _hostile_row(
+    net: LocalNetwork,
+    valid: list[Valid],
+    bad: list[Hostile],
+    finished: bool,
+    alive: bool,
+    seconds: float,
+    requested: int,
+) -> Row:
+    url = net.database_url(UZ)
+    rows = quarantine_rows(url)
+    by_digest = {row.digest: row for row in rows}
+    row = Row("hostile_input", "sqlite", messages=len(valid) + len(bad), faults=len(bad))
+    wrong: Counter[str] = Counter()
+    families: Counter[str] = Counter()
+    for item in bad:
+        found = by_digest.get(hashlib.sha256(item.body).hexdigest())
+        families[item.family] += 1
+        if found is None or found.reason not in item.expected:
+            wrong[f"{item.family}:{found.reason if found else 'not quarantined'}"] += 1
+    applied = inbox_ids(url)
+    files = {p.stem for p in net.delivered_files(UZ)}
+    valid_ids = {item.envelope_id for item in valid}
+    row.quarantined = len(rows)
+    row.ok = len(applied & valid_ids)
+    row.lost = len(valid_ids - applied)
+    row.add_reasons(r.reason for r in rows)
+    row.figures.update(
+        valid=len(valid),
+        hostile=len(bad),
+        families=len(families),
+        misclassified=dict(wrong) or 0,
+        seconds=round(seconds, 1),
+    )
+    row.must("every envelope was handled in time", finished)
+    row.must(f"at least {requested} hostile envelopes", len(bad) >= requested)
+    row.must("every hostile envelope quarantined with an expected reason", not wrong)
+    row.must("one quarantine row per hostile envelope", len(rows) == len(bad))
+    row.must("every one quarantined on first delivery", all(r.redeliveries == 0 for r in rows))
+    row.must("the consumer never crashed", alive)
+    row.must("inbox rows only for valid envelopes", applied == valid_ids)
+    row.must("delivered files only for valid envelopes", files == valid_ids)
+    row.must(
+        "receipts only for valid envelopes",
+        outbox_count(url, RECEIPT_KIND) == outbox_count(url) == len(valid_ids),
+    )
+    return row
+
+
+class _Injector:
+    """Publishes onto iom-uz's queue: as iom-kz through the exchange, or as the administrator."""
+
+    def __init__(self, net: LocalNetwork, services: Services) -> None:
+        self.net = net
+        self.admin_settings = AmqpSettings.from_url(services.amqp_url, vhost=net.vhost)
+
+    def __enter__(self) -> _Injector:
+        self.kz = Publisher(self.net.settings(KZ).amqp_settings(), KZ)
+        self.admin = pika.BlockingConnection(self.admin_settings.parameters())
+        self.channel = self.admin.channel()
+        self.channel.confirm_delivery()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kz.close()
+        if self.admin.is_open:
+            self.admin.close()
+
+    def publish(self, index: int, item: Valid | Hostile) -> None:
+        """Publish `item` as its `publish_as` says and wait for the broker's confirm."""
+        if isinstance(item, Valid) or item.publish_as == KZ:
+            label = item.envelope_id if isinstance(item, Valid) else f"hostile-{index}"
+            self.kz.publish([Outgoing(label, (UZ,), item.body)])
+            return
+        user_id = self.admin_settings.username if item.publish_as == "admin" else None
+        self.channel.basic_publish(
+            "",
+            inbox_queue(UZ),
+            item.body,
+            pika.BasicProperties(delivery_mode=2, user_id=user_id, message_id=f"hostile-{index}"),
+            mandatory=True,
+        )
