@@ -50,7 +50,7 @@ def test_demo_leaves_its_files(demo_run) -> None:
     assert (workdir / "audit.jsonl").is_file()
     logs = {p.name for p in (workdir / "logs").iterdir()}
     assert {"iom-kz.log", "iom-uz.log", f"{NGO}.log", "routing.log"} <= logs
-    homes = {p.name for p in (workdir / "homes").iterdir()}
+    homes = {p.name for p in workdir.iterdir() if (p / "participant.json").is_file()}
     assert {"iom-kz", "iom-uz", NGO, "routing", "auditor"} <= homes
 
 

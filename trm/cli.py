@@ -6,9 +6,9 @@ import sys
 from importlib import import_module
 
 import click
-import structlog
 
 from broker.errors import TrmError
+from trm import logs
 
 # (command name, module under trm.commands, attribute). Loaded lazily so that
 # `trm --help` stays fast and one group's imports never slow another's.
@@ -50,8 +50,7 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="trm-broker")
 def cli() -> None:
     """trm: sealed, signed, exactly-once handoffs between missions and NGOs."""
-    # Logs go to stderr so that stdout carries only a command's output (--json).
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    logs.configure()
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TextIO, TypeVar
 
 import sqlalchemy as sa
-import structlog
 
 from adapters.sending import confirm_reception
 from broker.database import receipts_table, storage_errors
@@ -29,6 +28,7 @@ from broker.transport import AmqpSettings
 from schemas.base import MessageKind
 from schemas.examples import EXAMPLE_CASE
 from services.casestore import CaseStore
+from trm import logs
 from trm.localnet import DEMO_PARTICIPANTS, LocalNetwork, create_network
 
 KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
@@ -273,15 +273,7 @@ class _AppendingFile:
 
 def log_json_to(path: Path) -> None:
     """This process's structlog lines as JSON into `path`, off the progress output."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.WriteLoggerFactory(_AppendingFile(path)),  # type: ignore[arg-type]
-        cache_logger_on_first_use=False,
-    )
+    logs.configure(_AppendingFile(path))
 
 
 def prepare_workdir(workdir: Path) -> None:

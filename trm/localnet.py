@@ -321,19 +321,23 @@ def create_network(
 
     `vhost` None makes a fresh unique one; a named vhost that exists is
     deleted and created again. `database_urls` gives some participants
-    another database than ``HOME/trm.db``.
+    another database than ``HOME/trm.db``. Homes are ``ROOT/<id>``, beside
+    ``ROOT/authority``, ``ROOT/logs`` and ``ROOT/directory.json``.
     """
+    clashing = {p for p, *_ in participants} & {"authority", "logs"}
+    if clashing:
+        raise ConfigError(f"participant ids {sorted(clashing)} clash with folders of the network")
     root = Path(root)
     if root.exists():
         shutil.rmtree(root)
-    (root / "homes").mkdir(parents=True)
+    root.mkdir(parents=True)
     now = datetime.now(UTC)
     authority_dir = root / "authority"
     init_authority(authority_dir)
     homes: dict[str, Path] = {}
     cards = []
     for participant_id, role, country, parent in participants:
-        home = root / "homes" / participant_id
+        home = root / participant_id
         cards.append(
             init_participant(
                 home,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import signal
 import sys
 import threading
@@ -16,15 +15,15 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, ParamSpec, TextIO, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import click
 import sqlalchemy as sa
-import structlog
 
 from adapters.home import Home
 from broker.database import quarantine_table, storage_errors
 from broker.errors import ConfigError, TrmError
+from trm import logs
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -86,36 +85,13 @@ def _reasons(command: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         # Log lines go to stderr so that stdout stays the command's answer.
-        configure_logging(None)
+        logs.configure()
         try:
             return command(*args, **kwargs)
         except TrmError as e:
             raise click.ClickException(f"{e.reason}: {e}") from e
 
     return wrapper
-
-
-def configure_logging(log_file: Path | None) -> TextIO | None:
-    """structlog JSON lines to `log_file` (appended) or stderr; the file opened, if any."""
-    handle: TextIO | None = None
-    if log_file is not None:
-        try:
-            handle = log_file.open("a", encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot open --log-file {log_file}: {e.strerror}") from e
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(handle or sys.stderr),
-        cache_logger_on_first_use=False,
-    )
-    return handle
 
 
 # --- trm adapter run -----------------------------------------------------------------
@@ -152,7 +128,8 @@ def run(
     """Run until SIGTERM or SIGINT: apply each delivery once, publish the outbox."""
     from adapters.adapter import Adapter
 
-    handle = configure_logging(log_file)
+    handle = logs.open_log_file(log_file)
+    logs.configure(handle)
     try:
         process = Adapter(_home(home, database_url, amqp_url, vhost, case_dir, case_system))
         stop = threading.Event()

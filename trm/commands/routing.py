@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any
 
 import click
 import structlog
@@ -27,6 +26,7 @@ from services.casestore import CaseStore, ReminderRecord
 from services.deadlines import DEFAULT_POLICIES, Deadline, Policy, deadline_for, load_policies
 from services.deadlines import status as deadline_status
 from services.routing import HomeDirectory, RoutingService, Timers
+from trm import logs
 
 PASSWORD_FILE_ENV = "TRM_AMQP_PASSWORD_FILE"  # noqa: S105 - the name of a variable, not a secret
 DEFAULT_BROKER = "amqp://127.0.0.1:5672/"
@@ -106,21 +106,6 @@ def amqp_password(home: Path) -> str:
     return secret
 
 
-def configure_logging(out: TextIO) -> None:
-    """structlog as JSON lines on `out`: level, UTC time, event and the bound ids."""
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=True),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=False,
-    )
-
-
 @routing.command("run")
 @_HOME
 @_DATABASE
@@ -157,8 +142,8 @@ def run(
     log_file: Path | None,
 ) -> None:
     """Run the routing service until SIGTERM or SIGINT; sign a final checkpoint; exit 0."""
-    out: TextIO = sys.stderr if log_file is None else log_file.open("a", encoding="utf-8")
-    configure_logging(out)
+    handle = logs.open_log_file(log_file)
+    logs.configure(handle)
     try:
         keys = load_keys(home)
         settings = AmqpSettings.from_url(
@@ -190,8 +175,8 @@ def run(
         structlog.get_logger(__name__).error("routing service failed", reason=e.reason)
         raise _fail(e) from e
     finally:
-        if log_file is not None:
-            out.close()
+        if handle is not None:
+            handle.close()
 
 
 # --- trm cases -------------------------------------------------------------------------
