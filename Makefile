@@ -33,7 +33,7 @@ bench: $(STAMP)
 
 chaos: $(STAMP) services
 	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'
-	$(BIN)/python -m benchmarks.chaos --full
+	$(BIN)/python -m campaigns --full
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache .mypy_cache .ruff_cache
