@@ -39,6 +39,8 @@ CASES = 50
 RABBITMQ_BOOT_SECONDS = 180
 RESTART_SECONDS = 2.5
 """About how long an adapter takes to die, be noticed and start again."""
+BROKER_EVENT_SECONDS = 10.0
+"""About how long one RabbitMQ restart takes from stop to accepting connections again."""
 _PENDING = "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
 
 
@@ -370,7 +372,8 @@ def run_broker_restarts(
             receiver.start()
             started = time.monotonic()
             # Paced so the flow spans every restart; the outbox holds what the broker cannot take.
-            run.sender(pace=0.0)
+            events = restarts + hard_kills
+            run.sender(pace=BROKER_EVENT_SECONDS * events / max(messages, 1))
             plan = ["restart"] * restarts + ["hard_kill"] * hard_kills
             run.rng.shuffle(plan)
 
