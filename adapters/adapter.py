@@ -12,9 +12,12 @@ backoff while the broker is unreachable (`run_with_reconnect`):
 - the relay publishes the outbox with windowed confirms and marks envelopes
   sent only once confirmed.
 
-Deliveries are handled one at a time, each in its own transaction, because
-`Inbox.handle` owns its transaction; the prefetch window keeps the next
-deliveries on their way while one is applied.
+Deliveries that have already arrived (within the prefetch window) are
+applied together: `Inbox.handle_batch` opens each, then applies them all and
+queues their receipts in one transaction, and one multiple-ack retires them.
+One commit and one case-folder sync per batch instead of per message is what
+lets a backlog drain at close to the broker's own rate; a lone delivery is
+still applied at once, never held back to fill a batch.
 
 A crash anywhere loses nothing: before the commit the redelivery applies the
 envelope, after it the redelivery is absorbed as a duplicate.
@@ -66,10 +69,15 @@ class AdapterStats:
 class Adapter:
     """One participant's adapter: inbox consumer and outbox relay."""
 
-    def __init__(self, home: Home, *, relay_batch: int = 500) -> None:
-        """Run for `home`; settings are checked here, before any thread starts."""
+    def __init__(self, home: Home, *, relay_batch: int = 500, apply_batch: int = 100) -> None:
+        """Run for `home`; settings are checked here, before any thread starts.
+
+        Up to `apply_batch` deliveries already waiting are applied in one
+        inbox transaction and acked with one multiple-ack.
+        """
         self.home = home
         self.relay_batch = relay_batch
+        self.apply_batch = apply_batch
         self.participant_id = home.participant_id
         self.settings: AmqpSettings = home.amqp_settings()
         home.directory()
@@ -145,18 +153,19 @@ class Adapter:
                 state["publisher"] = publisher
             return publisher
 
-        def handle(delivery: Delivery) -> None:
-            result = inbox.handle(delivery.body, delivery.user_id, delivery.redelivered)
-            self.stats.count(result.outcome)
-            if result.outcome is Outcome.QUARANTINED:
-                quarantine_publisher().publish_quarantine(
-                    delivery.body,
-                    participant_id=self.participant_id,
-                    reason=result.reason or "error",
-                    detail=result.detail or "",
-                )
-            elif result.outcome is Outcome.APPLIED:
-                # A receipt is waiting in the outbox: let the relay send it now.
+        def handle(batch: list[Delivery]) -> None:
+            results = inbox.handle_batch(batch)
+            for delivery, result in zip(batch, results, strict=True):
+                self.stats.count(result.outcome)
+                if result.outcome is Outcome.QUARANTINED:
+                    quarantine_publisher().publish_quarantine(
+                        delivery.body,
+                        participant_id=self.participant_id,
+                        reason=result.reason or "error",
+                        detail=result.detail or "",
+                    )
+            if any(result.outcome is Outcome.APPLIED for result in results):
+                # Receipts are waiting in the outbox: let the relay send them now.
                 wake.set()
 
         def once() -> None:
@@ -164,7 +173,7 @@ class Adapter:
             if not isinstance(consumer, Consumer):
                 consumer = Consumer(self.settings, inbox_queue(self.participant_id))
                 state["consumer"] = consumer
-            consumer.run(handle, stop)
+            consumer.run_batches(handle, stop, max_batch=self.apply_batch)
 
         try:
             run_with_reconnect(once, stop, maximum=RETRY_MAX_SECONDS, log=self._log)

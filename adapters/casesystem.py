@@ -10,10 +10,13 @@ point in the ``trm.case_systems`` group; the factory takes the home folder.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -42,6 +45,35 @@ class FileCaseSystem:
     def __init__(self, folder: Path) -> None:
         """Deliver into `folder`, created (mode 0700) if missing."""
         self.folder = Path(folder)
+        self._written: list[Path] | None = None
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Deliver several envelopes and make them all durable at once on leaving the block.
+
+        Inside the block files are written and renamed without a sync each;
+        on leaving it the whole batch is synced with one ``syncfs`` of the
+        folder's file system (Linux), else file by file and then the folder.
+        The inbox leaves the block before it commits, so a crash before the
+        sync leaves nothing recorded and the redelivery writes the files again.
+        One sync per batch instead of two per file is most of what makes a
+        backlog drain fast.
+        """
+        written: list[Path] = []
+        self._written = written
+        try:
+            yield
+        finally:
+            self._written = None
+        if not written:
+            return
+        try:
+            _sync_batch(self.folder, written)
+        except OSError as e:
+            raise CaseSystemError(
+                f"cannot sync the case system folder {self.folder}: {e.strerror}; "
+                "check that the disk is healthy and not full"
+            ) from e
 
     def path(self, envelope_id: str) -> Path:
         """The file an envelope is delivered to."""
@@ -63,7 +95,10 @@ class FileCaseSystem:
         data = json.dumps(document, ensure_ascii=False, indent=2).encode() + b"\n"
         try:
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_private(self.path(str(header.id)), data)
+            path = self.path(str(header.id))
+            _write_private(path, data, sync=self._written is None)
+            if self._written is not None:
+                self._written.append(path)
         except OSError as e:
             raise CaseSystemError(
                 f"cannot write to the case system folder {self.folder}: {e.strerror}; "
@@ -71,25 +106,71 @@ class FileCaseSystem:
             ) from e
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that readers see a whole file or none."""
+def _write_private(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Replace `path` with `data` so that readers see a whole file or none.
+
+    With `sync` the file and then its folder are synced; without, the caller
+    syncs the batch (`_sync_batch`).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    # Make the rename itself durable before the inbox transaction commits.
-    folder = os.open(path.parent, os.O_RDONLY)
+    if sync:
+        # Make the rename itself durable before the inbox transaction commits.
+        _sync_folder(path.parent)
+
+
+def _sync_batch(folder: Path, written: list[Path]) -> None:
+    """Make `written` files and their renames in `folder` durable."""
+    if _syncfs(folder):
+        return
+    for path in written:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    _sync_folder(folder)
+
+
+def _syncfs(folder: Path) -> bool:
+    """``syncfs(2)`` on `folder`'s file system; False where the C library lacks it."""
+    function = getattr(_libc(), "syncfs", None)
+    if function is None:
+        return False
+    descriptor = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        if function(descriptor) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
     finally:
-        os.close(folder)
+        os.close(descriptor)
+    return True
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_case_system(spec: str | None, home: Path) -> CaseSystem:

@@ -16,7 +16,8 @@ quarantine and acks.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -44,6 +45,7 @@ from broker.errors import (
 )
 from broker.faults import fault_point
 from broker.outbox import Outbox
+from broker.transport import Delivery
 from schemas.control import DeliveryReceipt
 
 if TYPE_CHECKING:
@@ -162,44 +164,80 @@ class Inbox:
         )
         return Result(Outcome.DUPLICATE, envelope_id, None)
 
+    def handle_batch(self, deliveries: Sequence[Delivery]) -> list[Result]:
+        """`handle` for several deliveries in one transaction; results in the same order.
+
+        Each envelope is opened first (outside the transaction), then every
+        one is deduplicated, applied or recorded as quarantined, and every
+        receipt queued, in a single transaction: one commit (and, with
+        `FileCaseSystem`, one folder sync) for the whole batch. The caller
+        acks the batch after this returns. A concurrent consumer that
+        recorded one of the ids first makes the batch fall back to `handle`
+        one delivery at a time, which is idempotent. Raises as `handle` does,
+        with nothing of the batch applied.
+        """
+        if len(deliveries) == 1:
+            only = deliveries[0]
+            return [self.handle(only.body, only.user_id, only.redelivered)]
+        received_at = self.clock()
+        directory = self.directory()
+        results: list[Result | None] = [None] * len(deliveries)
+        work: list[tuple[int, OpenedEnvelope | EnvelopeError, Delivery]] = []
+        for index, item in enumerate(deliveries):
+            # Only a redelivery can be a known duplicate worth skipping the open for.
+            known = self._known_duplicate(item.body) if item.redelivered else None
+            if known is not None:
+                results[index] = known
+                continue
+            try:
+                opened: OpenedEnvelope | EnvelopeError = open_envelope(
+                    item.body,
+                    recipient=self.recipient,
+                    directory=directory,
+                    now=received_at,
+                    amqp_user_id=item.user_id,
+                )
+            except EnvelopeError as e:
+                opened = e
+            work.append((index, opened, item))
+        try:
+            with storage_errors("applying a batch of envelopes"), self.engine.begin() as conn:
+                with batched(self.case_system):
+                    for index, opened, item in work:
+                        results[index] = self._record(conn, opened, item, received_at)
+                fault_point("inbox.before_commit")
+        except StorageError as e:
+            if not isinstance(e.__cause__, IntegrityError):
+                raise
+            return [self.handle(d.body, d.user_id, d.redelivered) for d in deliveries]
+        fault_point("inbox.after_commit")
+        done = [r for r in results if r is not None]
+        for result in done:
+            log.info(
+                f"inbox.{result.outcome}", envelope_id=result.envelope_id, reason=result.reason
+            )
+        return done
+
+    def _record(
+        self,
+        conn: Connection,
+        opened: OpenedEnvelope | EnvelopeError,
+        item: Delivery,
+        received_at: datetime,
+    ) -> Result:
+        """Apply an opened envelope, or record a refused one, inside `conn`'s transaction."""
+        if isinstance(opened, OpenedEnvelope):
+            return self._apply_in(conn, opened, received_at)
+        envelope_id, claimed = _unverified_origin(item.body)
+        sender = item.user_id or claimed
+        self._record_quarantine(conn, item.body, opened, envelope_id, sender, received_at)
+        return Result(Outcome.QUARANTINED, envelope_id, opened.reason, _detail(opened))
+
     def _apply(self, opened: OpenedEnvelope, received_at: datetime) -> Result:
         header = opened.header
         envelope_id = str(header.id)
         with storage_errors(f"applying envelope {envelope_id}"), self.engine.begin() as conn:
-            seen = conn.execute(
-                sa.select(inbox_table.c.digest).where(inbox_table.c.envelope_id == envelope_id)
-            ).first()
-            if seen is not None and seen.digest == opened.digest:
-                conn.execute(
-                    inbox_table.update()
-                    .where(inbox_table.c.envelope_id == envelope_id)
-                    .values(redeliveries=inbox_table.c.redeliveries + 1)
-                )
-                result = Result(Outcome.DUPLICATE, envelope_id, None)
-            elif seen is not None:
-                error = ReplayedEnvelope(
-                    f"envelope id {envelope_id} was applied before with other bytes "
-                    f"(digest {seen.digest[:16]}..., now {opened.digest[:16]}...)"
-                )
-                self._record_quarantine(
-                    conn, opened.raw, error, envelope_id, header.sender, received_at
-                )
-                result = Result(Outcome.QUARANTINED, envelope_id, error.reason, str(error))
-            else:
-                applied_at = self._take(conn, opened, received_at)
-                conn.execute(
-                    inbox_table.insert().values(
-                        envelope_id=envelope_id,
-                        digest=opened.digest,
-                        sender=header.sender,
-                        case_ref=header.case,
-                        kind=str(header.kind),
-                        received_at=received_at,
-                        applied_at=applied_at,
-                        redeliveries=0,
-                    )
-                )
-                result = Result(Outcome.APPLIED, envelope_id, None)
+            result = self._apply_in(conn, opened, received_at)
             fault_point("inbox.before_commit")
         fault_point("inbox.after_commit")
         log.info(
@@ -210,6 +248,46 @@ class Inbox:
             kind=str(header.kind),
             reason=result.reason,
         )
+        return result
+
+    def _apply_in(self, conn: Connection, opened: OpenedEnvelope, received_at: datetime) -> Result:
+        """Deduplicate and apply `opened` inside `conn`'s transaction."""
+        header = opened.header
+        envelope_id = str(header.id)
+        seen = conn.execute(
+            sa.select(inbox_table.c.digest).where(inbox_table.c.envelope_id == envelope_id)
+        ).first()
+        if seen is not None and seen.digest == opened.digest:
+            conn.execute(
+                inbox_table.update()
+                .where(inbox_table.c.envelope_id == envelope_id)
+                .values(redeliveries=inbox_table.c.redeliveries + 1)
+            )
+            result = Result(Outcome.DUPLICATE, envelope_id, None)
+        elif seen is not None:
+            error = ReplayedEnvelope(
+                f"envelope id {envelope_id} was applied before with other bytes "
+                f"(digest {seen.digest[:16]}..., now {opened.digest[:16]}...)"
+            )
+            self._record_quarantine(
+                conn, opened.raw, error, envelope_id, header.sender, received_at
+            )
+            result = Result(Outcome.QUARANTINED, envelope_id, error.reason, str(error))
+        else:
+            applied_at = self._take(conn, opened, received_at)
+            conn.execute(
+                inbox_table.insert().values(
+                    envelope_id=envelope_id,
+                    digest=opened.digest,
+                    sender=header.sender,
+                    case_ref=header.case,
+                    kind=str(header.kind),
+                    received_at=received_at,
+                    applied_at=applied_at,
+                    redeliveries=0,
+                )
+            )
+            result = Result(Outcome.APPLIED, envelope_id, None)
         return result
 
     def _take(self, conn: Connection, opened: OpenedEnvelope, received_at: datetime) -> datetime:
@@ -339,6 +417,17 @@ class Inbox:
                 redeliveries=0,
             )
         )
+
+
+@contextmanager
+def batched(case_system: CaseSystem) -> Iterator[None]:
+    """The case system's own batch context (one folder sync per batch), if it has one."""
+    start = getattr(case_system, "batch", None)
+    if not callable(start):
+        yield
+        return
+    with start():
+        yield
 
 
 def _unverified_origin(body: bytes) -> tuple[str | None, str | None]:

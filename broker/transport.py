@@ -496,6 +496,71 @@ class Consumer:
             self.close()
             raise translate(e, self._settings, f"consuming {self._queue}") from e
 
+    def run_batches(
+        self,
+        handle: Callable[[list[Delivery]], None],
+        stop: threading.Event,
+        max_batch: int = 100,
+    ) -> None:
+        """Hand ``handle`` every delivery already waiting (up to ``max_batch``) at once.
+
+        One multiple-ack retires the batch when ``handle`` returns; if it
+        raises, the whole batch is nacked and requeued. A batch never waits
+        for more deliveries: it is what the prefetch window already brought,
+        so a trickle is handled one by one with no added latency. Otherwise
+        as `run`.
+        """
+        try:
+            if self._channel is None or self._channel.is_closed:
+                self.close()
+                self._connect()
+            channel = self._channel
+            assert channel is not None
+            stream = channel.consume(self._queue, inactivity_timeout=self.POLL_SECONDS)
+            for method, properties, body in stream:
+                if stop.is_set():
+                    break
+                if method is None or properties is None:
+                    continue
+                batch = [_delivery(method, properties, body or b"")]
+                waiting = min(channel.get_waiting_message_count(), max_batch - 1)
+                for _ in range(waiting):
+                    more_method, more_properties, more_body = next(stream)
+                    if more_method is None or more_properties is None:
+                        break
+                    batch.append(_delivery(more_method, more_properties, more_body or b""))
+                self._dispatch_batch(channel, handle, batch)
+            channel.cancel()
+        except _PIKA_ERRORS as e:
+            self.close()
+            raise translate(e, self._settings, f"consuming {self._queue}") from e
+
+    def _dispatch_batch(
+        self,
+        channel: BlockingChannel,
+        handle: Callable[[list[Delivery]], None],
+        batch: list[Delivery],
+    ) -> None:
+        last = batch[-1].delivery_tag
+        try:
+            handle(batch)
+        except TrmError as e:
+            self._log.warning("handler refused a batch; requeued", reason=e.reason, size=len(batch))
+            channel.basic_nack(last, multiple=True, requeue=True)
+            return
+        except Exception as e:
+            # Log the type and where it was raised, never str(e): driver errors may quote data.
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            self._log.error(
+                "handler failed; batch requeued",
+                error=type(e).__name__,
+                at=f"{frame.filename}:{frame.lineno}",
+                size=len(batch),
+            )
+            channel.basic_nack(last, multiple=True, requeue=True)
+            return
+        channel.basic_ack(last, multiple=True)
+
     def _dispatch(
         self,
         channel: BlockingChannel,
@@ -537,6 +602,19 @@ class Consumer:
         _close_quietly(self._connection)
         self._connection = None
         self._channel = None
+
+
+def _delivery(
+    method: pika.spec.Basic.Deliver, properties: pika.spec.BasicProperties, body: bytes
+) -> Delivery:
+    return Delivery(
+        body=body,
+        user_id=properties.user_id,
+        message_id=properties.message_id,
+        redelivered=bool(method.redelivered),
+        headers=dict(properties.headers or {}),
+        delivery_tag=int(method.delivery_tag or 0),
+    )
 
 
 # --- reconnecting ----------------------------------------------------------------

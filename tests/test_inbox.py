@@ -30,6 +30,7 @@ from broker.errors import CaseSystemError, ConfigError
 from broker.inbox import Inbox, Outcome
 from broker.outbox import Outbox, Relay
 from broker.testing import MemoryBroker, Network, capture_logs, make_network
+from broker.transport import Delivery
 from schemas.base import MessageKind
 from schemas.control import DeliveryReceipt
 from schemas.examples import EXAMPLE_PERSON_NAME, example
@@ -409,3 +410,64 @@ def test_unwritable_case_folder_is_a_case_system_error(network: Network, tmp_pat
     )
     with pytest.raises(CaseSystemError, match="cannot write"):
         FileCaseSystem(blocker / "inbox").deliver(opened)
+
+
+def _delivery(body: bytes, user: str | None, tag: int, redelivered: bool = False) -> Delivery:
+    return Delivery(
+        body=body,
+        user_id=user,
+        message_id=None,
+        redelivered=redelivered,
+        headers={},
+        delivery_tag=tag,
+    )
+
+
+def test_batch_applies_quarantines_and_deduplicates_in_one_transaction(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """A batch applies new envelopes once, quarantines a bad one, absorbs a repeat, in order."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    first, second = request(network), request(network)
+    bad = first.raw[:-1] + bytes([first.raw[-1] ^ 1])
+    batch = [
+        _delivery(first.raw, KZ, 1),
+        _delivery(bad, KZ, 2),
+        _delivery(second.raw, KZ, 3),
+        _delivery(first.raw, KZ, 4, redelivered=True),
+    ]
+    results = inbox.handle_batch(batch)
+    assert [r.outcome for r in results] == [
+        Outcome.APPLIED,
+        Outcome.QUARANTINED,
+        Outcome.APPLIED,
+        Outcome.DUPLICATE,
+    ]
+    assert results[1].reason == "bad_signature"
+    assert {row.envelope_id for row in rows(engine, inbox_table)} == {
+        str(first.id),
+        str(second.id),
+    }
+    assert len(Outbox(engine).pending()) == 2
+    assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == sorted(
+        [f"{first.id}.json", f"{second.id}.json"]
+    )
+    [quarantined] = rows(engine, quarantine_table)
+    assert quarantined.body == bad
+    again = inbox.handle_batch([_delivery(first.raw, KZ, 5, True), _delivery(second.raw, KZ, 6)])
+    assert [r.outcome for r in again] == [Outcome.DUPLICATE, Outcome.DUPLICATE]
+    assert len(Outbox(engine).pending()) == 2
+
+
+def test_batch_with_a_failing_case_system_applies_nothing(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """When the case system refuses one envelope of a batch, none of the batch is recorded."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the case folder should be")
+    inbox = make_inbox(engine, network, UZ, blocked)
+    batch = [_delivery(request(network).raw, KZ, tag) for tag in (1, 2)]
+    with pytest.raises(CaseSystemError):
+        inbox.handle_batch(batch)
+    assert rows(engine, inbox_table) == []
+    assert rows(engine, outbox_table) == []

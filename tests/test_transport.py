@@ -491,3 +491,47 @@ def test_publisher_survives_broker_restart(net: Net) -> None:
     assert len(attempts) > 1, "the publisher never lost its connection"
     present = {p.message_id for p, _ in _drain(net.admin, inbox_queue(net.b))}
     assert present >= set(ids)
+
+
+def _run_batches_in_thread(
+    consumer: Consumer, handle: Callable[[list[Delivery]], None], stop: threading.Event
+) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            consumer.run_batches(handle, stop, max_batch=4)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_batches_take_what_is_waiting_and_ack_it_at_once(net: Net) -> None:
+    """Waiting deliveries come in batches of at most max_batch, in order; a failed batch
+    is redelivered whole; every delivery is acked once its batch is handled."""
+    ids = [f"env-{i}" for i in range(10)]
+    _publish(net, *ids)
+    batches: list[list[Delivery]] = []
+
+    def handle(batch: list[Delivery]) -> None:
+        batches.append(batch)
+        if len(batches) == 1:
+            raise TrmError("not now")
+
+    stop = threading.Event()
+    consumer = Consumer(net.settings(net.b), inbox_queue(net.b))
+    thread, errors = _run_batches_in_thread(consumer, handle, stop)
+    _wait_for(lambda: sum(len(b) for b in batches[1:]) >= 10)
+    stop.set()
+    thread.join(5)
+    consumer.close()
+    assert not thread.is_alive() and not errors
+    assert all(1 <= len(b) <= 4 for b in batches)
+    handled = [d.message_id for b in batches[1:] for d in b]
+    assert sorted(handled) == sorted(ids)
+    again = {d.message_id for b in batches[1:] for d in b if d.redelivered}
+    assert {d.message_id for d in batches[0]} <= again
+    assert net.depths(inbox_queue(net.b)) == {inbox_queue(net.b): 0}
