@@ -28,7 +28,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from campaigns.checker import RECEIPT_KIND, Party, Status, check
+from campaigns.checker import RECEIPT_KIND, Party, Status, check, quarantine_rows
 from campaigns.network import KZ, ROUTING, UZ, Services, scratch_network, sqlite_synchronous
 from campaigns.report import Row
 from schemas.base import MessageKind
@@ -175,6 +175,9 @@ class _Run:
         row.lost = verdict.count(Status.LOST) + (self.messages - row.messages)
         row.duplicated = verdict.count(Status.DUPLICATED)
         receipts_ok = verdict.count(Status.OK, receipts=True)
+        quarantined = quarantine_rows(net.database_url(UZ)) + quarantine_rows(net.database_url(KZ))
+        row.quarantined = len(quarantined)
+        row.add_reasons(q.reason for q in quarantined)
         row.figures.update(
             redeliveries_absorbed=verdict.redeliveries,
             outbox_resends=verdict.resent,
@@ -189,6 +192,7 @@ class _Run:
         row.must("duplicate effects 0", row.duplicated == 0)
         row.must("no unexpected effects", not verdict.unexpected)
         row.must("every outbox drained", verdict.pending == 0)
+        row.must("no valid envelope quarantined", not quarantined)
         row.must(
             "every receipt delivered once",
             receipts_ok == verdict.messages(receipts=True) == self.messages,
