@@ -16,7 +16,6 @@ checks), so the result is deterministic.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import itertools
 import json
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.directory import Directory, parse_unverified
-from broker.envelope import read_header, verify_envelope
+from broker.envelope import EnvelopeVerifier, read_header
 from broker.errors import AuditError, CheckpointInvalid, LogTampered, ProofInvalid, TrmError
 from services.auditlog import (
     EXPORT_TYPE,
@@ -174,11 +173,13 @@ def _header(line: bytes | None) -> _Header:
 
 def _b64(text: str, where: int | None, what: str) -> bytes:
     try:
-        raw = base64.b64decode(text, validate=True)
+        # Lenient decoding skips stray characters, but the comparison below
+        # refuses any text that is not exactly the encoding of its bytes.
+        raw = binascii.a2b_base64(text)
     except (binascii.Error, ValueError) as e:
         raise LogTampered(where, f"{what} is not base64") from e
     # One encoding per value: a flipped padding bit must not go unnoticed.
-    if base64.b64encode(raw).decode("ascii") != text:
+    if binascii.b2a_base64(raw, newline=False) != text.encode("ascii", "replace"):
         raise LogTampered(where, f"{what} is not canonical base64")
     return raw
 
@@ -298,12 +299,12 @@ def _check_chain(scan: _Scan, proven: int, findings: _Findings) -> None:
 
 # --- envelope signatures -----------------------------------------------------------------
 
-_WORKER_DIRECTORY: Directory | None = None
+_WORKER_VERIFIER: EnvelopeVerifier | None = None
 
 
 def _init_worker(directory: Directory) -> None:
-    global _WORKER_DIRECTORY  # one directory per worker process, set once
-    _WORKER_DIRECTORY = directory
+    global _WORKER_VERIFIER  # one verifier (and key cache) per worker process, set once
+    _WORKER_VERIFIER = EnvelopeVerifier(directory)
 
 
 @dataclass(frozen=True)
@@ -317,14 +318,17 @@ class _ChunkResult:
 _Item = tuple[int, datetime, str, bytes]
 
 
-def _check_chunk(items: list[_Item], directory: Directory | None = None) -> _ChunkResult:
-    """Verify each envelope at its receive time; the first outcome that contradicts the record."""
-    directory = directory or _WORKER_DIRECTORY
-    assert directory is not None  # set by _init_worker
+def _check_chunk(items: list[_Item], verifier: EnvelopeVerifier | None = None) -> _ChunkResult:
+    """Verify each envelope at its receive time; the first outcome that contradicts the record.
+
+    The checks are `verify_envelope(raw, directory, at=at, max_age=None)`'s.
+    """
+    verifier = verifier or _WORKER_VERIFIER
+    assert verifier is not None  # set by _init_worker
     ok = rejected = confirmed = 0
     for index, at, recorded, raw in items:
         try:
-            verify_envelope(raw, directory, at=at, max_age=None)
+            verifier.check(raw, at=at, max_age=None)
             outcome, detail = VERIFIED, ""
         except TrmError as e:
             outcome, detail = f"{REJECTED}{e.reason}", str(e)
@@ -350,7 +354,7 @@ class _Signatures:
     """Envelope checks in chunks: in worker processes, or inline for one worker."""
 
     def __init__(self, directory: Directory, workers: int) -> None:
-        self.directory = directory
+        self.verifier = EnvelopeVerifier(directory)
         self.pool = (
             ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(directory,))
             if workers > 1
@@ -371,7 +375,7 @@ class _Signatures:
         if not chunk:
             return
         if self.pool is None:
-            self.results.append(_check_chunk(chunk, self.directory))
+            self.results.append(_check_chunk(chunk, self.verifier))
             return
         self.pending.append(self.pool.submit(_check_chunk, chunk))
         # Bounded memory: at most `window` chunks in flight.
