@@ -3,6 +3,7 @@
 The routing service holds no decryption key for anyone's payloads: it sees
 every envelope published on ``trm.handoff`` (its queue ``trm.routing`` is
 bound with ``#``), checks each one's signature against the trust directory,
+and then, for every delivery already waiting (up to a batch), in arrival order
 and in one database transaction
 
 1. skips it if the same bytes are already logged as verified, or as rejected
@@ -13,9 +14,11 @@ and in one database transaction
 3. for a verified envelope, folds its header into the case's state
    (`services.cases.apply`) and stores the state and any anomaly;
 
-and only then acks the delivery. A crash anywhere before the commit leaves
-nothing behind and the broker redelivers; a crash between commit and ack
-makes the redelivery a no-op.
+and only then acks the batch with one multiple-ack. A crash anywhere before
+the commit leaves nothing behind and the broker redelivers the batch; a crash
+between commit and ack makes the redelivery a no-op, envelope by envelope.
+One commit (one fsync) per batch rather than per envelope is what lets the
+service keep up with a backlog.
 
 Deadlines are polled on a timer: each warning or overdue deadline gets one
 signed reminder envelope (no personal data) for the participant who owes the
@@ -72,6 +75,8 @@ DirectorySource = Callable[[], Directory]
 # SQLite's BEGIN IMMEDIATE already does.
 _PG_ROUTING_LOCK = 0x74726D52
 TIMER_TICK = 0.5
+DEFAULT_BATCH = 100
+"""Deliveries logged in one transaction at most (those the prefetch window already holds)."""
 """Seconds between checks of the deadline and checkpoint timers."""
 
 
@@ -172,8 +177,14 @@ class RoutingService:
         timers: Timers | None = None,
         max_age: timedelta | None = MAX_AGE,
         keys: ParticipantKeys | None = None,
+        batch: int = DEFAULT_BATCH,
     ) -> None:
-        """The routing participant whose key folder is `home`, on the migrated `engine`."""
+        """The routing participant whose key folder is `home`, on the migrated `engine`.
+
+        `batch` caps how many waiting deliveries are logged in one transaction.
+        """
+        if batch < 1:
+            raise ConfigError(f"the routing batch must be at least 1, got {batch}")
         self.keys = keys if keys is not None else load_keys(home)
         self.participant = self.keys.card.id
         self.engine = engine
@@ -182,6 +193,7 @@ class RoutingService:
         self.policies = tuple(policies)
         self.timers = timers or Timers()
         self.max_age = max_age
+        self.batch = batch
         self.store = CaseStore(engine)
         self.outbox = Outbox(engine)
         self.auditlog = AuditLog(
@@ -193,36 +205,74 @@ class RoutingService:
         self._appended = 0
         self._counter = threading.Lock()
 
-    # -- one delivery ---------------------------------------------------------------------
+    # -- deliveries -----------------------------------------------------------------------
 
     def handle(self, delivery: Delivery) -> None:
         """The consumer's handler: returns once the envelope is committed (then it is acked)."""
         self.receive(delivery.body, user_id=delivery.user_id)
 
+    def handle_batch(self, deliveries: list[Delivery]) -> None:
+        """The batch consumer's handler: returns once all are committed (then one ack)."""
+        self.receive_batch([(d.body, d.user_id) for d in deliveries])
+
     def receive(self, raw: bytes, *, user_id: str | None) -> Outcome:
         """Verify, log and apply one envelope as received now; idempotent for the same bytes."""
-        at = self.clock()
+        [outcome] = self.receive_batch([(raw, user_id)])
+        return outcome
+
+    def receive_batch(self, arrivals: Sequence[tuple[bytes, str | None]]) -> list[Outcome]:
+        """Verify, log and apply envelopes in arrival order, in one transaction.
+
+        `arrivals` are (exact bytes, broker-validated AMQP user id) pairs. Each is
+        verified first (no lock held), then all are checked for redelivery,
+        appended and tracked in order inside one transaction, so that a crash
+        before the commit leaves nothing and a redelivered batch is absorbed
+        entry by entry as duplicates. Returns one outcome per arrival.
+        """
+        if not arrivals:
+            return []
         directory = self.directory()
-        header, verification = self._verify(raw, directory, at, user_id)
-        envelope_id = None if header is None else str(header.id)
-        with storage_errors("recording an envelope"), self.engine.begin() as conn:
+        checked = []
+        for raw, user_id in arrivals:
+            at = self.clock()
+            header, verification = self._verify(raw, directory, at, user_id)
+            checked.append((raw, at, header, verification))
+        with storage_errors("recording envelopes"), self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_ROUTING_LOCK)))
-            seen = _logged(conn, envelope_id)
-            # Bytes logged ok, or logged at all and still failing: a redelivery. Bytes
-            # rejected before (say, under another AMQP user) that now verify are logged.
-            if (raw, VERIFIED) in seen or (verification != VERIFIED and raw in dict(seen)):
-                self._log.info("envelope already logged", envelope_id=envelope_id)
-                return Outcome(envelope_id, "duplicate", None)
-            if verification == VERIFIED and any(v == VERIFIED for _, v in seen):
-                verification = REJECTED + ReplayedEnvelope.reason
-            index = self.auditlog.append(conn, raw, received_at=at, verification=verification)
-            outcome = Outcome(envelope_id, verification, index)
-            if verification == VERIFIED and header is not None:
-                outcome = self._track(conn, header, at, directory, index)
-        self._logged(outcome, header)
-        self._count_entry()
-        return outcome
+            outcomes = [self._record(conn, directory, *item) for item in checked]
+        for outcome, (_, _, header, _) in zip(outcomes, checked, strict=True):
+            if outcome.duplicate:
+                self._log.info("envelope already logged", envelope_id=outcome.envelope_id)
+            else:
+                self._logged(outcome, header)
+        self._count_entries(sum(1 for o in outcomes if not o.duplicate))
+        return outcomes
+
+    def _record(
+        self,
+        conn: Connection,
+        directory: Directory,
+        raw: bytes,
+        at: datetime,
+        header: EnvelopeHeader | None,
+        verification: str,
+    ) -> Outcome:
+        """Log one verified (or rejected) envelope inside the batch's transaction."""
+        envelope_id = None if header is None else str(header.id)
+        # Reads this transaction's own earlier appends too, so a batch holding
+        # the same bytes twice logs them once.
+        seen = _logged(conn, envelope_id)
+        # Bytes logged ok, or logged at all and still failing: a redelivery. Bytes
+        # rejected before (say, under another AMQP user) that now verify are logged.
+        if (raw, VERIFIED) in seen or (verification != VERIFIED and raw in dict(seen)):
+            return Outcome(envelope_id, "duplicate", None)
+        if verification == VERIFIED and any(v == VERIFIED for _, v in seen):
+            verification = REJECTED + ReplayedEnvelope.reason
+        index = self.auditlog.append(conn, raw, received_at=at, verification=verification)
+        if verification == VERIFIED and header is not None:
+            return self._track(conn, header, at, directory, index)
+        return Outcome(envelope_id, verification, index)
 
     def _verify(
         self, raw: bytes, directory: Directory, at: datetime, user_id: str | None
@@ -283,9 +333,16 @@ class RoutingService:
             self._roles = (directory.serial, roles)
         return roles
 
-    def _count_entry(self) -> None:
+    def _count_entries(self, appended: int) -> None:
+        """Count new entries; sign a checkpoint once `checkpoint_every` have accumulated.
+
+        A batch commits as a whole, so the checkpoint that the threshold calls
+        for covers the entire batch that crossed it.
+        """
+        if not appended:
+            return
         with self._counter:
-            self._appended += 1
+            self._appended += appended
             due = self._appended >= self.timers.checkpoint_every
         if due:
             self.checkpoint()
@@ -425,7 +482,7 @@ class RoutingService:
         def loop() -> None:
             consumer = Consumer(settings, ROUTING_QUEUE)
             try:
-                consumer.run(self.handle, stop)
+                consumer.run_batches(self.handle_batch, stop, max_batch=self.batch)
             finally:
                 consumer.close()
 

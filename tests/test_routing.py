@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.database import open_database
 from broker.directory import Directory, DirectoryBody, Role, load_directory, sign_directory
 from broker.envelope import Recipient, open_envelope, read_header, seal
+from broker.errors import StorageError
 from broker.keys import (
     ParticipantKeys,
     init_authority,
@@ -30,12 +31,13 @@ from broker.keys import (
 )
 from broker.outbox import Outbox
 from broker.testing import capture_logs
+from broker.transport import Delivery
 from schemas.base import MessageKind
 from schemas.control import Reminder as ReminderMessage
 from schemas.examples import EXAMPLE_PERSON_NAME, example
 from services.audit import diff_states, replay_export
 from services.auditlog import AuditLog, log_entries_table
-from services.cases import Stage
+from services.cases import CaseState, Stage
 from services.casestore import CaseStore
 from services.checkpoint import origin_for
 from services.deadlines import Status
@@ -233,7 +235,7 @@ def test_out_of_order_envelope_is_stored_as_an_anomaly(
     assert "cannot follow stage requested" in stored.detail
     assert log_size(engine) == 2
     detail = show(world, database_url)
-    assert [t["anomaly"] for t in detail["timeline"]] == [None, "out_of_order"]  # type: ignore[union-attr]
+    assert [t["anomaly"] for t in detail["timeline"]] == [None, "out_of_order"]  # type: ignore[attr-defined]
     code, out = trm("cases", "list", "--home", str(world.home), "--database-url", database_url)
     assert code == 0 and CASE in out and "requested" in out
 
@@ -331,6 +333,100 @@ def test_no_payload_reaches_logs_or_the_case_tables(world: World, engine: sa.Eng
         for table in ("cases", "anomalies", "reminders"):
             rows = conn.execute(sa.text(f"SELECT * FROM {table}")).all()  # noqa: S608
             assert EXAMPLE_PERSON_NAME not in repr(rows)
+
+
+# --- batches ------------------------------------------------------------------------------
+
+
+def delivery(body: bytes, user_id: str, tag: int) -> Delivery:
+    """A delivery as the batch consumer hands it over."""
+    return Delivery(body, user_id, None, False, {}, tag)
+
+
+def test_batch_is_logged_in_arrival_order_and_absorbed_when_redelivered(
+    world: World, engine: sa.Engine
+) -> None:
+    """Valid, duplicate and forged envelopes in one batch are logged in order once, never again."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    request = world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0)
+    svc.receive(request, user_id=KZ)
+    accepted = world.seal(K.RETURN_ACCEPTED, UZ, (KZ, NGO), seq=1, at=clock.advance(hours=1))
+    travel = world.seal(K.TRAVEL_ARRANGED, KZ, (UZ, NGO), seq=2, at=clock.advance(hours=1))
+    forged = travel[:-1] + bytes([travel[-1] ^ 1])
+    batch = [
+        delivery(accepted, UZ, 1),
+        delivery(request, KZ, 2),  # logged before this batch
+        delivery(forged, KZ, 3),
+        delivery(travel, KZ, 4),
+        delivery(accepted, UZ, 5),  # twice in the same batch
+    ]
+    outcomes = svc.receive_batch([(d.body, d.user_id) for d in batch])
+    assert [(o.verification, o.index, o.stage) for o in outcomes] == [
+        ("ok", 1, Stage.ACCEPTED),
+        ("duplicate", None, None),
+        ("rejected:bad_signature", 2, None),
+        ("ok", 3, Stage.TRAVEL_ARRANGED),
+        ("duplicate", None, None),
+    ]
+    log = AuditLog(engine, origin=origin_for(ROUTING), signer=None)
+    entries = [log.entry(i) for i in range(log.size())]
+    assert [(e.envelope, e.verification) for e in entries] == [
+        (request, "ok"),
+        (accepted, "ok"),
+        (forged, "rejected:bad_signature"),
+        (travel, "ok"),
+    ]
+    assert [e.received_at for e in entries] == sorted(e.received_at for e in entries)
+    state = CaseStore(engine).get(CASE)
+    assert state is not None and state.stage is Stage.TRAVEL_ARRANGED
+    clock.advance(minutes=5)
+    svc.handle_batch(batch)  # the broker redelivers the whole batch after a lost ack
+    assert log.size() == 4
+    assert CaseStore(engine).get(CASE) == state
+    assert CaseStore(engine).anomalies() == []
+    again = svc.receive_batch([(d.body, d.user_id) for d in batch])
+    assert all(o.duplicate for o in again)
+
+
+def test_batch_failing_before_commit_leaves_nothing_and_is_applied_once_later(
+    world: World, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage error on the batch's second envelope rolls back the first; the retry logs both."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    request = world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0)
+    accepted = world.seal(K.RETURN_ACCEPTED, UZ, (KZ, NGO), seq=1, at=T0)
+    arrivals = [(request, KZ), (accepted, UZ)]
+    save = svc.store.save
+    calls: list[int] = []
+
+    def failing_save(conn: sa.Connection, state: CaseState) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise StorageError("saving a case failed: disk I/O error")
+        save(conn, state)
+
+    monkeypatch.setattr(svc.store, "save", failing_save)
+    with pytest.raises(StorageError, match="disk I/O error"):
+        svc.receive_batch(arrivals)
+    assert log_size(engine) == 0 and CaseStore(engine).get(CASE) is None
+    monkeypatch.setattr(svc.store, "save", save)
+    outcomes = svc.receive_batch(arrivals)
+    assert [(o.verification, o.index) for o in outcomes] == [("ok", 0), ("ok", 1)]
+    state = CaseStore(engine).get(CASE)
+    assert state is not None and state.stage is Stage.ACCEPTED
+
+
+def test_checkpoint_threshold_counts_entries_of_batches(world: World, engine: sa.Engine) -> None:
+    """With checkpoint_every=3, the batch whose entries reach 3 signs a checkpoint covering it."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock, timers=Timers(checkpoint_every=3))
+    svc.receive_batch([(b"junk 0", KZ), (b"junk 1", KZ), (b"junk 0", KZ)])
+    assert svc.auditlog.latest_checkpoint() is None
+    svc.receive_batch([(b"junk 2", KZ), (b"junk 3", KZ)])
+    latest = svc.auditlog.latest_checkpoint()
+    assert latest is not None and latest[0] == 4
 
 
 # --- deadlines ----------------------------------------------------------------------------
