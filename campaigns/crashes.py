@@ -37,6 +37,8 @@ from trm.localnet import LocalNetwork
 CASES = 50
 """Messages are spread over this many case references."""
 RABBITMQ_BOOT_SECONDS = 180
+BATCH_FAULT = 0.1
+"""Probability of a kill at each inbox fault point, passed once per applied batch."""
 RESTART_SECONDS = 2.5
 """About how long an adapter takes to die, be noticed and start again."""
 BROKER_EVENT_SECONDS = 10.0
@@ -214,8 +216,8 @@ def run_consumer_crashes(
     root: Path, database: str, services: Services, *, messages: int, kills: int, seed: int = 1
 ) -> Row:
     """Campaign 1: the receiving adapter SIGKILLed `kills` times while `messages` flow."""
-    probability = min(0.05, 2.0 * kills / max(messages, 1))
-    faults = f"inbox.before_commit:{probability:.4f},inbox.after_commit:{probability:.4f}"
+    # The inbox applies waiting deliveries in batches: each point is passed once per batch.
+    faults = f"inbox.before_commit:{BATCH_FAULT},inbox.after_commit:{BATCH_FAULT}"
     with scratch_network(root, database, [KZ, UZ, ROUTING], services) as net:
         run = _Run(net, messages, seed)
         sender = Supervised(net, KZ)
@@ -223,8 +225,9 @@ def run_consumer_crashes(
         sender.start()
         receiver.start()
         started = time.monotonic()
-        run.sender()
-        external_target = kills // 2
+        # Paced so that deliveries keep arriving across every kill.
+        run.sender(pace=RESTART_SECONDS * kills / max(messages, 1))
+        external_target = kills // 3
 
         def tend() -> None:
             receiver.tend()
@@ -384,18 +387,22 @@ def run_broker_restarts(
             def tend() -> None:
                 receiver.tend()
                 sender.tend()
-                target = len(plan) * (done["restarts"] + done["hard_kills"] + 1) / (len(plan) + 1)
-                progress = len(plan) * run.sent / max(messages, 1)
-                if plan and progress >= target:
-                    what = plan.pop()
-                    if what == "restart":
+                happened = done["restarts"] + done["hard_kills"]
+                # Event k is due once k+1 shares of (events + 1) of the messages were sent.
+                due = messages * (happened + 1) / (events + 1)
+                if happened < events and run.sent >= due:
+                    if plan[happened] == "restart":
                         restart_app(run.rng.uniform(2.0, 5.0))
                         done["restarts"] += 1
                     else:
                         hard_kill()
                         done["hard_kills"] += 1
 
-            settled = run.wait(_timeout(messages) + 60 * (restarts + hard_kills), tend)
+            settled = run.wait(
+                _timeout(messages) + 60 * events,
+                tend,
+                lambda: done["restarts"] + done["hard_kills"] == events,
+            )
             seconds = time.monotonic() - started
             sender.stop()
             receiver.stop()
