@@ -76,6 +76,8 @@ DirectorySource = Callable[[], Directory]
 _PG_ROUTING_LOCK = 0x74726D52
 TIMER_TICK = 0.5
 DEFAULT_BATCH = 100
+_ID_CHUNK = 500
+"""Envelope ids per IN (...) list, well under every backend's parameter limit."""
 """Deliveries logged in one transaction at most (those the prefetch window already holds)."""
 """Seconds between checks of the deadline and checkpoint timers."""
 
@@ -240,7 +242,8 @@ class RoutingService:
         with storage_errors("recording envelopes"), self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_ROUTING_LOCK)))
-            outcomes = [self._record(conn, directory, *item) for item in checked]
+            logged = _logged(conn, {None if h is None else str(h.id) for _, _, h, _ in checked})
+            outcomes = [self._record(conn, directory, logged, *item) for item in checked]
         for outcome, (_, _, header, _) in zip(outcomes, checked, strict=True):
             if outcome.duplicate:
                 self._log.info("envelope already logged", envelope_id=outcome.envelope_id)
@@ -253,16 +256,20 @@ class RoutingService:
         self,
         conn: Connection,
         directory: Directory,
+        logged: dict[str | None, list[tuple[bytes, str]]],
         raw: bytes,
         at: datetime,
         header: EnvelopeHeader | None,
         verification: str,
     ) -> Outcome:
-        """Log one verified (or rejected) envelope inside the batch's transaction."""
+        """Log one verified (or rejected) envelope inside the batch's transaction.
+
+        `logged` holds what the log has under each id of the batch; the
+        entries this batch appends are added to it, so a batch holding the
+        same bytes twice logs them once.
+        """
         envelope_id = None if header is None else str(header.id)
-        # Reads this transaction's own earlier appends too, so a batch holding
-        # the same bytes twice logs them once.
-        seen = _logged(conn, envelope_id)
+        seen = logged.setdefault(envelope_id, [])
         # Bytes logged ok, or logged at all and still failing: a redelivery. Bytes
         # rejected before (say, under another AMQP user) that now verify are logged.
         if (raw, VERIFIED) in seen or (verification != VERIFIED and raw in dict(seen)):
@@ -270,6 +277,7 @@ class RoutingService:
         if verification == VERIFIED and any(v == VERIFIED for _, v in seen):
             verification = REJECTED + ReplayedEnvelope.reason
         index = self.auditlog.append(conn, raw, received_at=at, verification=verification)
+        seen.append((raw, verification))
         if verification == VERIFIED and header is not None:
             return self._track(conn, header, at, directory, index)
         return Outcome(envelope_id, verification, index)
@@ -526,9 +534,18 @@ class LazyPublisher:
             self._publisher = None
 
 
-def _logged(conn: Connection, envelope_id: str | None) -> list[tuple[bytes, str]]:
-    """(body, verification) of the entries logged under `envelope_id` (under no id when None)."""
+def _logged(
+    conn: Connection, envelope_ids: set[str | None]
+) -> dict[str | None, list[tuple[bytes, str]]]:
+    """(body, verification) of the entries logged under each id (None: under no id)."""
     t = log_entries_table.c
-    match = t.envelope_id.is_(None) if envelope_id is None else t.envelope_id == envelope_id
-    rows = conn.execute(sa.select(t.body, t.verification).where(match)).all()
-    return [(bytes(r.body), r.verification) for r in rows]
+    found: dict[str | None, list[tuple[bytes, str]]] = {i: [] for i in envelope_ids}
+    ids = sorted(i for i in envelope_ids if i is not None)
+    matches = [t.envelope_id.in_(ids[n : n + _ID_CHUNK]) for n in range(0, len(ids), _ID_CHUNK)]
+    if None in envelope_ids:
+        matches.append(t.envelope_id.is_(None))
+    for match in matches:
+        query = sa.select(t.envelope_id, t.body, t.verification).where(match).order_by(t.idx)
+        for row in conn.execute(query):
+            found[row.envelope_id].append((bytes(row.body), row.verification))
+    return found
