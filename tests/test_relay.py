@@ -22,7 +22,7 @@ from broker.envelope import SealedEnvelope, seal
 from broker.errors import BrokerUnavailable, ConfigError, PublishFailed, TransportError
 from broker.inbox import Inbox, Outcome
 from broker.management import ManagementClient
-from broker.outbox import Outbox, Relay
+from broker.outbox import CommitWatch, Outbox, Relay
 from broker.testing import MemoryBroker, Network, capture_logs, make_network
 from broker.topology import inbox_queue, provision
 from broker.transport import AmqpSettings, Consumer, Delivery, Publisher
@@ -221,6 +221,22 @@ def test_wake_sends_promptly(engine: Engine, network: Network) -> None:
         stop.set()
         thread.join(timeout=10)
     assert broker.confirmed[0].envelope_id == str(envelope.id)
+
+
+def test_commit_watch_sees_a_commit_by_another_connection(engine: Engine, network: Network) -> None:
+    """The watch says True once after another engine's outbox commit, and False while idle."""
+    other = open_database(engine.url.render_as_string(hide_password=False))
+    watch = CommitWatch(engine)
+    try:
+        assert watch.changed()  # the first look after connecting
+        assert not watch.changed()
+        send(Outbox(other), network)
+        wait_for(watch.changed)
+        assert not watch.changed()
+    finally:
+        watch.close()
+        other.dispose()
+    assert Outbox(engine).status().pending == 1
 
 
 def test_bad_settings_are_refused(engine: Engine) -> None:
