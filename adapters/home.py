@@ -30,10 +30,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError
 
 from adapters.casesystem import INBOX_DIR, CaseSystem, FileCaseSystem, load_case_system
-from broker.database import open_database, storage_errors
+from broker.database import home_database_url, open_database, storage_errors
 from broker.directory import DIRECTORY_FILE, Directory, load_home_directory
 from broker.envelope import Recipient
 from broker.errors import ConfigError, TrmError
@@ -106,7 +105,7 @@ class Home:
         password_file = env.get(ENV_AMQP_PASSWORD_FILE)
         return cls(
             path=home,
-            database_url=_database_url(home, database_url or env.get(ENV_DATABASE_URL), env),
+            database_url=home_database_url(home, database_url, env),
             amqp_url=amqp_url or env.get(ENV_AMQP_URL) or DEFAULT_AMQP_URL,
             vhost=vhost or env.get(ENV_VHOST) or None,
             amqp_password_file=Path(password_file) if password_file else home / PASSWORD_FILE,
@@ -171,24 +170,6 @@ class Home:
         if self.case_system_spec is None:
             return FileCaseSystem(self.case_dir)
         return load_case_system(self.case_system_spec, self.path)
-
-
-def _database_url(home: Path, given: str | None, env: Mapping[str, str]) -> str:
-    """The database URL, with the password from TRM_DATABASE_PASSWORD_FILE merged in."""
-    if not given:
-        return f"sqlite:///{home / 'trm.db'}"
-    password_file = env.get(ENV_DATABASE_PASSWORD_FILE)
-    if not password_file:
-        return given
-    try:
-        url = sa.make_url(given)
-    except ArgumentError as e:
-        raise ConfigError(
-            f"{ENV_DATABASE_URL} / --database-url is not a database URL: "
-            "use e.g. postgresql+psycopg://user@host/db"
-        ) from e
-    secret = _read_secret(Path(password_file), ENV_DATABASE_PASSWORD_FILE)
-    return url.set(password=secret).render_as_string(hide_password=False)
 
 
 def check_health(home: Home) -> list[tuple[str, bool, str]]:

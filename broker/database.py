@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,13 +27,14 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from broker.errors import StorageError
+from broker.errors import ConfigError, StorageError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for another process's transaction to end."""
 
 ENV_URL = "TRM_DATABASE_URL"
+ENV_PASSWORD_FILE = "TRM_DATABASE_PASSWORD_FILE"  # noqa: S105 - a variable name
 _MIGRATING = threading.Lock()
 _READ_ONLY = "trm_read_only"
 
@@ -148,12 +149,40 @@ receipts_table = sa.Table(
 """Delivery receipts for our envelopes: one per (our envelope, recipient)."""
 
 
-def home_database_url(home: Path) -> str:
-    """The database URL of a home: ``TRM_DATABASE_URL`` if set, else ``HOME/trm.db``."""
-    url = os.environ.get(ENV_URL)
-    if url:
+def home_database_url(
+    home: Path, given: str | None = None, environ: Mapping[str, str] | None = None
+) -> str:
+    """The database URL of a home: `given`, else ``TRM_DATABASE_URL``, else ``HOME/trm.db``.
+
+    ``TRM_DATABASE_PASSWORD_FILE``, when set, supplies the password of a server
+    URL, so that the password can come from a secret file rather than the
+    environment (docker/compose.yml).
+    """
+    env = os.environ if environ is None else environ
+    url = given or env.get(ENV_URL)
+    if not url:
+        return f"sqlite:///{Path(home) / 'trm.db'}"
+    password_file = env.get(ENV_PASSWORD_FILE)
+    if not password_file:
         return url
-    return f"sqlite:///{Path(home) / 'trm.db'}"
+    try:
+        parsed = sa.make_url(url)
+    except ArgumentError as e:
+        raise ConfigError(
+            f"{ENV_URL} / --database-url is not a database URL: "
+            "use e.g. postgresql+psycopg://user@host/db"
+        ) from e
+    try:
+        secret = Path(password_file).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read {ENV_PASSWORD_FILE} file {password_file}: {e.strerror}"
+        ) from e
+    if not secret:
+        raise ConfigError(
+            f"{ENV_PASSWORD_FILE} file {password_file} is empty: put the password in it"
+        )
+    return parsed.set(password=secret).render_as_string(hide_password=False)
 
 
 def open_database(url: str) -> Engine:

@@ -22,7 +22,7 @@ from broker.database import (
     reading,
     storage_errors,
 )
-from broker.errors import StorageError
+from broker.errors import ConfigError, StorageError
 
 TABLES = {"outbox", "case_sequence", "inbox", "quarantine", "receipts", "alembic_version"}
 
@@ -190,6 +190,35 @@ def test_home_url_default_and_override(tmp_path: Path, monkeypatch: pytest.Monke
     assert home_database_url(tmp_path) == f"sqlite:///{tmp_path / 'trm.db'}"
     monkeypatch.setenv("TRM_DATABASE_URL", "postgresql+psycopg://u@db/trm")
     assert home_database_url(tmp_path) == "postgresql+psycopg://u@db/trm"
+
+
+def test_home_url_takes_the_password_from_a_file(tmp_path: Path) -> None:
+    """TRM_DATABASE_PASSWORD_FILE (a Docker secret) supplies the server URL's password."""
+    secret = tmp_path / "pg_password"
+    secret.write_text("s3cret/with:chars\n")
+    env = {
+        "TRM_DATABASE_URL": "postgresql+psycopg://trm@db:5432/trm",
+        "TRM_DATABASE_PASSWORD_FILE": str(secret),
+    }
+    url = sa.make_url(home_database_url(tmp_path, environ=env))
+    assert (url.username, url.password, url.host, url.database) == (
+        "trm",
+        "s3cret/with:chars",
+        "db",
+        "trm",
+    )
+    given = home_database_url(tmp_path, "postgresql+psycopg://other@h/x", env)
+    assert sa.make_url(given).password == "s3cret/with:chars"
+
+
+def test_home_url_password_file_missing_is_a_clear_error(tmp_path: Path) -> None:
+    """A TRM_DATABASE_PASSWORD_FILE that cannot be read names the setting."""
+    env = {
+        "TRM_DATABASE_URL": "postgresql+psycopg://trm@db/trm",
+        "TRM_DATABASE_PASSWORD_FILE": str(tmp_path / "missing"),
+    }
+    with pytest.raises(ConfigError, match="TRM_DATABASE_PASSWORD_FILE"):
+        home_database_url(tmp_path, environ=env)
 
 
 @pytest.mark.parametrize(

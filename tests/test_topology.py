@@ -247,3 +247,38 @@ def test_cli_password_option_needs_id_and_secret(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0
     assert "--password" in result.output
+
+
+@pytest.mark.rabbitmq
+def test_cli_provision_reads_secrets_from_files(
+    rabbitmq_urls: tuple[str, str], vhost: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Passwords and admin URLs can come from files (Docker secrets), not the command line."""
+    amqp_url, management_url = rabbitmq_urls
+    (a,) = _ids()[:1]
+    directory, authority = _signed_directory(tmp_path, {a: Role.MISSION})
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "amqp_url").write_text(amqp_url + "\n")
+    (secrets / "management_url").write_text(management_url + "\n")
+    (secrets / "password").write_text("file-secret-123\n")
+    monkeypatch.setenv("TRM_AMQP_URL_FILE", str(secrets / "amqp_url"))
+    monkeypatch.setenv("TRM_AMQP_MANAGEMENT_URL_FILE", str(secrets / "management_url"))
+    args = ["broker", "provision", "--directory", str(directory), "--authority-key", str(authority)]
+    args += ["--vhost", vhost, "--password-file", f"{a}={secrets / 'password'}", "--json"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["users_created"] == [a]
+    assert "file-secret-123" not in result.output
+    settings = AmqpSettings.from_url(amqp_url, vhost=vhost, username=a, password="file-secret-123")
+    open_connection(settings).close()  # the password from the file logs in
+
+
+def test_cli_password_file_must_exist(tmp_path: Path) -> None:
+    """A --password-file naming a missing file is a usage error naming the option."""
+    directory, authority = _signed_directory(tmp_path, {"iom-kz": Role.MISSION})
+    args = ["broker", "provision", "--directory", str(directory), "--authority-key"]
+    args += [str(authority), "--password-file", f"iom-kz={tmp_path / 'missing'}"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    assert "--password-file" in result.output

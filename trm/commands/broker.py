@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -14,14 +15,38 @@ from broker.transport import DEFAULT_AMQP_URL, AmqpSettings
 _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
-def _passwords(pairs: tuple[str, ...]) -> dict[str, str]:
+def _pairs(pairs: tuple[str, ...], hint: str) -> dict[str, str]:
     found: dict[str, str] = {}
     for pair in pairs:
-        participant_id, sep, secret = pair.partition("=")
-        if not sep or not participant_id or not secret:
-            raise click.BadParameter("give ID=SECRET", param_hint="--password")
-        found[participant_id] = secret
+        participant_id, sep, value = pair.partition("=")
+        if not sep or not participant_id or not value:
+            raise click.BadParameter(f"give {hint}", param_hint=hint.split()[0])
+        found[participant_id] = value
     return found
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {path}: {e.strerror}", param_hint=what) from e
+    if not secret:
+        raise click.BadParameter(f"{path} is empty", param_hint=what)
+    return secret
+
+
+def _passwords(inline: tuple[str, ...], files: tuple[str, ...]) -> dict[str, str]:
+    """Passwords given as ID=SECRET, and as ID=FILE (Docker secrets), the files read."""
+    found = _pairs(inline, "--password ID=SECRET")
+    for participant_id, path in _pairs(files, "--password-file ID=FILE").items():
+        found[participant_id] = _read_secret(Path(path), "--password-file")
+    return found
+
+
+def _url(given: str, env_file: str) -> str:
+    """`given`, unless the environment names a file holding the URL (credentials in it)."""
+    path = os.environ.get(env_file)
+    return _read_secret(Path(path), env_file) if path else given
 
 
 @click.group()
@@ -54,14 +79,15 @@ def broker() -> None:
     envvar="TRM_AMQP_URL",
     default=DEFAULT_AMQP_URL,
     show_default=True,
-    help="AMQP URL of an administrator [TRM_AMQP_URL].",
+    help="AMQP URL of an administrator [TRM_AMQP_URL, or a file named by TRM_AMQP_URL_FILE].",
 )
 @click.option(
     "--management-url",
     envvar="TRM_AMQP_MANAGEMENT_URL",
     default=DEFAULT_MANAGEMENT_URL,
     show_default=True,
-    help="Management API URL of an administrator [TRM_AMQP_MANAGEMENT_URL].",
+    help="Management API URL of an administrator [TRM_AMQP_MANAGEMENT_URL, or a file named "
+    "by TRM_AMQP_MANAGEMENT_URL_FILE].",
 )
 @click.option(
     "--keys-root",
@@ -76,6 +102,13 @@ def broker() -> None:
     multiple=True,
     metavar="ID=SECRET",
     help="A participant's RabbitMQ password (repeatable).",
+)
+@click.option(
+    "--password-file",
+    "password_files",
+    multiple=True,
+    metavar="ID=FILE",
+    help="A file holding a participant's RabbitMQ password, e.g. a Docker secret (repeatable).",
 )
 @click.option(
     "--delivery-limit",
@@ -93,6 +126,7 @@ def provision_command(
     management_url: str,
     keys_root: Path | None,
     passwords: tuple[str, ...],
+    password_files: tuple[str, ...],
     delivery_limit: int,
     as_json: bool,
 ) -> None:
@@ -105,14 +139,15 @@ def provision_command(
 
     directory = read_directory(directory_file, authority=read_pinned_authority(authority_key))
     participants = [(p.id, str(p.role)) for p in directory.participants()]
+    amqp_url = _url(amqp_url, "TRM_AMQP_URL_FILE")
     chosen_vhost = vhost or AmqpSettings.from_url(amqp_url).vhost
     result = provision(
-        ManagementClient(management_url),
+        ManagementClient(_url(management_url, "TRM_AMQP_MANAGEMENT_URL_FILE")),
         amqp_url,
         chosen_vhost,
         participants,
         keys_root=keys_root,
-        passwords=_passwords(passwords),
+        passwords=_passwords(passwords, password_files),
         delivery_limit=delivery_limit,
     )
     if as_json:
