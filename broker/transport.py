@@ -478,23 +478,7 @@ class Consumer:
         Raises `BrokerUnavailable` when the connection drops, `AccessRefused`
         when the user may not read the queue.
         """
-        try:
-            if self._channel is None or self._channel.is_closed:
-                self.close()
-                self._connect()
-            channel = self._channel
-            assert channel is not None
-            stream = channel.consume(self._queue, inactivity_timeout=self.POLL_SECONDS)
-            for method, properties, body in stream:
-                if stop.is_set():
-                    break
-                if method is None or properties is None:
-                    continue
-                self._dispatch(channel, handle, method, properties, body or b"")
-            channel.cancel()
-        except _PIKA_ERRORS as e:
-            self.close()
-            raise translate(e, self._settings, f"consuming {self._queue}") from e
+        self.run_batches(lambda batch: handle(batch[0]), stop, max_batch=1)
 
     def run_batches(
         self,
@@ -560,42 +544,6 @@ class Consumer:
             channel.basic_nack(last, multiple=True, requeue=True)
             return
         channel.basic_ack(last, multiple=True)
-
-    def _dispatch(
-        self,
-        channel: BlockingChannel,
-        handle: Callable[[Delivery], None],
-        method: pika.spec.Basic.Deliver,
-        properties: pika.spec.BasicProperties,
-        body: bytes,
-    ) -> None:
-        tag = int(method.delivery_tag or 0)
-        delivery = Delivery(
-            body=body,
-            user_id=properties.user_id,
-            message_id=properties.message_id,
-            redelivered=bool(method.redelivered),
-            headers=dict(properties.headers or {}),
-            delivery_tag=tag,
-        )
-        log = self._log.bind(envelope_id=delivery.message_id, sender=delivery.user_id)
-        try:
-            handle(delivery)
-        except TrmError as e:
-            log.warning("handler refused; requeued", reason=e.reason)
-            channel.basic_nack(tag, requeue=True)
-            return
-        except Exception as e:
-            # Log the type and where it was raised, never str(e): driver errors may quote data.
-            frame = traceback.extract_tb(e.__traceback__)[-1]
-            log.error(
-                "handler failed; requeued",
-                error=type(e).__name__,
-                at=f"{frame.filename}:{frame.lineno}",
-            )
-            channel.basic_nack(tag, requeue=True)
-            return
-        channel.basic_ack(tag)
 
     def close(self) -> None:
         """Close the connection (unacked deliveries go back to the queue)."""
