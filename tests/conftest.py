@@ -13,12 +13,17 @@ import shutil
 import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from broker.database import open_database
+from broker.testing import Network, make_network
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_MANAGEMENT = "http://guest:guest@127.0.0.1:15672/"
@@ -114,6 +119,22 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """A migrated database, on SQLite and on PostgreSQL (see `database_url`)."""
+    db = open_database(database_url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Network:
+    """Kazakhstan and Uzbekistan missions and an Uzbek NGO, with real keys valid since a day ago."""
+    return make_network(
+        tmp_path_factory.mktemp("network"), now=datetime.now(UTC) - timedelta(days=1)
+    )
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

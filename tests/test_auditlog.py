@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.database import open_database
 from broker.directory import (
     Directory,
     DirectoryBody,
@@ -136,14 +134,6 @@ def make_world(root: Path) -> World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     """One set of keys for the whole session."""
     return make_world(tmp_path_factory.mktemp("audit-world"))
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    """A migrated database on SQLite or PostgreSQL."""
-    db = open_database(database_url)
-    yield db
-    db.dispose()
 
 
 def append_all(log: AuditLog, items: list[tuple[bytes, datetime, str]]) -> list[int]:

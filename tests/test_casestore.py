@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,7 +9,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from broker.database import metadata, open_database
+from broker.database import metadata
 from broker.errors import CaseStateInvalid, StorageError
 from schemas.base import MessageKind
 from services.cases import Event, Stage, apply
@@ -20,14 +19,6 @@ from services.deadlines import deadline_for, due_reminders
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 ROLES = {"iom-kz": "mission", "iom-uz": "mission"}
 MINE = {cases_table.name, anomalies_table.name, reminders_table.name}
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    """A migrated database on SQLite or PostgreSQL."""
-    db = open_database(database_url)
-    yield db
-    db.dispose()
 
 
 def event(

@@ -7,8 +7,6 @@ import stat
 import sys
 import threading
 import types
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -29,7 +27,7 @@ from broker.envelope import OpenedEnvelope, SealedEnvelope, open_envelope, seal
 from broker.errors import CaseSystemError, ConfigError
 from broker.inbox import Inbox, Outcome
 from broker.outbox import Outbox, Relay
-from broker.testing import MemoryBroker, Network, capture_logs, make_network
+from broker.testing import MemoryBroker, Network, capture_logs
 from broker.transport import Delivery
 from schemas.base import MessageKind
 from schemas.control import DeliveryReceipt
@@ -37,21 +35,6 @@ from schemas.examples import EXAMPLE_PERSON_NAME, example
 
 KZ, UZ, NGO = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod"
 CASE = "KZ-2026-0042"
-KEYS_FROM = datetime.now(UTC) - timedelta(days=1)
-
-
-@pytest.fixture(scope="module")
-def network(tmp_path_factory: pytest.TempPathFactory) -> Network:
-    """Kazakhstan and Uzbekistan missions and an Uzbek NGO, with real keys."""
-    return make_network(tmp_path_factory.mktemp("network"), now=KEYS_FROM)
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    """A migrated database, on SQLite and on PostgreSQL."""
-    engine = open_database(database_url)
-    yield engine
-    engine.dispose()
 
 
 def make_inbox(engine: Engine, network: Network, me: str, folder: Path) -> Inbox:

@@ -3,38 +3,22 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from broker.database import open_database, outbox_table
+from broker.database import outbox_table
 from broker.envelope import SealedEnvelope, seal
 from broker.errors import KeyNotValid, StorageError
 from broker.outbox import Outbox
-from broker.testing import Network, make_network
+from broker.testing import Network
 from schemas.base import MessageKind
 from schemas.examples import EXAMPLE_PERSON_NAME, example
 
 KZ, UZ, NGO = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod"
 CASE = "KZ-2026-0042"
-KEYS_FROM = datetime.now(UTC) - timedelta(days=1)
-
-
-@pytest.fixture(scope="module")
-def network(tmp_path_factory: pytest.TempPathFactory) -> Network:
-    """Kazakhstan and Uzbekistan missions and an Uzbek NGO, with real keys."""
-    return make_network(tmp_path_factory.mktemp("network"), now=KEYS_FROM)
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    """A migrated database, on SQLite and on PostgreSQL."""
-    engine = open_database(database_url)
-    yield engine
-    engine.dispose()
 
 
 def sealed(network: Network, seq: int, *, sender: str = KZ, case: str = CASE) -> SealedEnvelope:

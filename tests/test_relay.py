@@ -7,7 +7,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,20 +32,6 @@ from schemas.examples import example
 KZ, UZ, NGO = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod"
 CASE = "KZ-2026-0042"
 KEYS_FROM = datetime.now(UTC) - timedelta(days=1)
-
-
-@pytest.fixture(scope="module")
-def network(tmp_path_factory: pytest.TempPathFactory) -> Network:
-    """Kazakhstan and Uzbekistan missions and an Uzbek NGO, with real keys."""
-    return make_network(tmp_path_factory.mktemp("network"), now=KEYS_FROM)
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    """A migrated database, on SQLite and on PostgreSQL."""
-    engine = open_database(database_url)
-    yield engine
-    engine.dispose()
 
 
 def send(outbox: Outbox, network: Network, recipients: tuple[str, ...] = (UZ,)) -> SealedEnvelope:

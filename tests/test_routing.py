@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +16,6 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.database import open_database
 from broker.directory import Directory, DirectoryBody, Role, load_directory, sign_directory
 from broker.envelope import Recipient, open_envelope, read_header, seal
 from broker.errors import StorageError
@@ -144,14 +142,6 @@ def make_world(root: Path) -> World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     """One set of keys for the whole session."""
     return make_world(tmp_path_factory.mktemp("routing-world"))
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    """A migrated database on SQLite or PostgreSQL."""
-    db = open_database(database_url)
-    yield db
-    db.dispose()
 
 
 def service(world: World, engine: sa.Engine, clock: Clock, **kwargs: object) -> RoutingService:
