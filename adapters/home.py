@@ -128,8 +128,8 @@ class Home:
         return self.keys().card.id
 
     def sender(self) -> Sender:
-        """The signing identity valid now."""
-        return self.keys().sender(datetime.now(UTC))
+        """The newest signing key valid now that the installed directory lists."""
+        return self.keys().sender(datetime.now(UTC), self.directory())
 
     def recipient(self) -> Recipient:
         """The decryption identity."""

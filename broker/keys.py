@@ -33,6 +33,7 @@ from broker._crypto import DecryptionKey
 from broker.directory import (
     AUTHORITY_PUB_FILE,
     SIGN_ALG,
+    Directory,
     KeyUse,
     Participant,
     PublicKey,
@@ -65,13 +66,21 @@ class ParticipantKeys:
     signing: Mapping[str, Ed25519PrivateKey]
     decryption: Mapping[str, DecryptionKey]
 
-    def sender(self, at: datetime | None = None) -> Sender:
-        """The newest signing key valid at `at` (default now) per the card's windows."""
+    def sender(self, at: datetime | None = None, published: Directory | None = None) -> Sender:
+        """The newest signing key valid at `at` (default now) per the card's windows.
+
+        With `published`, only keys that directory lists as valid count: after
+        a rotation the new key is used once peers can verify it, not before.
+        """
         when = at or datetime.now(UTC)
+        listed = _listed_signing_keys(published, self.card.id, when)
         usable = [
             k
             for k in self.card.keys
-            if k.use is KeyUse.SIGN and k.kid in self.signing and k.valid_at(when)
+            if k.use is KeyUse.SIGN
+            and k.kid in self.signing
+            and k.valid_at(when)
+            and (listed is None or k.kid in listed)
         ]
         if not usable:
             raise KeyNotValid(
@@ -83,6 +92,19 @@ class ParticipantKeys:
 
 
 # --- participants ------------------------------------------------------------------
+
+
+def _listed_signing_keys(
+    published: Directory | None, participant_id: str, at: datetime
+) -> set[str] | None:
+    """Key ids of the participant's signing keys that `published` lists as valid at `at`."""
+    if published is None:
+        return None
+    try:
+        card = published.participant(participant_id)
+    except TrmError:
+        return set()
+    return {k.kid for k in card.keys if k.use is KeyUse.SIGN and k.valid_at(at)}
 
 
 def init_participant(

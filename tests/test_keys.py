@@ -13,8 +13,10 @@ import pytest
 
 from broker import _crypto
 from broker.directory import (
+    Directory,
     DirectoryBody,
     KeyUse,
+    Participant,
     Role,
     add_participant,
     load_directory,
@@ -181,6 +183,28 @@ def test_rotation_overlap(tmp_path: Path) -> None:
     assert all(_mode(f) == 0o600 for f in (home / "keys").glob("*.key"))
 
 
+def test_rotated_key_signs_only_once_published(tmp_path: Path) -> None:
+    """With a directory given, sender() keeps the old key until a directory lists the new one."""
+    home = _mission(tmp_path)
+    before = load_keys(home)
+    authority = _crypto.new_signing_key()
+
+    def published(card: Participant, serial: int) -> Directory:
+        body = DirectoryBody(serial=serial, issued_at=T0, participants=())
+        signed = sign_directory(add_participant(body, card, now=T0), authority)
+        return load_directory(signed, authority=authority.public_key())
+
+    old_directory = published(before.card, 1)
+    rotated_at = T0 + 300 * DAY
+    card = rotate_keys(home, valid_days=365, overlap_days=30, now=rotated_at)
+    held = load_keys(home)
+    inside = rotated_at + DAY
+    assert held.sender(inside, old_directory).kid == before.sender(T0).kid
+    assert held.sender(inside, published(card, 2)).kid != before.sender(T0).kid
+    with pytest.raises(KeyNotValid):
+        held.sender(rotated_at + 31 * DAY, old_directory)  # the old key ended, the new is unknown
+
+
 def test_sender_without_valid_key(tmp_path: Path) -> None:
     """sender() outside every window raises KeyNotValid."""
     home = _mission(tmp_path, valid_days=10)
@@ -234,3 +258,21 @@ def test_longest_participant_id_gives_valid_key_ids(tmp_path: Path) -> None:
     body = add_participant(DirectoryBody(serial=1, issued_at=T0, participants=()), card, now=T0)
     loaded = load_directory(sign_directory(body, authority), authority=authority.public_key())
     assert loaded.participant(pid).keys == card.keys
+
+
+def test_rotate_command(tmp_path: Path) -> None:
+    """`trm rotate` adds a signing and an encryption key (0600) and says where the card is."""
+    from click.testing import CliRunner
+
+    from trm.cli import cli
+
+    home = _mission(tmp_path)
+    result = CliRunner().invoke(cli, ["rotate", "--home", str(home), "--overlap-days", "7"])
+    assert result.exit_code == 0, result.output
+    assert "participant.json" in result.output
+    keys = sorted((home / "keys").glob("*.key"))
+    assert len(keys) == 4
+    assert all(_mode(f) == 0o600 for f in keys)
+    refused = CliRunner().invoke(cli, ["rotate", "--home", str(home), "--overlap-days", "400"])
+    assert refused.exit_code != 0
+    assert "overlap" in refused.output

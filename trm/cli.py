@@ -14,6 +14,7 @@ from trm import logs
 # `trm --help` stays fast and one group's imports never slow another's.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("init", "keys", "init"),
+    ("rotate", "keys", "rotate"),
     ("directory", "directory", "directory"),
     ("schemas", "schemas", "schemas"),
     ("broker", "broker", "broker"),

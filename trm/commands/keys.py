@@ -9,7 +9,7 @@ import click
 from broker._crypto import Suite
 from broker.directory import Role
 from broker.errors import TrmError
-from broker.keys import CARD_FILE, init_authority, init_participant
+from broker.keys import CARD_FILE, init_authority, init_participant, rotate_keys
 
 AUTHORITY = "authority"
 SUITES = {"mlkem768x25519": Suite.MLKEM768_X25519, "x25519": Suite.X25519}
@@ -74,3 +74,34 @@ def init(
     for key in card.keys:
         click.echo(f"  {key.use:<7} {key.kid}  {key.alg}  until {key.not_after.isoformat()}")
     click.echo(f"give {out / CARD_FILE} to the directory authority")
+
+
+@click.command()
+@click.option(
+    "--home",
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="The participant's key folder.",
+)
+@click.option("--valid-days", type=click.IntRange(min=1), default=365, show_default=True)
+@click.option(
+    "--overlap-days",
+    type=click.IntRange(min=0),
+    default=30,
+    show_default=True,
+    help="How long the current keys stay valid beside the new ones.",
+)
+def rotate(home: Path, valid_days: int, overlap_days: int) -> None:
+    """Add new signing and encryption keys; the current ones end after the overlap.
+
+    The new signing key is used once an installed directory lists it: send
+    the updated card to the authority (`trm directory add`), then install the
+    directory it signs (`trm directory install`) on every home.
+    """
+    try:
+        card = rotate_keys(home, valid_days=valid_days, overlap_days=overlap_days)
+    except TrmError as e:
+        raise click.ClickException(f"{e.reason}: {e}") from e
+    newest = sorted(card.keys, key=lambda k: k.not_before)[-2:]
+    click.echo(f"new keys {', '.join(k.kid for k in newest)} in {home}")
+    click.echo(f"send {home / CARD_FILE} to the directory authority")
