@@ -185,6 +185,60 @@ class ExportSummary:
     origin: str
 
 
+_APPEND_LOCK = sa.select(sa.func.pg_advisory_xact_lock(_PG_APPEND_LOCK))
+_TAIL = (
+    sa.select(log_entries_table.c.idx, log_entries_table.c.leaf_hash)
+    .order_by(log_entries_table.c.idx.desc())
+    .limit(1)
+)
+
+
+class Appender:
+    """Entries appended in one transaction: numbered and chained at once, inserted together.
+
+    Indices and `prev` links are computed here from the log's tail, read
+    once under the append lock (`AuditLog.appender`); `flush` writes every
+    pending row with one multi-row insert before the caller commits.
+    """
+
+    def __init__(self, conn: Connection, index: int, prev: bytes) -> None:
+        """Continue the log after the entry `index - 1`, whose leaf hash is `prev`."""
+        self._conn = conn
+        self._index = index
+        self._prev = prev
+        self._rows: list[dict[str, Any]] = []
+
+    def append(self, raw: bytes, *, received_at: datetime, verification: str) -> int:
+        """Number and chain one entry; it is written by the next `flush`."""
+        check_verification(verification)
+        if not isinstance(raw, bytes):
+            raise AuditError(f"an envelope must be bytes, not {type(raw).__name__}")
+        when = format_time(received_at)
+        entry = LogEntry(self._index, when, verification, self._prev, raw)
+        leaf = entry.leaf_hash()
+        self._rows.append(
+            {
+                "idx": self._index,
+                "envelope_id": _envelope_id(raw),
+                "received_at": parse_time(when),
+                "verification": verification,
+                "prev_hash": self._prev,
+                "leaf_hash": leaf,
+                "body": raw,
+            }
+        )
+        self._index, self._prev = self._index + 1, leaf
+        return entry.index
+
+    def flush(self) -> None:
+        """Insert every entry appended since the last flush."""
+        if not self._rows:
+            return
+        with storage_errors("appending to the audit log"):
+            self._conn.execute(log_entries_table.insert(), self._rows)
+        self._rows = []
+
+
 # --- the log ---------------------------------------------------------------------------
 
 
@@ -204,38 +258,26 @@ class AuditLog:
     def append(
         self, conn: Connection, raw: bytes, *, received_at: datetime, verification: str
     ) -> int:
-        """Add one entry inside the caller's transaction and return its index.
+        """Add one entry inside the caller's transaction and return its index."""
+        appender = self.appender(conn)
+        index = appender.append(raw, received_at=received_at, verification=verification)
+        appender.flush()
+        return index
+
+    @staticmethod
+    def appender(conn: Connection) -> Appender:
+        """An `Appender` for several entries in the caller's transaction (one insert for all).
 
         Appenders are serialised (a transaction-scoped advisory lock on
         PostgreSQL, SQLite's single writer), so indices have no gaps and each
         entry links to the one committed before it.
         """
-        check_verification(verification)
-        if not isinstance(raw, bytes):
-            raise AuditError(f"an envelope must be bytes, not {type(raw).__name__}")
-        when = format_time(received_at)
         with storage_errors("appending to the audit log"):
             if conn.dialect.name == "postgresql":
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_APPEND_LOCK)))
-            last = conn.execute(
-                sa.select(log_entries_table.c.idx, log_entries_table.c.leaf_hash)
-                .order_by(log_entries_table.c.idx.desc())
-                .limit(1)
-            ).first()
-            index, prev = (0, ZERO_HASH) if last is None else (last.idx + 1, bytes(last.leaf_hash))
-            entry = LogEntry(index, when, verification, prev, raw)
-            conn.execute(
-                log_entries_table.insert().values(
-                    idx=index,
-                    envelope_id=_envelope_id(raw),
-                    received_at=parse_time(when),
-                    verification=verification,
-                    prev_hash=prev,
-                    leaf_hash=entry.leaf_hash(),
-                    body=raw,
-                )
-            )
-        return index
+                conn.execute(_APPEND_LOCK)
+            last = conn.execute(_TAIL).first()
+        index, prev = (0, ZERO_HASH) if last is None else (last.idx + 1, bytes(last.leaf_hash))
+        return Appender(conn, index, prev)
 
     # -- reading ------------------------------------------------------------------------
 

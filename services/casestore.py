@@ -16,6 +16,7 @@ tables exist so the service and `trm cases` need not replay it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,8 +46,13 @@ cases_table = sa.Table(
     sa.Column("stage", sa.String(STAGE), nullable=True, index=True),
     sa.Column("state", sa.JSON(), nullable=False),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("version", sa.Integer(), nullable=False, server_default="0"),
 )
-"""Each case's current stage and full header-derived state (`CaseState.to_dict`)."""
+"""Each case's current stage and full header-derived state (`CaseState.to_dict`).
+
+`version` grows by one with every write, so that a process holding a state
+in memory can tell with one small read whether it is still the stored one.
+"""
 
 anomalies_table = sa.Table(
     "anomalies",
@@ -73,6 +79,24 @@ reminders_table = sa.Table(
     sa.Column("envelope_id", sa.String(ENVELOPE_ID), nullable=True),
 )
 """One row per reminder sent; `envelope_id` is None when no participant could be named."""
+
+
+CACHED_CASES = 10_000
+"""Case states the routing service keeps in memory (`CaseCache`)."""
+_c = cases_table.c
+_LOAD = sa.select(_c.version, _c.state).where(_c.case_ref == sa.bindparam("ref"))
+_VERSION = sa.select(_c.version).where(_c.case_ref == sa.bindparam("ref"))
+_UPDATE = (
+    cases_table.update()
+    .where(_c.case_ref == sa.bindparam("ref"))
+    .values(
+        stage=sa.bindparam("new_stage"),
+        state=sa.bindparam("new_state", type_=sa.JSON()),
+        updated_at=sa.bindparam("new_updated_at", type_=UTCDateTime()),
+        version=_c.version + 1,
+    )
+    .returning(_c.version)
+)
 
 
 def key_text(key: ReminderKey) -> str:
@@ -105,6 +129,88 @@ class ReminderRecord:
     envelope_id: str | None
 
 
+class CaseCache:
+    """The newest case states this process stored or read, with their versions.
+
+    A case's state holds every entry of the case, so parsing it costs in
+    proportion to the case's size. The routing service keeps the states it
+    last wrote and re-reads one only when the stored version has moved (some
+    other process wrote it). Only committed states enter the cache.
+    """
+
+    def __init__(self, size: int = CACHED_CASES) -> None:
+        """Keep at most `size` cases, the least recently used leaving first."""
+        self.size = size
+        self._states: OrderedDict[str, tuple[int, CaseState]] = OrderedDict()
+
+    def get(self, case: str, version: int) -> CaseState | None:
+        """The cached state of `case` if it is at `version`, else None."""
+        found = self._states.get(case)
+        if found is None or found[0] != version:
+            return None
+        self._states.move_to_end(case)
+        return found[1]
+
+    def keep(self, states: dict[str, tuple[int, CaseState]]) -> None:
+        """Remember committed `states` (case -> (version, state))."""
+        for case, item in states.items():
+            self._states[case] = item
+            self._states.move_to_end(case)
+        while len(self._states) > self.size:
+            self._states.popitem(last=False)
+
+
+class CaseBatch:
+    """The cases one transaction touches: each read at most once and written once, at the end.
+
+    A batch of envelopes on a few busy cases pays for reading and writing
+    each case's state once instead of once per envelope; with a `CaseCache`
+    a case this process wrote last is not even parsed again.
+    """
+
+    def __init__(self, conn: Connection, cache: CaseCache | None = None) -> None:
+        """Read and write through `conn`, inside its transaction."""
+        self._conn = conn
+        self._cache = cache
+        self._states: dict[str, tuple[int | None, CaseState | None]] = {}
+        self._changed: set[str] = set()
+        self._written: dict[str, tuple[int, CaseState]] = {}
+
+    def get(self, case: str) -> CaseState | None:
+        """The state of `case` as this batch left it (stored state the first time), or None."""
+        if case not in self._states:
+            self._states[case] = self._read(case)
+        return self._states[case][1]
+
+    def _read(self, case: str) -> tuple[int | None, CaseState | None]:
+        if self._cache is not None:
+            version = CaseStore.version(self._conn, case)
+            cached = None if version is None else self._cache.get(case, version)
+            if cached is not None:
+                return version, cached
+        stored = CaseStore.load_versioned(self._conn, case)
+        return (None, None) if stored is None else stored
+
+    def put(self, state: CaseState) -> None:
+        """Make `state` its case's current state; stored by `save`."""
+        version = self._states[state.case][0] if state.case in self._states else None
+        self._states[state.case] = (version, state)
+        self._changed.add(state.case)
+
+    def save(self) -> None:
+        """Store every case this batch changed."""
+        for case in sorted(self._changed):
+            state = self._states[case][1]
+            if state is not None:
+                self._written[case] = (CaseStore.save(self._conn, state), state)
+        self._changed.clear()
+
+    def committed(self) -> None:
+        """Tell the batch its transaction committed: the states it wrote join the cache."""
+        if self._cache is not None:
+            self._cache.keep(self._written)
+
+
 class CaseStore:
     """The case tables of one (already migrated) database."""
 
@@ -117,26 +223,50 @@ class CaseStore:
     @staticmethod
     def load(conn: Connection, case: str) -> CaseState | None:
         """The stored state of `case`, or None if it was never seen."""
-        with storage_errors(f"reading case {case}"):
-            data = conn.execute(
-                sa.select(cases_table.c.state).where(cases_table.c.case_ref == case)
-            ).scalar()
-        return None if data is None else CaseState.from_dict(data)
+        stored = CaseStore.load_versioned(conn, case)
+        return None if stored is None else stored[1]
 
     @staticmethod
-    def save(conn: Connection, state: CaseState) -> None:
-        """Store `state` as its case's current state (insert or replace)."""
-        values = {
-            "stage": None if state.stage is None else str(state.stage),
-            "state": state.to_dict(),
-            "updated_at": state.updated_at,
-        }
+    def load_versioned(conn: Connection, case: str) -> tuple[int, CaseState] | None:
+        """The stored version and state of `case`, or None if it was never seen."""
+        with storage_errors(f"reading case {case}"):
+            row = conn.execute(_LOAD, {"ref": case}).first()
+        return None if row is None else (row.version, CaseState.from_dict(row.state))
+
+    @staticmethod
+    def version(conn: Connection, case: str) -> int | None:
+        """The stored version of `case`, or None if it was never seen."""
+        with storage_errors(f"reading case {case}"):
+            found = conn.execute(_VERSION, {"ref": case}).scalar()
+        return None if found is None else int(found)
+
+    @staticmethod
+    def save(conn: Connection, state: CaseState) -> int:
+        """Store `state` as its case's current state (insert or replace); its new version."""
+        stage = None if state.stage is None else str(state.stage)
+        data = state.to_dict()
         with storage_errors(f"storing case {state.case}"):
-            done = conn.execute(
-                cases_table.update().where(cases_table.c.case_ref == state.case).values(**values)
-            )
-            if done.rowcount == 0:
-                conn.execute(cases_table.insert().values(case_ref=state.case, **values))
+            version = conn.execute(
+                _UPDATE,
+                {
+                    "ref": state.case,
+                    "new_stage": stage,
+                    "new_state": data,
+                    "new_updated_at": state.updated_at,
+                },
+            ).scalar()
+            if version is None:
+                conn.execute(
+                    cases_table.insert().values(
+                        case_ref=state.case,
+                        stage=stage,
+                        state=data,
+                        updated_at=state.updated_at,
+                        version=1,
+                    )
+                )
+                version = 1
+        return int(version)
 
     @staticmethod
     def add_anomaly(conn: Connection, case: str, anomaly: Anomaly, recorded_at: datetime) -> None:

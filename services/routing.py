@@ -58,9 +58,9 @@ from broker.transport import (
 )
 from schemas.control import Reminder as ReminderMessage
 from schemas.header import EnvelopeHeader
-from services.auditlog import REJECTED, VERIFIED, AuditLog, log_entries_table
+from services.auditlog import REJECTED, VERIFIED, Appender, AuditLog, log_entries_table
 from services.cases import Anomaly, Event, Stage, apply
-from services.casestore import CaseStore, key_text
+from services.casestore import CaseBatch, CaseCache, CaseStore, key_text
 from services.checkpoint import origin_for
 from services.deadlines import DEFAULT_POLICIES, Policy, Reminder, Status, due_reminders
 
@@ -135,6 +135,15 @@ class SentReminder:
     """None when the deadline names no participant who could be reminded."""
 
 
+@dataclass(frozen=True)
+class _Writes:
+    """Where one batch's transaction writes: the connection, the log appender, the cases."""
+
+    conn: Connection
+    log: Appender
+    cases: CaseBatch
+
+
 class HomeDirectory:
     """A home's installed directory, re-read when the file changes (a new serial)."""
 
@@ -197,6 +206,7 @@ class RoutingService:
         self.max_age = max_age
         self.batch = batch
         self.store = CaseStore(engine)
+        self._cases = CaseCache()
         self.outbox = Outbox(engine)
         self.auditlog = AuditLog(
             engine, origin=origin_for(self.participant), signer=self.keys.sender(clock())
@@ -243,7 +253,11 @@ class RoutingService:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_ROUTING_LOCK)))
             logged = _logged(conn, {None if h is None else str(h.id) for _, _, h, _ in checked})
-            outcomes = [self._record(conn, directory, logged, *item) for item in checked]
+            writes = _Writes(conn, self.auditlog.appender(conn), CaseBatch(conn, self._cases))
+            outcomes = [self._record(writes, directory, logged, *item) for item in checked]
+            writes.log.flush()
+            writes.cases.save()
+        writes.cases.committed()
         for outcome, (_, _, header, _) in zip(outcomes, checked, strict=True):
             if outcome.duplicate:
                 self._log.info("envelope already logged", envelope_id=outcome.envelope_id)
@@ -254,7 +268,7 @@ class RoutingService:
 
     def _record(
         self,
-        conn: Connection,
+        writes: _Writes,
         directory: Directory,
         logged: dict[str | None, list[tuple[bytes, str]]],
         raw: bytes,
@@ -276,10 +290,10 @@ class RoutingService:
             return Outcome(envelope_id, "duplicate", None)
         if verification == VERIFIED and any(v == VERIFIED for _, v in seen):
             verification = REJECTED + ReplayedEnvelope.reason
-        index = self.auditlog.append(conn, raw, received_at=at, verification=verification)
+        index = writes.log.append(raw, received_at=at, verification=verification)
         seen.append((raw, verification))
         if verification == VERIFIED and header is not None:
-            return self._track(conn, header, at, directory, index)
+            return self._track(writes, header, at, directory, index)
         return Outcome(envelope_id, verification, index)
 
     def _verify(
@@ -299,17 +313,17 @@ class RoutingService:
 
     def _track(
         self,
-        conn: Connection,
+        writes: _Writes,
         header: EnvelopeHeader,
         at: datetime,
         directory: Directory,
         index: int,
     ) -> Outcome:
         event = Event.from_header(header, at)
-        state, anomaly = apply(self.store.load(conn, header.case), event, self._role_map(directory))
-        self.store.save(conn, state)
+        state, anomaly = apply(writes.cases.get(header.case), event, self._role_map(directory))
+        writes.cases.put(state)
         if anomaly is not None:
-            self.store.add_anomaly(conn, header.case, anomaly, at)
+            self.store.add_anomaly(writes.conn, header.case, anomaly, at)
         return Outcome(str(header.id), VERIFIED, index, header.case, state.stage, anomaly)
 
     def _logged(self, outcome: Outcome, header: EnvelopeHeader | None) -> None:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.database import open_database
 from broker.directory import Directory, DirectoryBody, Role, load_directory, sign_directory
 from broker.envelope import Recipient, open_envelope, read_header, seal
 from broker.errors import StorageError
@@ -382,30 +383,79 @@ def test_batch_is_logged_in_arrival_order_and_absorbed_when_redelivered(
 def test_batch_failing_before_commit_leaves_nothing_and_is_applied_once_later(
     world: World, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A storage error on the batch's second envelope rolls back the first; the retry logs both."""
+    """A storage error when the batch's cases are stored rolls back its log entries too.
+
+    Both envelopes are appended to the log before the batch stores the case
+    they share; the failure must leave neither entry, and the retry logs both.
+    """
     clock = Clock(T0)
     svc = service(world, engine, clock)
     request = world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0)
     accepted = world.seal(K.RETURN_ACCEPTED, UZ, (KZ, NGO), seq=1, at=T0)
     arrivals = [(request, KZ), (accepted, UZ)]
-    save = svc.store.save
-    calls: list[int] = []
+    saved: list[CaseState] = []
 
-    def failing_save(conn: sa.Connection, state: CaseState) -> None:
-        calls.append(1)
-        if len(calls) == 2:
-            raise StorageError("saving a case failed: disk I/O error")
-        save(conn, state)
+    def failing_save(conn: sa.Connection, state: CaseState) -> int:
+        saved.append(state)
+        raise StorageError("saving a case failed: disk I/O error")
 
-    monkeypatch.setattr(svc.store, "save", failing_save)
-    with pytest.raises(StorageError, match="disk I/O error"):
-        svc.receive_batch(arrivals)
+    with monkeypatch.context() as patch:
+        patch.setattr(CaseStore, "save", staticmethod(failing_save))
+        with pytest.raises(StorageError, match="disk I/O error"):
+            svc.receive_batch(arrivals)
+    assert [len(state.entries) for state in saved] == [2]
     assert log_size(engine) == 0 and CaseStore(engine).get(CASE) is None
-    monkeypatch.setattr(svc.store, "save", save)
     outcomes = svc.receive_batch(arrivals)
     assert [(o.verification, o.index) for o in outcomes] == [("ok", 0), ("ok", 1)]
     state = CaseStore(engine).get(CASE)
     assert state is not None and state.stage is Stage.ACCEPTED
+
+
+def test_batch_on_one_case_stores_it_once_with_every_event(
+    world: World, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Three envelopes on one case in a batch: one case write, the same state as one by one."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    arrivals = [
+        (world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0), KZ),
+        (world.seal(K.RETURN_ACCEPTED, UZ, (KZ, NGO), seq=1, at=T0), UZ),
+        (world.seal(K.TRAVEL_ARRANGED, KZ, (UZ, NGO), seq=2, at=T0), KZ),
+    ]
+    save = CaseStore.save
+    saved: list[CaseState] = []
+
+    def counting_save(conn: sa.Connection, state: CaseState) -> int:
+        saved.append(state)
+        return save(conn, state)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CaseStore, "save", staticmethod(counting_save))
+        outcomes = svc.receive_batch(arrivals)
+    assert [o.index for o in outcomes] == [0, 1, 2]
+    assert [len(state.entries) for state in saved] == [3]
+    batched = CaseStore(engine).get(CASE)
+    assert batched is not None and batched.stage is Stage.TRAVEL_ARRANGED
+
+    one_by_one = open_database(f"sqlite:///{tmp_path / 'one-by-one.db'}")
+    single = service(world, one_by_one, Clock(T0))
+    for arrival in arrivals:
+        single.receive_batch([arrival])
+    assert CaseStore(one_by_one).get(CASE) == batched
+    one_by_one.dispose()
+
+
+def test_case_written_by_another_service_is_read_again(world: World, engine: sa.Engine) -> None:
+    """A service's cached state is not used once another process has stored the case."""
+    first, second = service(world, engine, Clock(T0)), service(world, engine, Clock(T0))
+    first.receive_batch([(world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0), KZ)])
+    second.receive_batch([(world.seal(K.RETURN_ACCEPTED, UZ, (KZ, NGO), seq=1, at=T0), UZ)])
+    outcomes = first.receive_batch(
+        [(world.seal(K.TRAVEL_ARRANGED, KZ, (UZ, NGO), seq=2, at=T0), KZ)]
+    )
+    assert outcomes[0].anomaly is None and outcomes[0].stage is Stage.TRAVEL_ARRANGED
+    state = CaseStore(engine).get(CASE)
+    assert state is not None and len(state.entries) == 3
 
 
 def test_checkpoint_threshold_counts_entries_of_batches(world: World, engine: sa.Engine) -> None:
