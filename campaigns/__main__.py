@@ -47,8 +47,8 @@ class Sizes:
 
 
 SHORT = Sizes(messages=300, kills=5, restarts=1, hard_kills=0, hostile=400, replays=100)
-FULL = Sizes(messages=3000, kills=50, restarts=5, hard_kills=1, hostile=1200, replays=1000)
-"""Sized to finish in about 20 minutes on a 2-core machine; ``--messages 10000`` for more."""
+FULL = Sizes(messages=10000, kills=50, restarts=5, hard_kills=1, hostile=1200, replays=1000)
+"""The issue's sizes: 10,000 messages per crash campaign, 50 kills, 5 restarts and a kill -9."""
 NAMES = (
     "identity",
     "fuzz",
