@@ -65,11 +65,14 @@ def test_bench_json_has_every_ratio_and_raw_figure(rabbitmq_urls, monkeypatch) -
         assert _positive(figures["trm"]["latency"][key]), key
         assert _positive(figures["raw"]["latency"][key]), key
     assert _positive(figures["routing"]["ingest_per_s"])
+    assert _positive(figures["crypto"]["ceiling_per_s"])
+    assert _positive(figures["throughput_over_crypto_ceiling"])
     assert figures["machine"]["cpus"] >= 1
     from benchmarks.run import table
 
     text = table(figures)
-    for label in ("ratio trm/raw", "ratio trm/raw p99", "ratio ingest/raw", "ratio audit/raw"):
+    labels = ("ratio trm/raw", "ratio trm/raw p99", "ratio ingest/raw", "ratio audit/raw")
+    for label in (*labels, "ratio trm/crypto ceiling"):
         assert label in text
     assert text.count("goal") == 4
 
