@@ -14,7 +14,7 @@ import ctypes
 import functools
 import json
 import os
-import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import import_module
@@ -93,10 +93,16 @@ class FileCaseSystem:
             "payload": opened.message.model_dump(mode="json"),
         }
         data = json.dumps(document, ensure_ascii=False, indent=2).encode() + b"\n"
+        path = self.path(str(header.id))
+        sync = self._written is None
         try:
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = self.path(str(header.id))
-            _write_private(path, data, sync=self._written is None)
+            try:
+                _write_private(path, data, sync=sync)
+            except FileNotFoundError:
+                # The folder is made on first use (and again if it was removed),
+                # not looked up before every file.
+                self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _write_private(path, data, sync=sync)
             if self._written is not None:
                 self._written.append(path)
         except OSError as e:
@@ -106,27 +112,41 @@ class FileCaseSystem:
             ) from e
 
 
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _write_private(path: Path, data: bytes, *, sync: bool = True) -> None:
     """Replace `path` with `data` so that readers see a whole file or none.
 
-    With `sync` the file and then its folder are synced; without, the caller
-    syncs the batch (`_sync_batch`).
+    The temporary file is created mode 0600 and named by the writing process
+    and thread, so that concurrent writers never share one and no random
+    name has to be tried with ``O_EXCL``; opening it never follows a
+    symbolic link. With `sync` the file and then its folder are synced;
+    without, the caller syncs the batch (`_sync_batch`).
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_native_id()}.tmp"
+    fd = os.open(tmp, _TEMP_FLAGS, 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        try:
+            _write_all(fd, data)
             if sync:
-                os.fsync(f.fileno())
-        Path(tmp).replace(path)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     if sync:
         # Make the rename itself durable before the inbox transaction commits.
         _sync_folder(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`, however many ``write`` calls that takes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _sync_batch(folder: Path, written: list[Path]) -> None:

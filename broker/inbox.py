@@ -16,9 +16,10 @@ quarantine and acks.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -35,7 +36,14 @@ from broker.database import (
     receipts_table,
     storage_errors,
 )
-from broker.envelope import OpenedEnvelope, Recipient, open_envelope, read_header, seal
+from broker.envelope import (
+    OpenedEnvelope,
+    Recipient,
+    SealedEnvelope,
+    open_envelope,
+    read_header,
+    seal,
+)
 from broker.errors import (
     CaseSystemError,
     EnvelopeError,
@@ -75,6 +83,107 @@ class Result:
     envelope_id: str | None
     reason: str | None
     detail: str | None = None
+
+
+_Work = tuple[OpenedEnvelope | EnvelopeError, bytes, str | None]
+"""An envelope to apply (or the error that refused it), its bytes and broker-validated user."""
+
+_IN_CHUNK = 500
+"""Ids per IN (...) list, well under every backend's parameter limit."""
+
+# Statements built once, so that SQLAlchemy reuses their cache keys and
+# compiled forms; executed with parameter dicts (lists of them: executemany).
+_i = inbox_table.c
+_q = quarantine_table.c
+_DIGESTS = sa.select(_i.envelope_id, _i.digest).where(
+    _i.envelope_id.in_(sa.bindparam("b_ids", expanding=True))
+)
+_COUNT = (
+    inbox_table.update()
+    .where(_i.envelope_id == sa.bindparam("b_id"))
+    .values(redeliveries=_i.redeliveries + 1)
+)
+_COUNT_IF_SAME = (
+    inbox_table.update()
+    .where(_i.envelope_id == sa.bindparam("b_id"), _i.digest == sa.bindparam("b_digest"))
+    .values(redeliveries=_i.redeliveries + 1)
+)
+_INSERT_INBOX = inbox_table.insert()
+_SENT_DIGESTS = sa.select(outbox_table.c.envelope_id, outbox_table.c.digest).where(
+    outbox_table.c.envelope_id.in_(sa.bindparam("b_ids", expanding=True))
+)
+_RECEIPTS_OF = sa.select(receipts_table.c.envelope_id, receipts_table.c.recipient).where(
+    receipts_table.c.envelope_id.in_(sa.bindparam("b_ids", expanding=True))
+)
+_INSERT_RECEIPT = receipts_table.insert()
+_QUARANTINED_AS = (
+    sa.select(_q.id)
+    .where(
+        _q.envelope_id == sa.bindparam("b_id"),
+        _q.reason == sa.bindparam("b_reason"),
+        _q.body == sa.bindparam("b_body"),
+    )
+    .limit(1)
+)
+_QUARANTINED_WITHOUT_ID = (
+    sa.select(_q.id)
+    .where(
+        _q.envelope_id.is_(None),
+        _q.reason == sa.bindparam("b_reason"),
+        _q.body == sa.bindparam("b_body"),
+    )
+    .limit(1)
+)
+_COUNT_QUARANTINED = (
+    quarantine_table.update()
+    .where(_q.id == sa.bindparam("b_row"))
+    .values(redeliveries=_q.redeliveries + 1)
+)
+_INSERT_QUARANTINE = quarantine_table.insert()
+
+
+@dataclass
+class _Writes:
+    """What one transaction's envelopes add to the database, written together at its end."""
+
+    known: dict[str, str]
+    """Digest by envelope id of everything recorded, before or earlier in this transaction."""
+    rows: dict[str, dict[str, object]] = field(default_factory=dict)
+    """New inbox rows by envelope id."""
+    repeats: Counter[str] = field(default_factory=Counter)
+    """Copies of a new envelope that arrived again in the same batch."""
+    recounts: list[dict[str, object]] = field(default_factory=list)
+    """One parameter dict per redelivery of an envelope recorded before."""
+    receipts: list[tuple[OpenedEnvelope, DeliveryReceipt, datetime]] = field(default_factory=list)
+    """Receipts received for our envelopes, with when they arrived."""
+    answers: list[tuple[OpenedEnvelope, datetime, datetime]] = field(default_factory=list)
+    """Envelopes applied here that get a receipt: received and applied times."""
+
+    def add_row(self, opened: OpenedEnvelope, received_at: datetime, applied_at: datetime) -> None:
+        """Record `opened` as applied; a copy later in the batch is then a duplicate."""
+        header = opened.header
+        envelope_id = str(header.id)
+        self.known[envelope_id] = opened.digest
+        self.rows[envelope_id] = {
+            "envelope_id": envelope_id,
+            "digest": opened.digest,
+            "sender": header.sender,
+            "case_ref": header.case,
+            "kind": str(header.kind),
+            "received_at": received_at,
+            "applied_at": applied_at,
+        }
+
+    def count_redelivery(self, envelope_id: str) -> None:
+        """Count one more delivery of an envelope already recorded."""
+        if envelope_id in self.rows:
+            self.repeats[envelope_id] += 1
+        else:
+            self.recounts.append({"b_id": envelope_id})
+
+    def inbox_rows(self) -> list[dict[str, object]]:
+        """The new inbox rows, with the copies that arrived in the same batch counted."""
+        return [{**row, "redeliveries": self.repeats[key]} for key, row in self.rows.items()]
 
 
 class Inbox:
@@ -146,12 +255,9 @@ class Inbox:
             return None
         envelope_id = str(header.id)
         digest = hashlib.sha256(body).hexdigest()
-        t = inbox_table.c
         with storage_errors(f"checking envelope {envelope_id}"), self.engine.begin() as conn:
             counted = conn.execute(
-                inbox_table.update()
-                .where(t.envelope_id == envelope_id, t.digest == digest)
-                .values(redeliveries=t.redeliveries + 1)
+                _COUNT_IF_SAME, {"b_id": envelope_id, "b_digest": digest}
             ).rowcount
         if not counted:
             return None
@@ -182,7 +288,8 @@ class Inbox:
         received_at = self.clock()
         directory = self.directory()
         results: list[Result | None] = [None] * len(deliveries)
-        work: list[tuple[int, OpenedEnvelope | EnvelopeError, Delivery]] = []
+        indexes: list[int] = []
+        work: list[_Work] = []
         for index, item in enumerate(deliveries):
             # Only a redelivery can be a known duplicate worth skipping the open for.
             known = self._known_duplicate(item.body) if item.redelivered else None
@@ -199,18 +306,20 @@ class Inbox:
                 )
             except EnvelopeError as e:
                 opened = e
-            work.append((index, opened, item))
+            indexes.append(index)
+            work.append((opened, item.body, item.user_id))
         try:
             with storage_errors("applying a batch of envelopes"), self.engine.begin() as conn:
                 with batched(self.case_system):
-                    for index, opened, item in work:
-                        results[index] = self._record(conn, opened, item, received_at)
+                    applied = self._apply_all(conn, work, received_at)
                 fault_point("inbox.before_commit")
         except StorageError as e:
             if not isinstance(e.__cause__, IntegrityError):
                 raise
             return [self.handle(d.body, d.user_id, d.redelivered) for d in deliveries]
         fault_point("inbox.after_commit")
+        for index, result in zip(indexes, applied, strict=True):
+            results[index] = result
         done = [r for r in results if r is not None]
         for result in done:
             log.info(
@@ -218,26 +327,11 @@ class Inbox:
             )
         return done
 
-    def _record(
-        self,
-        conn: Connection,
-        opened: OpenedEnvelope | EnvelopeError,
-        item: Delivery,
-        received_at: datetime,
-    ) -> Result:
-        """Apply an opened envelope, or record a refused one, inside `conn`'s transaction."""
-        if isinstance(opened, OpenedEnvelope):
-            return self._apply_in(conn, opened, received_at)
-        envelope_id, claimed = _unverified_origin(item.body)
-        sender = item.user_id or claimed
-        self._record_quarantine(conn, item.body, opened, envelope_id, sender, received_at)
-        return Result(Outcome.QUARANTINED, envelope_id, opened.reason, _detail(opened))
-
     def _apply(self, opened: OpenedEnvelope, received_at: datetime) -> Result:
         header = opened.header
         envelope_id = str(header.id)
         with storage_errors(f"applying envelope {envelope_id}"), self.engine.begin() as conn:
-            result = self._apply_in(conn, opened, received_at)
+            [result] = self._apply_all(conn, [(opened, opened.raw, None)], received_at)
             fault_point("inbox.before_commit")
         fault_point("inbox.after_commit")
         log.info(
@@ -250,50 +344,69 @@ class Inbox:
         )
         return result
 
-    def _apply_in(self, conn: Connection, opened: OpenedEnvelope, received_at: datetime) -> Result:
-        """Deduplicate and apply `opened` inside `conn`'s transaction."""
+    def _apply_all(
+        self, conn: Connection, work: Sequence[_Work], received_at: datetime
+    ) -> list[Result]:
+        """Apply, deduplicate or quarantine each of `work`, in order, in `conn`'s transaction.
+
+        The inbox is read once for all ids and the rows, receipts and answers
+        are written together at the end, a few statements for the whole
+        batch instead of several per envelope.
+        """
+        ids = [str(opened.header.id) for opened, _, _ in work if isinstance(opened, OpenedEnvelope)]
+        writes = _Writes(known=dict(_select_in(conn, _DIGESTS, ids)))
+        results = [
+            self._place(conn, writes, opened, body, user_id, received_at)
+            for opened, body, user_id in work
+        ]
+        if writes.recounts:
+            conn.execute(_COUNT, writes.recounts)
+        if writes.rows:
+            conn.execute(_INSERT_INBOX, writes.inbox_rows())
+        if writes.receipts:
+            self._record_receipts(conn, writes.receipts)
+        if writes.answers:
+            self._answer(conn, writes.answers)
+        return results
+
+    def _place(
+        self,
+        conn: Connection,
+        writes: _Writes,
+        opened: OpenedEnvelope | EnvelopeError,
+        body: bytes,
+        user_id: str | None,
+        received_at: datetime,
+    ) -> Result:
+        """Decide one envelope's outcome; apply it to the case system if it is new."""
+        if not isinstance(opened, OpenedEnvelope):
+            envelope_id, claimed = _unverified_origin(body)
+            # The broker-validated user id is the one origin we can trust here.
+            sender = user_id or claimed
+            self._record_quarantine(conn, body, opened, envelope_id, sender, received_at)
+            return Result(Outcome.QUARANTINED, envelope_id, opened.reason, _detail(opened))
         header = opened.header
         envelope_id = str(header.id)
-        seen = conn.execute(
-            sa.select(inbox_table.c.digest).where(inbox_table.c.envelope_id == envelope_id)
-        ).first()
-        if seen is not None and seen.digest == opened.digest:
-            conn.execute(
-                inbox_table.update()
-                .where(inbox_table.c.envelope_id == envelope_id)
-                .values(redeliveries=inbox_table.c.redeliveries + 1)
-            )
-            result = Result(Outcome.DUPLICATE, envelope_id, None)
-        elif seen is not None:
+        seen = writes.known.get(envelope_id)
+        if seen == opened.digest:
+            writes.count_redelivery(envelope_id)
+            return Result(Outcome.DUPLICATE, envelope_id, None)
+        if seen is not None:
             error = ReplayedEnvelope(
                 f"envelope id {envelope_id} was applied before with other bytes "
-                f"(digest {seen.digest[:16]}..., now {opened.digest[:16]}...)"
+                f"(digest {seen[:16]}..., now {opened.digest[:16]}...)"
             )
             self._record_quarantine(
                 conn, opened.raw, error, envelope_id, header.sender, received_at
             )
-            result = Result(Outcome.QUARANTINED, envelope_id, error.reason, str(error))
-        else:
-            applied_at = self._take(conn, opened, received_at)
-            conn.execute(
-                inbox_table.insert().values(
-                    envelope_id=envelope_id,
-                    digest=opened.digest,
-                    sender=header.sender,
-                    case_ref=header.case,
-                    kind=str(header.kind),
-                    received_at=received_at,
-                    applied_at=applied_at,
-                    redeliveries=0,
-                )
-            )
-            result = Result(Outcome.APPLIED, envelope_id, None)
-        return result
+            return Result(Outcome.QUARANTINED, envelope_id, error.reason, str(error))
+        writes.add_row(opened, received_at, self._take(writes, opened, received_at))
+        return Result(Outcome.APPLIED, envelope_id, None)
 
-    def _take(self, conn: Connection, opened: OpenedEnvelope, received_at: datetime) -> datetime:
-        """Apply a new envelope inside `conn`'s transaction; return when it was applied."""
+    def _take(self, writes: _Writes, opened: OpenedEnvelope, received_at: datetime) -> datetime:
+        """Apply a new envelope (its receipt is queued in `writes`); return when it was applied."""
         if isinstance(opened.message, DeliveryReceipt):
-            self._record_receipt(conn, opened, opened.message, received_at)
+            writes.receipts.append((opened, opened.message, received_at))
             return received_at
         try:
             self.case_system.deliver(opened)
@@ -304,68 +417,63 @@ class Inbox:
                 f"the case system refused envelope {opened.header.id}: {type(e).__name__}: {e}"
             ) from e
         applied_at = max(self.clock(), received_at)
-        self._answer(conn, opened, received_at, applied_at)
+        writes.answers.append((opened, received_at, applied_at))
         return applied_at
 
     def _answer(
-        self, conn: Connection, opened: OpenedEnvelope, received_at: datetime, applied_at: datetime
+        self, conn: Connection, answers: Sequence[tuple[OpenedEnvelope, datetime, datetime]]
     ) -> None:
-        """Put a signed delivery receipt for the envelope's sender in the outbox."""
-        header = opened.header
-        me = self.sender()
-        receipt = DeliveryReceipt(
-            envelope_id=header.id,
-            digest=opened.digest,
-            received_at=received_at,
-            applied_at=applied_at,
-        )
-        sealed = seal(
-            receipt,
-            case=header.case,
-            sender=me,
-            recipients=(header.sender,),
-            directory=self.directory(),
-            seq=self.outbox.next_seq(conn, me.participant, header.case),
-            reply_to=header.id,
-            now=applied_at,
-        )
-        self.outbox.add(conn, sealed, now=applied_at)
+        """Put a signed delivery receipt for each applied envelope's sender in the outbox.
 
-    def _record_receipt(
+        The sequence numbers of all receipts are taken with one upsert, a run
+        of consecutive numbers per case.
+        """
+        me = self.sender()
+        directory = self.directory()
+        counts = Counter(opened.header.case for opened, _, _ in answers)
+        following = self.outbox.reserve_seqs(conn, me.participant, counts)
+        sealed: list[tuple[SealedEnvelope, datetime]] = []
+        for opened, received_at, applied_at in answers:
+            case = opened.header.case
+            seq, following[case] = following[case], following[case] + 1
+            receipt = _receipt(opened, me, directory, seq, received_at, applied_at)
+            sealed.append((receipt, applied_at))
+        self.outbox.add_many(conn, sealed)
+
+    def _record_receipts(
         self,
         conn: Connection,
-        opened: OpenedEnvelope,
-        receipt: DeliveryReceipt,
-        received_at: datetime,
+        receipts: Sequence[tuple[OpenedEnvelope, DeliveryReceipt, datetime]],
     ) -> None:
-        """Record a receipt for one of our envelopes; receipts are never answered."""
-        ours = str(receipt.envelope_id)
-        sent = conn.execute(
-            sa.select(outbox_table.c.digest).where(outbox_table.c.envelope_id == ours)
-        ).first()
-        if sent is None or sent.digest != receipt.digest:
-            log.warning(
-                "inbox.receipt_mismatch",
-                envelope_id=str(opened.header.id),
-                acknowledges=ours,
-                participant=opened.header.sender,
-                known=sent is not None,
-            )
-        exists = conn.execute(
-            sa.select(receipts_table.c.envelope_id).where(
-                receipts_table.c.envelope_id == ours,
-                receipts_table.c.recipient == opened.header.sender,
-            )
-        ).first()
-        if exists is None:
-            conn.execute(
-                receipts_table.insert().values(
-                    envelope_id=ours,
-                    recipient=opened.header.sender,
-                    receipt_envelope_id=str(opened.header.id),
-                    received_at=received_at,
+        """Record receipts for our envelopes, once per (envelope, recipient); never answered."""
+        ours = list({str(receipt.envelope_id) for _, receipt, _ in receipts})
+        sent = dict(_select_in(conn, _SENT_DIGESTS, ours))
+        recorded = set(_select_in(conn, _RECEIPTS_OF, ours))
+        rows: list[dict[str, object]] = []
+        for opened, receipt, received_at in receipts:
+            envelope_id = str(receipt.envelope_id)
+            recipient = opened.header.sender
+            if sent.get(envelope_id) != receipt.digest:
+                log.warning(
+                    "inbox.receipt_mismatch",
+                    envelope_id=str(opened.header.id),
+                    acknowledges=envelope_id,
+                    participant=recipient,
+                    known=envelope_id in sent,
                 )
+            if (envelope_id, recipient) in recorded:
+                continue
+            recorded.add((envelope_id, recipient))
+            rows.append(
+                {
+                    "envelope_id": envelope_id,
+                    "recipient": recipient,
+                    "receipt_envelope_id": str(opened.header.id),
+                    "received_at": received_at,
+                }
             )
+        if rows:
+            conn.execute(_INSERT_RECEIPT, rows)
 
     def _refuse(
         self, body: bytes, error: EnvelopeError, amqp_user_id: str | None, at: datetime
@@ -394,28 +502,24 @@ class Inbox:
         at: datetime,
     ) -> None:
         """Insert a quarantine row, or count a redelivery of one already recorded."""
-        q = quarantine_table.c
-        same_id = q.envelope_id.is_(None) if envelope_id is None else q.envelope_id == envelope_id
+        find = _QUARANTINED_WITHOUT_ID if envelope_id is None else _QUARANTINED_AS
         existing = conn.execute(
-            sa.select(q.id).where(same_id, q.reason == error.reason, q.body == body).limit(1)
+            find, {"b_id": envelope_id, "b_reason": error.reason, "b_body": body}
         ).first()
         if existing is not None:
-            conn.execute(
-                quarantine_table.update()
-                .where(q.id == existing.id)
-                .values(redeliveries=q.redeliveries + 1)
-            )
+            conn.execute(_COUNT_QUARANTINED, {"b_row": existing.id})
             return
         conn.execute(
-            quarantine_table.insert().values(
-                envelope_id=envelope_id,
-                sender=sender,
-                reason=error.reason,
-                detail=_detail(error),
-                received_at=at,
-                body=body,
-                redeliveries=0,
-            )
+            _INSERT_QUARANTINE,
+            {
+                "envelope_id": envelope_id,
+                "sender": sender,
+                "reason": error.reason,
+                "detail": _detail(error),
+                "received_at": at,
+                "body": body,
+                "redeliveries": 0,
+            },
         )
 
 
@@ -430,6 +534,33 @@ def batched(case_system: CaseSystem) -> Iterator[None]:
         yield
 
 
+def _receipt(
+    opened: OpenedEnvelope,
+    me: Sender,
+    directory: Directory,
+    seq: int,
+    received_at: datetime,
+    applied_at: datetime,
+) -> SealedEnvelope:
+    """`me`'s signed delivery receipt for `opened`, sealed for its sender with number `seq`."""
+    header = opened.header
+    return seal(
+        DeliveryReceipt(
+            envelope_id=header.id,
+            digest=opened.digest,
+            received_at=received_at,
+            applied_at=applied_at,
+        ),
+        case=header.case,
+        sender=me,
+        recipients=(header.sender,),
+        directory=directory,
+        seq=seq,
+        reply_to=header.id,
+        now=applied_at,
+    )
+
+
 def _unverified_origin(body: bytes) -> tuple[str | None, str | None]:
     """The id and claimed sender of an envelope that failed opening, if its frame parses."""
     try:
@@ -441,3 +572,14 @@ def _unverified_origin(body: bytes) -> tuple[str | None, str | None]:
 
 def _detail(error: EnvelopeError) -> str:
     return str(error)[:DETAIL_MAX]
+
+
+def _select_in(
+    conn: Connection, statement: sa.Select[str, str], ids: Sequence[str]
+) -> list[tuple[str, str]]:
+    """The rows of `statement` for `ids` (its expanding ``b_ids``), a chunk of ids at a time."""
+    found: list[tuple[str, str]] = []
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        found.extend((a, b) for a, b in conn.execute(statement, {"b_ids": chunk}))
+    return found

@@ -11,9 +11,10 @@ same envelope ids, go out later; receivers deduplicate by id.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,8 +48,62 @@ NOTIFY_CHANNEL = "trm_outbox"
 """The PostgreSQL channel `Outbox.add` notifies in the sender's transaction."""
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
-_CHUNK = 500
-"""Ids per IN (...) list, well under every backend's parameter limit."""
+
+
+_t = outbox_table.c
+_INSERT = outbox_table.insert()
+"""Executed with one parameter dict per envelope (`_outbox_row`)."""
+_NOTIFY = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, ""))
+_PENDING = (
+    sa.select(_t.envelope_id, _t.recipients, _t.body)
+    .where(_t.sent_at.is_(None))
+    .order_by(_t.created_at, _t.envelope_id)
+    .limit(sa.bindparam("b_limit"))
+)
+_MARK_SENT = (
+    outbox_table.update()
+    .where(_t.envelope_id == sa.bindparam("b_id"), _t.sent_at.is_(None))
+    .values(sent_at=sa.bindparam("b_at"), attempts=_t.attempts + 1)
+)
+_RECORD_FAILURE = (
+    outbox_table.update()
+    .where(_t.envelope_id == sa.bindparam("b_id"), _t.sent_at.is_(None))
+    .values(attempts=_t.attempts + 1, last_error=sa.bindparam("b_error"))
+)
+
+
+@functools.cache
+def _reserve_statement(dialect: str) -> sa.Insert:
+    """The sequence upsert for `dialect`, built once so SQLAlchemy reuses its compiled form.
+
+    Parameters ``b_sender``, ``b_case``, ``b_count``; adds ``b_count`` to the
+    last number (or starts at it) and returns the new last number per case.
+    """
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    c = case_sequence_table.c
+    statement = insert(case_sequence_table).values(
+        sender=sa.bindparam("b_sender"),
+        case_ref=sa.bindparam("b_case"),
+        last_seq=sa.bindparam("b_count"),
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[c.sender, c.case_ref],
+        set_={"last_seq": c.last_seq + statement.excluded.last_seq},
+    ).returning(c.case_ref, c.last_seq)
+
+
+def _outbox_row(sealed: SealedEnvelope, at: datetime) -> dict[str, object]:
+    header = sealed.header
+    return {
+        "envelope_id": str(header.id),
+        "case_ref": header.case,
+        "kind": str(header.kind),
+        "recipients": " ".join(header.recipients),
+        "body": sealed.raw,
+        "digest": sealed.digest,
+        "created_at": at,
+        "attempts": 0,
+    }
 
 
 class Publisher(Protocol):
@@ -90,38 +145,46 @@ class Outbox:
         An atomic upsert, so that two processes sending on the same case at
         once never get the same number.
         """
-        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        statement = (
-            insert(case_sequence_table)
-            .values(sender=sender, case_ref=case, last_seq=1)
-            .on_conflict_do_update(
-                index_elements=["sender", "case_ref"],
-                set_={"last_seq": case_sequence_table.c.last_seq + 1},
-            )
-            .returning(case_sequence_table.c.last_seq)
-        )
-        with storage_errors("taking the next sequence number"):
-            return int(conn.execute(statement).scalar_one())
+        return self.reserve_seqs(conn, sender, {case: 1})[case]
+
+    def reserve_seqs(
+        self, conn: Connection, sender: str, counts: Mapping[str, int]
+    ) -> dict[str, int]:
+        """Take `counts[case]` consecutive numbers of `sender` on each case; return each first.
+
+        One atomic upsert statement for all cases (the inbox answers a batch
+        of envelopes with it), so that two processes never get the same
+        number, as with `next_seq`. Cases are taken in sorted order, so that
+        two transactions locking several counters on PostgreSQL lock them in
+        the same order and cannot deadlock.
+        """
+        params = [
+            {"b_sender": sender, "b_case": case, "b_count": counts[case]} for case in sorted(counts)
+        ]
+        if not params:
+            return {}
+        with storage_errors("taking the next sequence numbers"):
+            rows = conn.execute(_reserve_statement(conn.dialect.name), params).all()
+        last = {row.case_ref: int(row.last_seq) for row in rows}
+        return {case: last[case] - count + 1 for case, count in counts.items()}
 
     def add(self, conn: Connection, sealed: SealedEnvelope, now: datetime | None = None) -> None:
         """Store `sealed` for the relay, inside the caller's transaction."""
-        header = sealed.header
-        with storage_errors(f"storing envelope {header.id} in the outbox"):
-            conn.execute(
-                outbox_table.insert().values(
-                    envelope_id=str(header.id),
-                    case_ref=header.case,
-                    kind=str(header.kind),
-                    recipients=" ".join(header.recipients),
-                    body=sealed.raw,
-                    digest=sealed.digest,
-                    created_at=now or datetime.now(UTC),
-                    attempts=0,
-                )
-            )
+        self.add_many(conn, [(sealed, now or datetime.now(UTC))])
+
+    def add_many(self, conn: Connection, items: Sequence[tuple[SealedEnvelope, datetime]]) -> None:
+        """Store each sealed envelope, written at its time, in one statement of the caller's."""
+        if not items:
+            return
+        rows = [_outbox_row(sealed, at) for sealed, at in items]
+        action = f"storing envelope {items[0][0].header.id} in the outbox"
+        if len(items) > 1:
+            action = f"storing {len(items)} envelopes in the outbox"
+        with storage_errors(action):
+            conn.execute(_INSERT, rows)
             if conn.dialect.name == "postgresql":
                 # Delivered to the relay's LISTEN at commit, never before.
-                conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+                conn.execute(_NOTIFY)
 
     def send(
         self, seal_fn: Callable[[int], SealedEnvelope], *, sender: str, case: str
@@ -141,42 +204,29 @@ class Outbox:
 
     def pending(self, limit: int = 500) -> list[Outgoing]:
         """Up to `limit` envelopes not yet confirmed by the broker, oldest first."""
-        t = outbox_table.c
-        query = (
-            sa.select(t.envelope_id, t.recipients, t.body)
-            .where(t.sent_at.is_(None))
-            .order_by(t.created_at, t.envelope_id)
-            .limit(limit)
-        )
         with storage_errors("reading the outbox"), reading(self.engine) as conn:
-            rows = conn.execute(query).all()
+            rows = conn.execute(_PENDING, {"b_limit": limit}).all()
         return [
             Outgoing(envelope_id=r.envelope_id, recipients=tuple(r.recipients.split()), body=r.body)
             for r in rows
         ]
 
     def mark_sent(self, envelope_ids: Sequence[str], at: datetime | None = None) -> None:
-        """Record that the broker confirmed these envelopes."""
+        """Record that the broker confirmed these envelopes (one executemany for all)."""
+        if not envelope_ids:
+            return
         moment = at or datetime.now(UTC)
-        t = outbox_table.c
+        params = [{"b_id": envelope_id, "b_at": moment} for envelope_id in envelope_ids]
         with storage_errors("marking envelopes sent"), self.engine.begin() as conn:
-            for chunk in _chunks(envelope_ids):
-                conn.execute(
-                    outbox_table.update()
-                    .where(t.envelope_id.in_(chunk), t.sent_at.is_(None))
-                    .values(sent_at=moment, attempts=t.attempts + 1)
-                )
+            conn.execute(_MARK_SENT, params)
 
     def record_failure(self, envelope_ids: Sequence[str], error: str) -> None:
         """Count a failed publish of these envelopes; they stay pending."""
-        t = outbox_table.c
+        if not envelope_ids:
+            return
+        params = [{"b_id": envelope_id, "b_error": error[:1000]} for envelope_id in envelope_ids]
         with storage_errors("recording a publish failure"), self.engine.begin() as conn:
-            for chunk in _chunks(envelope_ids):
-                conn.execute(
-                    outbox_table.update()
-                    .where(t.envelope_id.in_(chunk), t.sent_at.is_(None))
-                    .values(attempts=t.attempts + 1, last_error=error[:1000])
-                )
+            conn.execute(_RECORD_FAILURE, params)
 
     def status(self) -> OutboxStatus:
         """Pending and sent counts, the oldest pending envelope's age and error, receipts."""
@@ -361,7 +411,3 @@ class CommitWatch:
         raw, self._raw = self._raw, None
         if raw is not None:
             raw.invalidate()  # closes the driver's connection, quietly if already broken
-
-
-def _chunks(ids: Sequence[str]) -> list[Sequence[str]]:
-    return [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import sys
 import threading
@@ -23,7 +24,7 @@ from broker.database import (
     receipts_table,
 )
 from broker.directory import Directory
-from broker.envelope import OpenedEnvelope, SealedEnvelope, open_envelope, seal
+from broker.envelope import OpenedEnvelope, SealedEnvelope, open_envelope, read_header, seal
 from broker.errors import CaseSystemError, ConfigError
 from broker.inbox import Inbox, Outcome
 from broker.outbox import Outbox, Relay
@@ -437,6 +438,8 @@ def test_batch_applies_quarantines_and_deduplicates_in_one_transaction(
     )
     [quarantined] = rows(engine, quarantine_table)
     assert quarantined.body == bad
+    counted = {row.envelope_id: row.redeliveries for row in rows(engine, inbox_table)}
+    assert counted == {str(first.id): 1, str(second.id): 0}
     again = inbox.handle_batch([_delivery(first.raw, KZ, 5, True), _delivery(second.raw, KZ, 6)])
     assert [r.outcome for r in again] == [Outcome.DUPLICATE, Outcome.DUPLICATE]
     assert len(Outbox(engine).pending()) == 2
@@ -454,3 +457,112 @@ def test_batch_with_a_failing_case_system_applies_nothing(
         inbox.handle_batch(batch)
     assert rows(engine, inbox_table) == []
     assert rows(engine, outbox_table) == []
+
+
+def _request_on(network: Network, case: str) -> SealedEnvelope:
+    return seal(
+        example(MessageKind.RETURN_REQUEST),
+        case=case,
+        sender=network.sender(KZ),
+        recipients=[UZ],
+        directory=network.directory,
+        seq=1,
+    )
+
+
+def test_batch_receipts_take_consecutive_numbers_per_case(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """The receipts of a batch are numbered 1, 2, 3... per case, and the next batch goes on."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    other = "KZ-2026-0043"
+    cases = [CASE, other, CASE, CASE, other]
+    envelopes = [_request_on(network, case) for case in cases]
+    batch = [_delivery(e.raw, KZ, tag) for tag, e in enumerate(envelopes, 1)]
+    assert {r.outcome for r in inbox.handle_batch(batch)} == {Outcome.APPLIED}
+    later = [_request_on(network, case) for case in (other, CASE)]
+    inbox.handle_batch([_delivery(e.raw, KZ, tag) for tag, e in enumerate(later, 6)])
+    numbered: dict[str, list[int]] = {CASE: [], other: []}
+    answered = []
+    for message in Outbox(engine).pending():
+        header = read_header(message.body)
+        numbered[header.case].append(header.seq)
+        answered.append(header.reply_to)
+    assert numbered == {CASE: [1, 2, 3, 4], other: [1, 2, 3]}
+    assert sorted(map(str, answered)) == sorted(str(e.id) for e in envelopes + later)
+
+
+def test_batch_of_receipts_records_each_once(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """KZ records a batch of UZ's receipts once each; a copy in the batch is a duplicate."""
+    kz_outbox = Outbox(engine)
+    sent = [
+        kz_outbox.send(
+            lambda seq: seal(
+                example(MessageKind.RETURN_REQUEST),
+                case=CASE,
+                sender=network.sender(KZ),
+                recipients=[UZ],
+                directory=network.directory,
+                seq=seq,
+            ),
+            sender=KZ,
+            case=CASE,
+        )
+        for _ in range(2)
+    ]
+    uz_engine = open_database(f"sqlite:///{tmp_path / 'uz.db'}")
+    try:
+        uz = make_inbox(uz_engine, network, UZ, tmp_path / "uz-inbox")
+        uz.handle_batch([_delivery(e.raw, KZ, tag) for tag, e in enumerate(sent, 1)])
+        receipts = Outbox(uz_engine).pending()
+    finally:
+        uz_engine.dispose()
+    kz_inbox = make_inbox(engine, network, KZ, tmp_path / "kz-inbox")
+    batch = [_delivery(r.body, UZ, tag) for tag, r in enumerate(receipts, 1)]
+    results = kz_inbox.handle_batch([*batch, _delivery(receipts[0].body, UZ, 3)])
+    assert [r.outcome for r in results] == [Outcome.APPLIED, Outcome.APPLIED, Outcome.DUPLICATE]
+    recorded = {(row.envelope_id, row.recipient) for row in rows(engine, receipts_table)}
+    assert recorded == {(str(e.id), UZ) for e in sent}
+    assert kz_outbox.status().receipts == 2
+    assert {m.envelope_id for m in kz_outbox.pending()} == {str(e.id) for e in sent}
+    assert not (tmp_path / "kz-inbox").exists()
+
+
+def test_file_case_system_remakes_a_removed_folder(network: Network, tmp_path: Path) -> None:
+    """A case folder removed while the adapter runs is made again, mode 0700, at the next file."""
+    system = FileCaseSystem(tmp_path / "inbox")
+    envelopes = [request(network), request(network)]
+    opened = [
+        open_envelope(e.raw, recipient=network.recipient(UZ), directory=network.directory)
+        for e in envelopes
+    ]
+    system.deliver(opened[0])
+    (tmp_path / "inbox" / f"{envelopes[0].id}.json").unlink()
+    (tmp_path / "inbox").rmdir()
+    with system.batch():
+        system.deliver(opened[1])
+    assert stat.S_IMODE((tmp_path / "inbox").stat().st_mode) == 0o700
+    assert [p.name for p in (tmp_path / "inbox").iterdir()] == [f"{envelopes[1].id}.json"]
+
+
+def test_file_case_system_never_follows_a_link_at_its_temporary_name(
+    network: Network, tmp_path: Path
+) -> None:
+    """A symbolic link planted where the writer puts its temporary file is not written through."""
+    envelope = request(network)
+    opened = open_envelope(
+        envelope.raw, recipient=network.recipient(UZ), directory=network.directory
+    )
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"untouched")
+    name = f"{envelope.id}.json"
+    planted = folder / f".{name}.{os.getpid()}.{threading.get_native_id()}.tmp"
+    planted.symlink_to(target)
+    with pytest.raises(CaseSystemError, match="cannot write"):
+        FileCaseSystem(folder).deliver(opened)
+    assert target.read_bytes() == b"untouched"
+    assert not (folder / name).exists()

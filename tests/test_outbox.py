@@ -79,6 +79,48 @@ def test_sequence_per_sender_and_case(engine: Engine) -> None:
     assert (kz_b, uz_a, again) == (1, 1, 4)
 
 
+def test_reserve_seqs_takes_a_run_per_case(engine: Engine) -> None:
+    """reserve_seqs takes consecutive numbers per case in one go and next_seq continues after."""
+    outbox = Outbox(engine)
+    with engine.begin() as conn:
+        assert outbox.next_seq(conn, KZ, CASE) == 1
+        firsts = outbox.reserve_seqs(conn, KZ, {CASE: 3, "KZ-2026-0043": 2})
+        assert outbox.reserve_seqs(conn, KZ, {}) == {}
+    assert firsts == {CASE: 2, "KZ-2026-0043": 1}
+    with engine.begin() as conn:
+        after = (outbox.next_seq(conn, KZ, CASE), outbox.next_seq(conn, KZ, "KZ-2026-0043"))
+        other = outbox.reserve_seqs(conn, UZ, {CASE: 2})
+    assert after == (5, 3)
+    assert other == {CASE: 1}
+
+
+def test_concurrent_reservations_never_share_a_number(engine: Engine) -> None:
+    """Four threads reserving runs on the same two cases get disjoint runs covering 1..n."""
+    outbox = Outbox(engine)
+    taken: dict[str, list[int]] = {CASE: [], "KZ-2026-0043": []}
+    errors: list[BaseException] = []
+    counts = {CASE: 3, "KZ-2026-0043": 2}
+
+    def worker() -> None:
+        try:
+            for _ in range(5):
+                with engine.begin() as conn:
+                    firsts = outbox.reserve_seqs(conn, KZ, counts)
+                for case, first in firsts.items():
+                    taken[case].extend(range(first, first + counts[case]))
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(taken[CASE]) == list(range(1, 61))
+    assert sorted(taken["KZ-2026-0043"]) == list(range(1, 41))
+
+
 def test_send_uses_the_next_number(engine: Engine, network: Network) -> None:
     """send seals with consecutive numbers and stores each envelope pending."""
     outbox = Outbox(engine)
@@ -157,6 +199,25 @@ def test_mark_sent_is_idempotent(engine: Engine, network: Network) -> None:
     outbox.mark_sent([str(envelope.id)], at=first + timedelta(hours=1))
     with engine.connect() as conn:
         assert conn.execute(sa.select(outbox_table.c.sent_at)).scalar_one() == first
+
+
+def test_add_many_mark_sent_and_failures_for_a_window(engine: Engine, network: Network) -> None:
+    """A window added at once is pending in order; failures count on each, confirms mark each."""
+    outbox = Outbox(engine)
+    at = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    envelopes = [sealed(network, seq) for seq in range(1, 6)]
+    with engine.begin() as conn:
+        outbox.add_many(conn, [(e, at + timedelta(seconds=i)) for i, e in enumerate(envelopes)])
+    ids = [str(e.id) for e in envelopes]
+    assert [m.envelope_id for m in outbox.pending()] == ids
+    outbox.record_failure(ids[:3], "broker_unavailable: down")
+    outbox.mark_sent(ids[:4], at=at)
+    outbox.mark_sent([])
+    assert [m.envelope_id for m in outbox.pending()] == ids[4:]
+    with engine.connect() as conn:
+        found = conn.execute(sa.select(outbox_table.c.envelope_id, outbox_table.c.attempts))
+        attempts = {row.envelope_id: row.attempts for row in found}
+    assert [attempts[i] for i in ids] == [2, 2, 2, 1, 0]
 
 
 def test_same_envelope_twice_is_refused(engine: Engine, network: Network) -> None:
