@@ -6,24 +6,33 @@ from earlier, and names the first bad entry. `replay_export` rebuilds every
 case's handoff history from the log alone. The checks, their order and what
 they cannot detect are specified in ``docs/audit.md``.
 
-Envelope signatures dominate the cost; they are checked in worker processes
-over fixed chunks of entries while the main process reads the file, hashes
-the entries and checks the chain, so verification is linear in the size of
-the export and uses every core. Whatever the scheduling, the error reported
-is the one with the lowest entry index (ties broken by the order of the
-checks), so the result is deterministic.
+Envelope signatures dominate the cost. The main process only cuts the export
+into byte ranges at line ends; worker processes each read their own ranges,
+check every line, hash the entries and verify their envelopes, and send back
+the leaf hashes, `prev` links, receive times and checkpoint lines, from which
+the main process checks the chain and the Merkle tree. So verification is
+linear in the size of the export and uses every core. Whatever the
+scheduling, the error reported is the one with the lowest entry index (ties
+broken by the order of the checks), and a range whose lines are not all in
+order is read again knowing where it starts, so the result is that of one
+sequential read.
 """
 
 from __future__ import annotations
 
 import binascii
+import hashlib
 import itertools
 import json
 import os
+import re
+import struct
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +40,24 @@ from broker.directory import Directory, parse_unverified
 from broker.envelope import EnvelopeVerifier, read_header
 from broker.errors import AuditError, CheckpointInvalid, LogTampered, ProofInvalid, TrmError
 from services.auditlog import (
+    ENTRY_CONTEXT,
     EXPORT_TYPE,
     EXPORT_VERSION,
+    HASH_BYTES,
     REJECTED,
+    TIME,
+    VERIFICATION,
     VERIFIED,
     ZERO_HASH,
-    LogEntry,
     check_verification,
     parse_time,
 )
 from services.cases import CaseState, Event, replay
 from services.checkpoint import Checkpoint, open_checkpoint
-from services.merkle import EMPTY_ROOT, MerkleTree, node_hash, verify_consistency
+from services.merkle import EMPTY_ROOT, MerkleTree, verify_consistency
 
-CHUNK = 1000
-"""Entries per unit of work handed to a signature-checking process."""
+CHUNK_BYTES = 1 << 20
+"""Bytes of the export per unit of work (cut at the next line end): about 700 entries."""
 
 SIGNATURE_REASONS = frozenset({"bad_signature", "malformed", "too_large"})
 """Rejections that depend on the bytes alone: an entry recorded with one of
@@ -56,6 +68,29 @@ _STRUCTURE, _CHAIN, _ENVELOPE, _CHECKPOINT, _COVERAGE = range(5)
 _ENTRY_KEYS = frozenset({"type", "index", "received_at", "verification", "prev", "envelope"})
 _CHECKPOINT_KEYS = frozenset({"type", "key_name", "note"})
 _HEADER_KEYS = frozenset({"type", "version", "origin", "log_key", "key_name", "directory"})
+
+_TIME_BYTES = len("2026-03-01T08:00:02.000123Z")
+"""Every receive time that passes `parse_time` has this many ASCII characters."""
+
+# The leaf hash of docs/audit.md, SHA-256(0x00 || leaf input), with the fixed
+# prefix hashed once.
+_LEAF_HEAD = hashlib.sha256(b"\x00" + ENTRY_CONTEXT)
+_U16, _U32, _U64 = struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
+
+# An entry line exactly as `AuditLog.export` writes it, up to the envelope's text.
+_EXPORTED_ENTRY = re.compile(
+    rb'\{"type":"entry","index":(0|[1-9][0-9]{0,17}),"received_at":"('
+    + TIME.pattern.encode()
+    + rb')","verification":"('
+    + VERIFICATION.pattern.encode()
+    + rb')","prev":"([0-9a-f]{64})","envelope":"'
+)
+
+_Fields = tuple[int, bytes, datetime, bytes, bytes, bytes]
+"""An entry line's index, received_at, its time, verification, prev and envelope bytes."""
+
+_OnEntry = Callable[[int, datetime, bytes, bytes], None]
+"""Called with each entry's index, receive time, verification and envelope, in order."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +134,7 @@ class _Mark:
     key_name: str
     note: bytes
     after: int
-    """The number of entries read before this line."""
+    """The number of entries read before this line (in its part, while in a `_Part`)."""
 
 
 @dataclass
@@ -118,25 +153,214 @@ class _Findings:
 
 
 @dataclass
+class _Part:
+    """What one byte range of the export holds, read line by line in order.
+
+    Worker processes return these, so they hold bytes rather than objects:
+    32 bytes of leaf hash and of `prev` and `_TIME_BYTES` of receive time an
+    entry, and the checkpoint lines with `after` counted from the range start.
+    """
+
+    first_index: int | None
+    """The index the first entry has or must have; None: taken from the first entry read."""
+    entries: int = 0
+    leaves: bytearray = field(default_factory=bytearray)
+    prevs: bytearray = field(default_factory=bytearray)
+    times: bytearray = field(default_factory=bytearray)
+    marks: list[_Mark] = field(default_factory=list)
+    problem: tuple[int, str] | None = None
+    """The line problem that ended the read, at the entry index expected there."""
+    error: str | None = None
+    """Why the range could not be read."""
+
+    def read(self, line: bytes, on_entry: _OnEntry) -> None:
+        """Check one line (LogTampered if bad) and add what it holds."""
+        first = self.first_index
+        expected = None if first is None else first + self.entries
+        fields = _exported_entry(line)
+        if fields is None or (expected is not None and fields[0] != expected):
+            found = _any_line(line, expected, self.entries)
+            if isinstance(found, _Mark):
+                self.marks.append(found)
+                return
+            fields = found
+        index, when, at, verification, prev, raw = fields
+        if first is None:
+            if not 0 <= index < 1 << 63:
+                # No entry has that index: the range is read again knowing which it must be.
+                raise LogTampered(None, f"the first entry read holds index {index}")
+            self.first_index = index
+        self.leaves += _leaf_hash(index, when, verification, prev, raw)
+        self.prevs += prev
+        self.times += when
+        self.entries += 1
+        on_entry(index, at, verification, raw)
+
+
+@dataclass
 class _Scan:
-    """What one pass over the export yields."""
+    """What the reading of the export yields, gathered part by part."""
 
     header: _Header
-    leaves: list[bytes] = field(default_factory=list)
-    prevs: list[bytes] = field(default_factory=list)
-    times: list[datetime] = field(default_factory=list)
+    tree: MerkleTree | None = None
+    """When given, the Merkle tree of the leaves, extended as parts are taken."""
+    leaf_bytes: bytearray = field(default_factory=bytearray)
+    prev_bytes: bytearray = field(default_factory=bytearray)
+    time_bytes: bytearray = field(default_factory=bytearray)
     marks: list[_Mark] = field(default_factory=list)
+    count: int = 0
+
+    def take(self, part: _Part, findings: _Findings) -> bool:
+        """Add a part read from entry `count` on; False once a line problem ends the read."""
+        if part.error is not None:
+            raise AuditError(part.error)
+        self.marks += [replace(m, after=self.count + m.after) for m in part.marks]
+        self.leaf_bytes += part.leaves
+        self.prev_bytes += part.prevs
+        self.time_bytes += part.times
+        self.count += part.entries
+        if self.tree is not None:
+            for leaf in _split_hashes(part.leaves):
+                self.tree.append(leaf)
+        if part.problem is not None:
+            findings.add(part.problem[0], _STRUCTURE, part.problem[1])
+            return False
+        return True
+
+    @cached_property
+    def leaves(self) -> list[bytes]:
+        """The leaf hashes, read to the end."""
+        return _split_hashes(self.leaf_bytes)
+
+    def merkle_tree(self) -> MerkleTree:
+        """The Merkle tree of every leaf read (once reading is done)."""
+        if self.tree is None:
+            self.tree = MerkleTree.from_leaves(self.leaves)
+        return self.tree
+
+    def time(self, index: int) -> datetime:
+        """The receive time of entry `index`."""
+        at = index * _TIME_BYTES
+        return parse_time(self.time_bytes[at : at + _TIME_BYTES].decode("ascii"))
+
+
+def _split_hashes(blob: bytes | bytearray) -> list[bytes]:
+    data = bytes(blob)
+    return [data[i : i + HASH_BYTES] for i in range(0, len(data), HASH_BYTES)]
 
 
 # --- reading an export -------------------------------------------------------------------
 
 
-def _lines(path: Path) -> Iterator[bytes]:
+def _unreadable(path: Path, e: OSError) -> str:
+    return f"cannot read the export {path}: {e.strerror}"
+
+
+def _layout(path: Path) -> tuple[_Header, int, int]:
+    """The header, and the byte offsets where the lines after it begin and the file ends."""
     try:
         with path.open("rb") as f:
-            yield from f
+            first = f.readline()
+            start = f.tell()
+            size = f.seek(0, os.SEEK_END)
     except OSError as e:
-        raise AuditError(f"cannot read the export {path}: {e.strerror}") from e
+        raise AuditError(_unreadable(path, e)) from e
+    return _header(first or None), start, size
+
+
+def _ranges(path: Path, start: int, size: int) -> Iterator[tuple[int, int]]:
+    """Byte ranges of about `CHUNK_BYTES` from `start` to `size`, each ending at a line end."""
+    step = max(CHUNK_BYTES, 1)
+    try:
+        with path.open("rb") as f:
+            while start < size:
+                f.seek(start + step - 1)
+                f.readline()
+                end = min(f.tell(), size)
+                yield start, end
+                start = end
+    except OSError as e:
+        raise AuditError(_unreadable(path, e)) from e
+
+
+def _read_part(path: Path, start: int, end: int, first: int | None, on_entry: _OnEntry) -> _Part:
+    """The lines in bytes `start` to `end`, up to the first bad one; `first` as in `_Part`."""
+    part = _Part(first)
+    try:
+        with path.open("rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as e:
+        part.error = _unreadable(path, e)
+        return part
+    lines = data.split(b"\n")
+    if lines[-1] == b"":  # the newline ending the last line
+        lines.pop()
+    try:
+        for line in lines:
+            part.read(line, on_entry)
+    except LogTampered as e:
+        part.problem = (e.index or 0, e.problem)
+    return part
+
+
+def _leaf_hash(index: int, when: bytes, verification: bytes, prev: bytes, raw: bytes) -> bytes:
+    """`LogEntry.leaf_hash` from the entry's fields as bytes, without copying the envelope."""
+    h = _LEAF_HEAD.copy()
+    h.update(
+        b"".join(
+            (
+                _U64.pack(index),
+                _U16.pack(len(when)),
+                when,
+                _U16.pack(len(verification)),
+                verification,
+                prev,
+                _U32.pack(len(raw)),
+            )
+        )
+    )
+    h.update(raw)
+    return h.digest()
+
+
+def _exported_entry(line: bytes) -> _Fields | None:
+    """The fields of an entry line written exactly as `AuditLog.export` writes it, else None.
+
+    The fields' characters need no JSON escapes, so a line matched here holds
+    what `json.loads` would read, and every check of `_entry` but the index
+    sequence is made here as there. Any other line, good or bad, goes through
+    `_any_line`, which also names what is wrong.
+    """
+    m = _EXPORTED_ENTRY.match(line)
+    if m is None or m.end() > len(line) - 2 or not line.endswith(b'"}'):
+        return None
+    text = line[m.end() : -2]
+    try:
+        raw = binascii.a2b_base64(text, strict_mode=True)
+        # As `parse_time`, whose pattern the expression holds: the "Z" reads as UTC.
+        at = datetime.fromisoformat(m[2].decode("ascii"))
+    except (binascii.Error, ValueError):
+        return None
+    # Canonical base64 only, so also nothing but base64 between the quotes.
+    if binascii.b2a_base64(raw, newline=False) != text:
+        return None
+    return int(m[1]), m[2], at, m[3], binascii.a2b_hex(m[4]), raw
+
+
+def _any_line(line: bytes, expected: int | None, read: int) -> _Fields | _Mark:
+    """Any line after the header: an entry's fields, or a checkpoint read after `read` entries.
+
+    LogTampered naming entry `expected` if the line is bad; with `expected`
+    None, any index is taken for the first entry of a range.
+    """
+    data = _json(line, expected)
+    kind = data.get("type")
+    if kind == "checkpoint":
+        return _mark(data, expected, read)
+    if kind != "entry":
+        raise LogTampered(expected, f"a line of unknown type {kind!r}")
+    return _entry(data, expected)
 
 
 def _json(line: bytes, where: int | None) -> dict[str, Any]:
@@ -184,25 +408,27 @@ def _b64(text: str, where: int | None, what: str) -> bytes:
     return raw
 
 
-def _entry(data: dict[str, Any], expected: int) -> tuple[LogEntry, datetime]:
-    """The entry on a line that should hold entry `expected`; LogTampered naming it if not."""
+def _sequence_problem(index: int, expected: int) -> str:
+    if index > expected:
+        return (
+            f"missing: the line after entry {expected - 1} holds entry {index} "
+            "(entries deleted or reordered)"
+        )
+    return (
+        f"missing: the line after entry {expected - 1} holds entry {index} again "
+        "(an entry duplicated, reordered or inserted)"
+    )
+
+
+def _entry(data: dict[str, Any], expected: int | None) -> _Fields:
+    """The fields of a line that should hold entry `expected`; LogTampered naming it if not."""
     if set(data) != _ENTRY_KEYS:
         raise LogTampered(expected, f"the entry line has fields {sorted(data)}")
     index = data["index"]
     if not isinstance(index, int) or isinstance(index, bool):
         raise LogTampered(expected, "the entry's index is not an integer")
-    if index != expected:
-        if index > expected:
-            problem = (
-                f"missing: the line after entry {expected - 1} holds entry {index} "
-                "(entries deleted or reordered)"
-            )
-        else:
-            problem = (
-                f"missing: the line after entry {expected - 1} holds entry {index} again "
-                "(an entry duplicated, reordered or inserted)"
-            )
-        raise LogTampered(expected, problem)
+    if expected is not None and index != expected:
+        raise LogTampered(expected, _sequence_problem(index, expected))
     received_at, verification, prev, envelope = (
         data["received_at"],
         data["verification"],
@@ -223,44 +449,16 @@ def _entry(data: dict[str, Any], expected: int) -> tuple[LogEntry, datetime]:
     except ValueError as e:
         raise LogTampered(expected, "prev is not 64 lowercase hex digits") from e
     raw = _b64(envelope, expected, "the envelope")
-    return LogEntry(index, received_at, verification, prev_bytes, raw), at
+    return index, received_at.encode("ascii"), at, verification.encode("ascii"), prev_bytes, raw
 
 
-def _mark(data: dict[str, Any], after: int) -> _Mark:
+def _mark(data: dict[str, Any], where: int | None, after: int) -> _Mark:
     if set(data) != _CHECKPOINT_KEYS:
-        raise LogTampered(after, f"the checkpoint line has fields {sorted(data)}")
+        raise LogTampered(where, f"the checkpoint line has fields {sorted(data)}")
     key_name, note = data["key_name"], data["note"]
     if not isinstance(key_name, str) or not isinstance(note, str):
-        raise LogTampered(after, "the checkpoint's key_name or note is not a string")
+        raise LogTampered(where, "the checkpoint's key_name or note is not a string")
     return _Mark(key_name, note.encode(), after)
-
-
-def _scan(path: Path, on_entry: Callable[[LogEntry, datetime], None], findings: _Findings) -> _Scan:
-    """Read the export once: structure, sequence and leaf hashes; each entry to `on_entry`.
-
-    A structural problem ends the scan and is added to `findings`; what was
-    read before it is returned.
-    """
-    lines = _lines(path)
-    scan = _Scan(_header(next(lines, None)))
-    try:
-        for line in lines:
-            expected = len(scan.leaves)
-            data = _json(line, expected)
-            kind = data.get("type")
-            if kind == "checkpoint":
-                scan.marks.append(_mark(data, expected))
-                continue
-            if kind != "entry":
-                raise LogTampered(expected, f"a line of unknown type {kind!r}")
-            entry, at = _entry(data, expected)
-            scan.leaves.append(entry.leaf_hash())
-            scan.prevs.append(entry.prev)
-            scan.times.append(at)
-            on_entry(entry, at)
-    except LogTampered as e:
-        findings.add(e.index or 0, _STRUCTURE, e.problem)
-    return scan
 
 
 # --- the chain --------------------------------------------------------------------------
@@ -273,7 +471,9 @@ def _check_chain(scan: _Scan, proven: int, findings: _Findings) -> None:
     j+1; if its own `prev` was changed, the link of j breaks too. Entries
     below `proven` are covered by a checkpoint whose root matched.
     """
-    leaves, prevs = scan.leaves, scan.prevs
+    if scan.prev_bytes == ZERO_HASH + scan.leaf_bytes[: len(scan.leaf_bytes) - HASH_BYTES]:
+        return  # every link holds: compared at once, not entry by entry
+    leaves, prevs = scan.leaves, _split_hashes(scan.prev_bytes)
     for j, prev in enumerate(prevs):
         expected = leaves[j - 1] if j else ZERO_HASH
         if prev == expected:
@@ -307,51 +507,78 @@ def _init_worker(directory: Directory) -> None:
     _WORKER_VERIFIER = EnvelopeVerifier(directory)
 
 
-@dataclass(frozen=True)
-class _ChunkResult:
-    first: tuple[int, str] | None
-    ok: int
-    rejected: int
-    confirmed: int
+@dataclass
+class _Tally:
+    """The envelope outcomes of a part: the first that contradicts its record, and counts."""
+
+    first: tuple[int, str] | None = None
+    ok: int = 0
+    rejected: int = 0
+    confirmed: int = 0
+
+    def add(self, other: _Tally, findings: _Findings) -> None:
+        if other.first is not None:
+            findings.add(other.first[0], _ENVELOPE, other.first[1])
+        self.ok += other.ok
+        self.rejected += other.rejected
+        self.confirmed += other.confirmed
 
 
-_Item = tuple[int, datetime, str, bytes]
-
-
-def _check_chunk(items: list[_Item], verifier: EnvelopeVerifier | None = None) -> _ChunkResult:
-    """Verify each envelope at its receive time; the first outcome that contradicts the record.
+class _Envelopes:
+    """Each envelope verified at its receive time, until one contradicts what its entry records.
 
     The checks are `verify_envelope(raw, directory, at=at, max_age=None)`'s.
     """
-    verifier = verifier or _WORKER_VERIFIER
-    assert verifier is not None  # set by _init_worker
-    ok = rejected = confirmed = 0
-    for index, at, recorded, raw in items:
+
+    def __init__(self, verifier: EnvelopeVerifier) -> None:
+        self.verifier = verifier
+        self.tally = _Tally()
+
+    def __call__(self, index: int, at: datetime, verification: bytes, raw: bytes) -> None:
+        tally = self.tally
+        if tally.first is not None:
+            return  # only the first problem of a part can be the first of the export
         try:
-            verifier.check(raw, at=at, max_age=None)
+            self.verifier.check(raw, at=at, max_age=None)
             outcome, detail = VERIFIED, ""
         except TrmError as e:
             outcome, detail = f"{REJECTED}{e.reason}", str(e)
-        if recorded == VERIFIED:
+        if verification == b"ok":
             if outcome != VERIFIED:
-                problem = (
+                tally.first = (
+                    index,
                     f"recorded ok but the envelope does not verify at its receive time "
-                    f"({outcome}): {detail}"
+                    f"({outcome}): {detail}",
                 )
-                return _ChunkResult((index, problem), ok, rejected, confirmed)
-            ok += 1
-            continue
-        rejected += 1
+            else:
+                tally.ok += 1
+            return
+        tally.rejected += 1
+        recorded = verification.decode("ascii")
         if outcome != VERIFIED:
-            confirmed += 1
+            tally.confirmed += 1
         elif recorded.removeprefix(REJECTED) in SIGNATURE_REASONS:
-            problem = f"recorded {recorded} but the envelope verifies: it was wrongly rejected"
-            return _ChunkResult((index, problem), ok, rejected, confirmed)
-    return _ChunkResult(None, ok, rejected, confirmed)
+            tally.first = (
+                index,
+                f"recorded {recorded} but the envelope verifies: it was wrongly rejected",
+            )
 
 
-class _Signatures:
-    """Envelope checks in chunks: in worker processes, or inline for one worker."""
+def _verify_part(
+    path: Path, start: int, end: int, first: int | None, verifier: EnvelopeVerifier | None = None
+) -> tuple[_Part, _Tally]:
+    """Read, check and hash the lines of a byte range and verify their envelopes."""
+    envelopes = _Envelopes(verifier or _verifier())
+    return _read_part(path, start, end, first, envelopes), envelopes.tally
+
+
+def _verifier() -> EnvelopeVerifier:
+    assert _WORKER_VERIFIER is not None, "set by _init_worker"
+    return _WORKER_VERIFIER
+
+
+class _Workers:
+    """Byte ranges verified in worker processes, or inline for one worker; results in order."""
 
     def __init__(self, directory: Directory, workers: int) -> None:
         self.verifier = EnvelopeVerifier(directory)
@@ -361,38 +588,60 @@ class _Signatures:
             else None
         )
         self.window = 4 * workers
-        self.chunk: list[_Item] = []
-        self.pending: list[Future[_ChunkResult]] = []
-        self.results: list[_ChunkResult] = []
 
-    def add(self, entry: LogEntry, at: datetime) -> None:
-        self.chunk.append((entry.index, at, entry.verification, entry.envelope))
-        if len(self.chunk) >= CHUNK:
-            self._flush()
+    def parts(
+        self, path: Path, start: int, size: int, scan: _Scan
+    ) -> Iterator[tuple[_Part, _Tally]]:
+        """Each range's part and tally, read from entry `scan.count` on as `scan` takes them.
 
-    def _flush(self) -> None:
-        chunk, self.chunk = self.chunk, []
-        if not chunk:
-            return
+        Workers read a range not knowing its first entry's index; a range
+        whose first index is not the one expected, or that holds a bad line,
+        is read again here knowing it, so that the problem is named exactly
+        as a sequential read names it.
+        """
+        ranges = _ranges(path, start, size)
         if self.pool is None:
-            self.results.append(_check_chunk(chunk, self.verifier))
+            for begin, end in ranges:
+                yield _verify_part(path, begin, end, scan.count, self.verifier)
             return
-        self.pending.append(self.pool.submit(_check_chunk, chunk))
-        # Bounded memory: at most `window` chunks in flight.
-        while len(self.pending) > self.window:
-            self.results.append(self.pending.pop(0).result())
+        for begin, end, future in self._submitted(path, ranges):
+            part, tally = future.result()
+            if part.problem or part.error or part.first_index not in (None, scan.count):
+                part, tally = _verify_part(path, begin, end, scan.count, self.verifier)
+            yield part, tally
 
-    def finish(self) -> list[_ChunkResult]:
-        self._flush()
-        try:
-            self.results.extend(f.result() for f in self.pending)
-        finally:
-            self.close()
-        return self.results
+    def _submitted(
+        self, path: Path, ranges: Iterator[tuple[int, int]]
+    ) -> Iterator[tuple[int, int, Future[tuple[_Part, _Tally]]]]:
+        assert self.pool is not None
+        pending: deque[tuple[int, int, Future[tuple[_Part, _Tally]]]] = deque()
+        for begin, end in ranges:
+            pending.append((begin, end, self.pool.submit(_verify_part, path, begin, end, None)))
+            # Bounded memory: at most `window` ranges in flight.
+            if len(pending) > self.window:
+                yield pending.popleft()
+        yield from pending
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
+
+
+def _read_and_verify(
+    path: Path, directory: Directory, workers: int, findings: _Findings
+) -> tuple[_Scan, _Tally]:
+    """Read the export once, verifying every envelope; a line problem ends the read."""
+    header, start, size = _layout(path)
+    scan, total = _Scan(header, MerkleTree()), _Tally()
+    pool = _Workers(directory, workers)
+    try:
+        for part, tally in pool.parts(path, start, size, scan):
+            total.add(tally, findings)
+            if not scan.take(part, findings):
+                break
+    finally:
+        pool.close()
+    return scan, total
 
 
 # --- checkpoints -------------------------------------------------------------------------
@@ -402,31 +651,6 @@ class _Signatures:
 class _Verified:
     checkpoint: Checkpoint
     mark: _Mark
-
-
-class _Roots:
-    """Roots of every prefix of the leaves, in one pass (O(log n) per prefix asked)."""
-
-    def __init__(self, leaves: list[bytes]) -> None:
-        self.leaves = leaves
-        self.size = 0
-        self.frontier: list[tuple[int, bytes]] = []  # (height, root), largest first
-
-    def root(self, size: int) -> bytes:
-        """The Merkle root of the first `size` leaves; sizes must be asked in rising order."""
-        while self.size < size:
-            node, height = self.leaves[self.size], 0
-            while self.frontier and self.frontier[-1][0] == height:
-                node = node_hash(self.frontier.pop()[1], node)
-                height += 1
-            self.frontier.append((height, node))
-            self.size += 1
-        if size == 0:
-            return EMPTY_ROOT
-        root = self.frontier[-1][1]
-        for _, left in reversed(self.frontier[:-1]):
-            root = node_hash(left, root)
-        return root
 
 
 def _open_mark(mark: _Mark, header: _Header, directory: Directory) -> Checkpoint:
@@ -466,7 +690,7 @@ def _check_checkpoints(
     The proven size is that of the largest checkpoint whose root matched the
     entries, every entry below it being committed to by a signature.
     """
-    count = len(scan.leaves)
+    count = scan.count
     verified: list[_Verified] = []
     for mark in scan.marks:
         try:
@@ -495,7 +719,6 @@ def _check_checkpoints(
 
 
 def _check_roots(scan: _Scan, verified: list[_Verified], findings: _Findings) -> int:
-    roots = _Roots(scan.leaves)
     proven = 0
     seen: dict[int, bytes] = {}
     for item in sorted(verified, key=lambda v: v.checkpoint.size):
@@ -509,13 +732,13 @@ def _check_roots(scan: _Scan, verified: list[_Verified], findings: _Findings) ->
             )
             continue
         seen[cp.size] = cp.root
-        if cp.size and cp.time < scan.times[last]:
+        if cp.size and cp.time < scan.time(last):
             findings.add(
                 last,
                 _CHECKPOINT,
                 f"the checkpoint of size {cp.size} is dated before this entry was received",
             )
-        if roots.root(cp.size) != cp.root:
+        if scan.merkle_tree().root(cp.size) != cp.root:
             findings.add(
                 max(last, 0),
                 _CHECKPOINT,
@@ -531,7 +754,7 @@ def _check_consistency(scan: _Scan, verified: list[_Verified], findings: _Findin
     """Each checkpoint extends the one before, by a consistency proof computed from the leaves."""
     if len(verified) < 2 or findings.best is not None:
         return
-    tree = MerkleTree.from_leaves(scan.leaves)
+    tree = scan.merkle_tree()
     ordered = sorted(verified, key=lambda v: v.checkpoint.size)
     for old, new in itertools.pairwise(ordered):
         a, b = old.checkpoint, new.checkpoint
@@ -555,7 +778,7 @@ def _check_coverage(
     trusted: bytes | None,
     findings: _Findings,
 ) -> None:
-    count = len(scan.leaves)
+    count = scan.count
     covered = max((v.checkpoint.size for v in verified), default=0)
     if covered < count:
         findings.add(
@@ -577,7 +800,7 @@ def _check_coverage(
             _COVERAGE,
             f"missing: the trusted checkpoint signs {cp.size} entries, the export has {count}",
         )
-    elif _Roots(scan.leaves).root(cp.size) != cp.root:
+    elif scan.merkle_tree().root(cp.size) != cp.root:
         findings.add(
             max(cp.size - 1, 0),
             _COVERAGE,
@@ -611,15 +834,7 @@ def verify_export(
     auditor kept from an earlier export, which this one must extend.
     """
     findings = _Findings()
-    signatures = _Signatures(directory, workers or os.cpu_count() or 1)
-    try:
-        scan = _scan(path, signatures.add, findings)
-        results = signatures.finish()
-    finally:
-        signatures.close()
-    for result in results:
-        if result.first is not None:
-            findings.add(result.first[0], _ENVELOPE, result.first[1])
+    scan, tally = _read_and_verify(path, directory, workers or os.cpu_count() or 1, findings)
     broken = findings.best is not None and findings.best[1] == _STRUCTURE
     verified, proven = _check_checkpoints(scan, directory, findings)
     _check_chain(scan, proven, findings)
@@ -629,11 +844,11 @@ def verify_export(
         _check_coverage(scan, verified, directory, trusted_checkpoint, findings)
     findings.raise_first()
     return VerifyReport(
-        entries=len(scan.leaves),
+        entries=scan.count,
         checkpoints=len(verified),
-        envelopes_ok=sum(r.ok for r in results),
-        rejected_recorded=sum(r.rejected for r in results),
-        rejected_confirmed=sum(r.confirmed for r in results),
+        envelopes_ok=tally.ok,
+        rejected_recorded=tally.rejected,
+        rejected_confirmed=tally.confirmed,
         root=max(verified, key=lambda v: v.checkpoint.size).checkpoint.root.hex()
         if verified
         else EMPTY_ROOT.hex(),
@@ -653,20 +868,22 @@ def replay_export(
     """
     events: list[Event] = []
 
-    def collect(entry: LogEntry, at: datetime) -> None:
-        if entry.verification != VERIFIED:
+    def collect(index: int, at: datetime, verification: bytes, raw: bytes) -> None:
+        if verification != b"ok":
             return
         try:
-            header = read_header(entry.envelope)
+            header = read_header(raw)
         except TrmError as e:
-            raise LogTampered(
-                entry.index, f"recorded ok but the envelope does not parse: {e}"
-            ) from e
+            raise LogTampered(index, f"recorded ok but the envelope does not parse: {e}") from e
         if case is None or header.case == case:
             events.append(Event.from_header(header, at))
 
     findings = _Findings()
-    scan = _scan(path, collect, findings)
+    header, start, size = _layout(path)
+    scan = _Scan(header)
+    for begin, end in _ranges(path, start, size):
+        if not scan.take(_read_part(path, begin, end, scan.count, collect), findings):
+            break
     _check_chain(scan, 0, findings)
     findings.raise_first()
     return replay(events, _roles(roles_from, scan.header))

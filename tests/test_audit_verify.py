@@ -16,14 +16,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_auditlog import KZ, ROUTING, T0, UZ, World, append_all, make_world
 
 from broker.database import open_database
-from broker.directory import revoke_key
+from broker.directory import Directory, revoke_key
 from broker.envelope import seal
 from broker.errors import AuditError, LogTampered
 from broker.keys import Sender
 from schemas.base import MessageKind
 from schemas.examples import example
 from services import audit
-from services.audit import diff_states, replay_export, verify_export
+from services.audit import VerifyReport, diff_states, replay_export, verify_export
 from services.auditlog import LogEntry, format_time, parse_time
 from services.cases import Stage
 from services.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
@@ -120,10 +120,34 @@ def tampered(genuine: Export, tmp_path: Path, edit: Callable[[list[dict[str, Any
     return write_lines(tmp_path / "tampered.jsonl", lines)
 
 
-def first_bad(path: Path, world: World, **kw: Any) -> LogTampered:
-    with pytest.raises(LogTampered) as caught:
-        verify_export(path, world.directory, workers=1, **kw)
-    return caught.value
+LAYOUTS = ((1, None), (2, 1), (2, 2500))
+"""(workers, bytes per range): one process over the default ranges; two workers over ranges
+of one line each and of about two lines, so that ranges start at every kind of line."""
+
+
+def verify_all_ways(path: Path, directory: Directory, **kw: Any) -> list[VerifyReport]:
+    """The export verified in every layout of `LAYOUTS`."""
+    reports = []
+    for workers, chunk in LAYOUTS:
+        with pytest.MonkeyPatch.context() as mp:
+            if chunk is not None:
+                mp.setattr(audit, "CHUNK_BYTES", chunk)
+            reports.append(verify_export(path, directory, workers=workers, **kw))
+    return reports
+
+
+def first_bad(path: Path, world: World | Directory, **kw: Any) -> LogTampered:
+    """The problem reported, the same whether verified in one process or split across workers."""
+    directory = world.directory if isinstance(world, World) else world
+    errors = []
+    for workers, chunk in LAYOUTS:
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(LogTampered) as caught:
+            if chunk is not None:
+                mp.setattr(audit, "CHUNK_BYTES", chunk)
+            verify_export(path, directory, workers=workers, **kw)
+        errors.append(caught.value)
+    assert {(e.index, e.problem) for e in errors} == {(errors[0].index, errors[0].problem)}
+    return errors[0]
 
 
 def flip_bit(field: str, line: dict[str, Any]) -> None:
@@ -152,11 +176,29 @@ def flip_bit(field: str, line: dict[str, Any]) -> None:
 
 def test_genuine_export_verifies(genuine: Export) -> None:
     """The honest export is intact: every entry, envelope and checkpoint accounted for."""
-    report = verify_export(genuine.path, genuine.world.directory, workers=2)
+    reports = verify_all_ways(genuine.path, genuine.world.directory)
+    report = reports[0]
     assert (report.entries, report.checkpoints) == (17, 3)
     assert (report.envelopes_ok, report.rejected_recorded, report.rejected_confirmed) == (15, 2, 2)
     assert report.log_key == ROUTING
     assert "intact: 17 entries" in report.summary()
+    assert reports == [report] * len(LAYOUTS)
+
+
+def respelled(path: Path, tmp_path: Path) -> Path:
+    """The same export in other valid JSON: spaces after separators, every '/' escaped."""
+    lines = [json.dumps(line).replace("/", "\\/") for line in read_lines(path)]
+    out = tmp_path / "respelled.jsonl"
+    out.write_text("".join(line + "\n" for line in lines))
+    return out
+
+
+def test_export_in_other_json_spelling_verifies_the_same(genuine: Export, tmp_path: Path) -> None:
+    """Lines spelled otherwise than the exporter writes them hold the same values and verify."""
+    path = respelled(genuine.path, tmp_path)
+    assert b"\\/" in path.read_bytes()
+    reports = verify_all_ways(path, genuine.world.directory)
+    assert reports == verify_all_ways(genuine.path, genuine.world.directory)
 
 
 def test_replay_rebuilds_each_case(genuine: Export) -> None:
@@ -189,7 +231,28 @@ def test_flipped_bit_in_any_field_names_the_entry(
 ) -> None:
     """One flipped bit in any field of entry k is reported at entry k."""
     path = tampered(genuine, tmp_path, lambda lines: flip_bit(field, lines[position(lines, index)]))
-    assert first_bad(path, genuine.world).index == index
+    error = first_bad(path, genuine.world)
+    assert error.index == index
+    again = first_bad(respelled(path, tmp_path), genuine.world)
+    assert (again.index, again.problem) == (error.index, error.problem)
+
+
+def test_non_canonical_envelope_padding_is_named(genuine: Export, tmp_path: Path) -> None:
+    """Base64 whose unused padding bits are set decodes to the same bytes, and is refused."""
+    lines = read_lines(genuine.path)
+    k = next(ln["index"] for ln in lines if ln.get("envelope", "").endswith("="))
+
+    def edit(lines: list[dict[str, Any]]) -> None:
+        line = lines[position(lines, k)]
+        text = line["envelope"].rstrip("=")
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        odd = text[:-1] + alphabet[alphabet.index(text[-1]) | 1] + line["envelope"][len(text) :]
+        assert odd != line["envelope"]
+        assert base64.b64decode(odd) == base64.b64decode(line["envelope"])
+        line["envelope"] = odd
+
+    error = first_bad(tampered(genuine, tmp_path, edit), genuine.world)
+    assert error.index == k and "not canonical base64" in error.problem
 
 
 def test_flipped_bit_in_a_rejected_entry_is_caught(genuine: Export, tmp_path: Path) -> None:
@@ -270,6 +333,17 @@ def test_inserted_entry_without_renumbering_is_caught(genuine: Export, tmp_path:
     assert error.index == 8 and "again" in error.problem
 
 
+@pytest.mark.parametrize("index", [-1, 2**64, 2**70])
+def test_impossible_index_is_named(genuine: Export, tmp_path: Path, index: int) -> None:
+    """An entry holding an index no entry can have is reported where it stands."""
+
+    def edit(lines: list[dict[str, Any]]) -> None:
+        lines[position(lines, 6)]["index"] = index
+
+    error = first_bad(tampered(genuine, tmp_path, edit), genuine.world)
+    assert error.index == 6 and f"holds entry {index}" in error.problem
+
+
 def test_reordered_entries_are_named(genuine: Export, tmp_path: Path) -> None:
     """Two swapped entries are reported at the first of them."""
 
@@ -302,11 +376,17 @@ def test_duplicated_entry_is_named(genuine: Export, tmp_path: Path) -> None:
     assert error.index == 4 and "again" in error.problem
 
 
-def test_malformed_line_is_named(genuine: Export, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "cut", [lambda line: "{not json", lambda line: line[: line.index('"envelope":"') + 12] + "}"]
+)
+def test_malformed_line_is_named(
+    genuine: Export, tmp_path: Path, cut: Callable[[str], str]
+) -> None:
     """A line that is not JSON is reported at the entry expected there."""
     path = tmp_path / "bad.jsonl"
     lines = genuine.path.read_text().splitlines()
-    lines[position(read_lines(genuine.path), 11)] = "{not json"
+    at = position(read_lines(genuine.path), 11)
+    lines[at] = cut(lines[at])
     path.write_text("\n".join(lines) + "\n")
     error = first_bad(path, genuine.world)
     assert error.index == 11 and "not JSON" in error.problem
@@ -485,11 +565,12 @@ def test_first_bad_envelope_is_deterministic_across_workers(
         )
         items[k] = (forged.raw, items[k][1], "ok")
     export = build_log(module_world, tmp_path / "audit.jsonl", items)
-    monkeypatch.setattr(audit, "CHUNK", 2)
-    for workers in (1, 2, 3):
-        with pytest.raises(LogTampered) as caught:
-            verify_export(export.path, module_world.directory, workers=workers)
-        assert caught.value.index == 5
+    for chunk in (1, 2500, 5000):
+        monkeypatch.setattr(audit, "CHUNK_BYTES", chunk)
+        for workers in (1, 2, 3):
+            with pytest.raises(LogTampered) as caught:
+                verify_export(export.path, module_world.directory, workers=workers)
+            assert caught.value.index == 5
 
 
 def test_envelope_signed_after_revocation_is_named(genuine: Export) -> None:
@@ -508,13 +589,12 @@ def test_envelope_signed_after_revocation_is_named(genuine: Export) -> None:
     newer = world.signed(
         revoke_key(world.body, KZ, world.sender(KZ).kid, at=revoked_at, now=revoked_at)
     )
-    with pytest.raises(LogTampered) as caught:
-        verify_export(genuine.path, newer, workers=1)
-    assert caught.value.index == late[0] and "revoked_key" in caught.value.problem
+    error = first_bad(genuine.path, newer)
+    assert error.index == late[0] and "revoked_key" in error.problem
     later = world.signed(
         revoke_key(world.body, KZ, world.sender(KZ).kid, at=T0 + timedelta(days=1), now=revoked_at)
     )
-    assert verify_export(genuine.path, later, workers=1).entries == 17
+    assert {r.entries for r in verify_all_ways(genuine.path, later)} == {17}
 
 
 def test_wrongly_rejected_envelope_is_named(module_world: World, tmp_path: Path) -> None:
