@@ -49,7 +49,16 @@ if TYPE_CHECKING:
 EXCHANGE = "trm.handoff"
 QUARANTINE_EXCHANGE = "trm.quarantine"
 ROUTING_QUEUE = "trm.routing"
-DELIVERY_LIMIT = 20
+DELIVERY_LIMIT = 200
+"""Deliveries of one message before the broker moves it to the quarantine.
+
+The inbox quarantines every bad envelope itself on its first delivery, so
+the limit only sets aside a message that kills the consumer's process each
+time. A quorum queue counts a delivery for every unacked message in the
+prefetch window when a consumer dies, so the limit is in effect the number of
+adapter crashes a valid message must survive: at 20, one relay-crash campaign
+moved 100 valid receipts to the quarantine while their adapter crash-looped.
+"""
 ROUTING_ROLE = "routing"
 PASSWORD_FILE = "amqp-password"  # noqa: S105 - a file name, not a secret
 
