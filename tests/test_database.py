@@ -14,7 +14,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from broker import database
 from broker.database import (
+    BUSY_TIMEOUT_MS,
     home_database_url,
     inbox_table,
     metadata,
@@ -148,6 +150,59 @@ def test_sqlite_connection_settings(tmp_path: Path) -> None:
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
     finally:
         engine.dispose()
+
+
+def test_sqlite_writer_gets_the_lock_when_the_holder_commits(tmp_path: Path) -> None:
+    """A second writer waits while the first holds the lock, then writes; the timeout is kept."""
+    engine = open_database(f"sqlite:///{tmp_path / 'trm.db'}")
+    other = open_database(f"sqlite:///{tmp_path / 'trm.db'}")
+    holding, done = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def second_writer() -> None:
+        holding.wait()
+        try:
+            with other.begin() as conn:
+                conn.exec_driver_sql("CREATE TABLE second (x INTEGER)")
+        except BaseException as e:
+            failures.append(e)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=second_writer)
+    thread.start()
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE first (x INTEGER)")
+            holding.set()
+            # The second writer cannot have committed while this transaction holds the lock.
+            assert not done.wait(0.05)
+        thread.join()
+        assert failures == []
+        with other.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == BUSY_TIMEOUT_MS
+        assert {"first", "second"} <= set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+        other.dispose()
+
+
+def test_sqlite_writer_gives_up_after_the_busy_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held past the busy timeout, the lock is refused with SQLAlchemy's error, nothing written."""
+    engine = open_database(f"sqlite:///{tmp_path / 'trm.db'}")
+    other = open_database(f"sqlite:///{tmp_path / 'trm.db'}")
+    monkeypatch.setattr(database, "BUSY_TIMEOUT_MS", 50)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE first (x INTEGER)")
+            with pytest.raises(sa.exc.OperationalError, match="locked"), other.begin() as late:
+                late.exec_driver_sql("CREATE TABLE second (x INTEGER)")
+        assert "second" not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+        other.dispose()
 
 
 def test_readers_do_not_wait_for_writers(database_url: str) -> None:
