@@ -63,6 +63,22 @@ def request(network: Network, *, envelope_id: UUID | None = None) -> SealedEnvel
     )
 
 
+def send_to_uz(outbox: Outbox, network: Network) -> SealedEnvelope:
+    """A real return request from KZ to UZ, queued in KZ's `outbox` with its next number."""
+    return outbox.send(
+        lambda seq: seal(
+            example(MessageKind.RETURN_REQUEST),
+            case=CASE,
+            sender=network.sender(KZ),
+            recipients=[UZ],
+            directory=network.directory,
+            seq=seq,
+        ),
+        sender=KZ,
+        case=CASE,
+    )
+
+
 def rows(engine: Engine, table: sa.Table) -> list[sa.Row[tuple[object, ...]]]:
     with engine.connect() as conn:
         return list(conn.execute(sa.select(table)).all())
@@ -184,18 +200,7 @@ def test_received_receipt_is_recorded_not_answered(
 ) -> None:
     """KZ records UZ's receipt for its envelope and sends no receipt for the receipt."""
     kz_outbox = Outbox(engine)
-    envelope = kz_outbox.send(
-        lambda seq: seal(
-            example(MessageKind.RETURN_REQUEST),
-            case=CASE,
-            sender=network.sender(KZ),
-            recipients=[UZ],
-            directory=network.directory,
-            seq=seq,
-        ),
-        sender=KZ,
-        case=CASE,
-    )
+    envelope = send_to_uz(kz_outbox, network)
     uz_engine = open_database(f"sqlite:///{tmp_path / 'uz.db'}")
     try:
         make_inbox(uz_engine, network, UZ, tmp_path / "uz-inbox").handle(envelope.raw, KZ)
@@ -290,18 +295,7 @@ def test_end_to_end_through_memory_broker(engine: Engine, network: Network, tmp_
     """KZ's envelope, delivered twice, is applied once by UZ and its one receipt reaches KZ."""
     broker = MemoryBroker()
     kz_outbox = Outbox(engine)
-    envelope = kz_outbox.send(
-        lambda seq: seal(
-            example(MessageKind.RETURN_REQUEST),
-            case=CASE,
-            sender=network.sender(KZ),
-            recipients=[UZ],
-            directory=network.directory,
-            seq=seq,
-        ),
-        sender=KZ,
-        case=CASE,
-    )
+    envelope = send_to_uz(kz_outbox, network)
     broker.duplicate_next(1)
     Relay(kz_outbox, broker.publisher(KZ)).run_once()
     uz_engine = open_database(f"sqlite:///{tmp_path / 'uz.db'}")
@@ -497,21 +491,7 @@ def test_batch_of_receipts_records_each_once(
 ) -> None:
     """KZ records a batch of UZ's receipts once each; a copy in the batch is a duplicate."""
     kz_outbox = Outbox(engine)
-    sent = [
-        kz_outbox.send(
-            lambda seq: seal(
-                example(MessageKind.RETURN_REQUEST),
-                case=CASE,
-                sender=network.sender(KZ),
-                recipients=[UZ],
-                directory=network.directory,
-                seq=seq,
-            ),
-            sender=KZ,
-            case=CASE,
-        )
-        for _ in range(2)
-    ]
+    sent = [send_to_uz(kz_outbox, network) for _ in range(2)]
     uz_engine = open_database(f"sqlite:///{tmp_path / 'uz.db'}")
     try:
         uz = make_inbox(uz_engine, network, UZ, tmp_path / "uz-inbox")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -36,6 +37,15 @@ def sealed(network: Network, seq: int, *, sender: str = KZ, case: str = CASE) ->
 def count(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(outbox_table)).scalar_one())
+
+
+def run_together(worker: Callable[[], None], threads: int) -> None:
+    """Run `worker` on `threads` threads at once and wait for all of them."""
+    started = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join()
 
 
 def test_rolled_back_transaction_leaves_nothing(engine: Engine, network: Network) -> None:
@@ -111,11 +121,7 @@ def test_concurrent_reservations_never_share_a_number(engine: Engine) -> None:
         except BaseException as e:  # collected and asserted below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together(worker, 4)
     assert errors == []
     assert sorted(taken[CASE]) == list(range(1, 61))
     assert sorted(taken["KZ-2026-0043"]) == list(range(1, 41))
@@ -147,11 +153,7 @@ def test_concurrent_senders_never_share_a_number(engine: Engine, network: Networ
         except BaseException as e:  # collected and asserted below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together(worker, 4)
     assert errors == []
     assert sorted(seqs) == list(range(1, 41))
     assert count(engine) == 40
