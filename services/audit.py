@@ -36,6 +36,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import pybase64
+
 from broker.directory import Directory, parse_unverified
 from broker.envelope import EnvelopeVerifier, read_header
 from broker.errors import AuditError, CheckpointInvalid, LogTampered, ProofInvalid, TrmError
@@ -337,13 +339,15 @@ def _exported_entry(line: bytes) -> _Fields | None:
         return None
     text = line[m.end() : -2]
     try:
-        raw = binascii.a2b_base64(text, strict_mode=True)
+        # pybase64 (SIMD) rather than binascii: base64 was a tenth of the
+        # Python work per entry. validate=True refuses what strict binascii does.
+        raw = pybase64.b64decode(text, validate=True)
         # As `parse_time`, whose pattern the expression holds: the "Z" reads as UTC.
         at = datetime.fromisoformat(m[2].decode("ascii"))
     except (binascii.Error, ValueError):
         return None
     # Canonical base64 only, so also nothing but base64 between the quotes.
-    if binascii.b2a_base64(raw, newline=False) != text:
+    if pybase64.b64encode(raw) != text:
         return None
     return int(m[1]), m[2], at, m[3], binascii.a2b_hex(m[4]), raw
 

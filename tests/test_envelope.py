@@ -411,6 +411,24 @@ def test_truncation_is_malformed(world: World, sealed: SealedEnvelope) -> None:
         assert type(info.value) is MalformedEnvelope
 
 
+def test_truncation_names_the_field_cut(world: World, sealed: SealedEnvelope) -> None:
+    """The error names the field that runs past the end, down to the key entry."""
+    wrapped = regions(sealed.raw).wrapped[0]
+    header_end = regions(sealed.raw).header.stop
+    cuts = {
+        6: "header length",
+        header_end + 1: "key entry count",
+        header_end + 2: "key entry 0 recipient length",
+        header_end + 4: "key entry 0 recipient id",
+        wrapped.start - 1: "key entry 0 wrapped key length",
+        wrapped.start + 5: "key entry 0 wrapped key",
+        regions(sealed.raw).signature.start + 1: "signature",
+    }
+    for cut, field in cuts.items():
+        with pytest.raises(MalformedEnvelope, match=f"^envelope truncated: {field} runs past"):
+            _open(world, sealed.raw[:cut])
+
+
 @pytest.mark.parametrize("extra", [b"\x00", b"garbage", bytes(64)])
 def test_trailing_bytes_are_malformed(world: World, sealed: SealedEnvelope, extra: bytes) -> None:
     """Bytes appended after the signature make the envelope malformed."""
@@ -686,6 +704,18 @@ def test_id_time_must_agree_with_sent_at(world: World) -> None:
     payload = encode_payload(example(MessageKind.RETURN_REQUEST))
     for shift in (timedelta(minutes=6), -timedelta(days=2)):
         header = _header(world, id=str(new_envelope_id(NOW + shift)))
+        with pytest.raises(StaleEnvelope, match="id"):
+            _open(world, _forge(world, header, payload))
+
+
+def test_id_time_may_differ_from_sent_at_by_the_skew_and_no_more(world: World) -> None:
+    """Five minutes between the id's time and sent_at pass; one millisecond more does not."""
+    payload = encode_payload(example(MessageKind.RETURN_REQUEST))
+    for sign in (1, -1):
+        header = _header(world, id=str(new_envelope_id(NOW + sign * MAX_CLOCK_SKEW)))
+        assert _open(world, _forge(world, header, payload)).header.id == UUID(header["id"])
+        late = MAX_CLOCK_SKEW + timedelta(milliseconds=1)
+        header = _header(world, id=str(new_envelope_id(NOW + sign * late)))
         with pytest.raises(StaleEnvelope, match="id"):
             _open(world, _forge(world, header, payload))
 
