@@ -529,43 +529,55 @@ class _Tally:
 
 
 class _Envelopes:
-    """Each envelope verified at its receive time, until one contradicts what its entry records.
+    """The envelopes of a part, each verified at its receive time once the part is read.
 
-    The checks are `verify_envelope(raw, directory, at=at, max_age=None)`'s.
+    The checks are `verify_envelope(raw, directory, at=at, max_age=None)`'s;
+    the tally stops at the first outcome that contradicts its entry's record.
     """
 
     def __init__(self, verifier: EnvelopeVerifier) -> None:
         self.verifier = verifier
-        self.tally = _Tally()
+        self.read: list[tuple[int, bytes, bytes, datetime]] = []
 
     def __call__(self, index: int, at: datetime, verification: bytes, raw: bytes) -> None:
-        tally = self.tally
-        if tally.first is not None:
-            return  # only the first problem of a part can be the first of the export
-        try:
-            self.verifier.check(raw, at=at, max_age=None)
-            outcome, detail = VERIFIED, ""
-        except TrmError as e:
-            outcome, detail = f"{REJECTED}{e.reason}", str(e)
-        if verification == b"ok":
-            if outcome != VERIFIED:
-                tally.first = (
-                    index,
-                    f"recorded ok but the envelope does not verify at its receive time "
-                    f"({outcome}): {detail}",
-                )
-            else:
-                tally.ok += 1
-            return
-        tally.rejected += 1
-        recorded = verification.decode("ascii")
+        self.read.append((index, verification, raw, at))
+
+    def tally(self) -> _Tally:
+        """Verify every envelope read; the first contradiction and the counts."""
+        tally = _Tally()
+        outcomes = self.verifier.check_all([(raw, at) for _, _, raw, at in self.read], max_age=None)
+        for (index, verification, _, _), error in zip(self.read, outcomes, strict=True):
+            _record(tally, index, verification, error)
+            if tally.first is not None:
+                break  # only the first problem of a part can be the first of the export
+        return tally
+
+
+def _record(tally: _Tally, index: int, verification: bytes, error: TrmError | None) -> None:
+    """Count one envelope's outcome against what its entry records."""
+    if error is None:
+        outcome, detail = VERIFIED, ""
+    else:
+        outcome, detail = f"{REJECTED}{error.reason}", str(error)
+    if verification == b"ok":
         if outcome != VERIFIED:
-            tally.confirmed += 1
-        elif recorded.removeprefix(REJECTED) in SIGNATURE_REASONS:
             tally.first = (
                 index,
-                f"recorded {recorded} but the envelope verifies: it was wrongly rejected",
+                f"recorded ok but the envelope does not verify at its receive time "
+                f"({outcome}): {detail}",
             )
+        else:
+            tally.ok += 1
+        return
+    tally.rejected += 1
+    recorded = verification.decode("ascii")
+    if outcome != VERIFIED:
+        tally.confirmed += 1
+    elif recorded.removeprefix(REJECTED) in SIGNATURE_REASONS:
+        tally.first = (
+            index,
+            f"recorded {recorded} but the envelope verifies: it was wrongly rejected",
+        )
 
 
 def _verify_part(
@@ -573,7 +585,8 @@ def _verify_part(
 ) -> tuple[_Part, _Tally]:
     """Read, check and hash the lines of a byte range and verify their envelopes."""
     envelopes = _Envelopes(verifier or _verifier())
-    return _read_part(path, start, end, first, envelopes), envelopes.tally
+    part = _read_part(path, start, end, first, envelopes)
+    return part, envelopes.tally()
 
 
 def _verifier() -> EnvelopeVerifier:
