@@ -6,7 +6,7 @@ confirms, so that ``trm.routing`` holds all N before the service starts (each
 envelope also lands in the recipient's inbox, which nobody reads here). Then
 ``trm routing run`` starts and drains the queue: each envelope is verified,
 appended to the hash-chained audit log and folded into its case's state, one
-transaction per envelope, then acked.
+transaction and one multiple-ack per batch of the deliveries waiting.
 
 The rate is N over the time from the first log entry's receive time to the
 last one's, the same span as the raw baseline's drain (first delivery to last

@@ -85,7 +85,13 @@ CACHED_CASES = 10_000
 """Case states the routing service keeps in memory (`CaseCache`)."""
 _c = cases_table.c
 _LOAD = sa.select(_c.version, _c.state).where(_c.case_ref == sa.bindparam("ref"))
-_VERSION = sa.select(_c.version).where(_c.case_ref == sa.bindparam("ref"))
+_LOAD_MANY = sa.select(_c.case_ref, _c.version, _c.state).where(
+    _c.case_ref.in_(sa.bindparam("refs", expanding=True))
+)
+_VERSIONS = sa.select(_c.case_ref, _c.version).where(
+    _c.case_ref.in_(sa.bindparam("refs", expanding=True))
+)
+_ADD_ANOMALY = anomalies_table.insert()
 _UPDATE = (
     cases_table.update()
     .where(_c.case_ref == sa.bindparam("ref"))
@@ -165,7 +171,9 @@ class CaseBatch:
 
     A batch of envelopes on a few busy cases pays for reading and writing
     each case's state once instead of once per envelope; with a `CaseCache`
-    a case this process wrote last is not even parsed again.
+    a case this process wrote last is not even parsed again. `read` takes
+    the whole batch's cases in two queries, and the anomalies found wait for
+    `save`, which inserts them at once.
     """
 
     def __init__(self, conn: Connection, cache: CaseCache | None = None) -> None:
@@ -175,21 +183,32 @@ class CaseBatch:
         self._states: dict[str, tuple[int | None, CaseState | None]] = {}
         self._changed: set[str] = set()
         self._written: dict[str, tuple[int, CaseState]] = {}
+        self._anomalies: list[dict[str, object]] = []
+
+    def read(self, cases: Iterable[str]) -> None:
+        """Read every case of `cases` not read yet: their versions, then the states not cached."""
+        wanted = sorted(set(cases) - self._states.keys())
+        if not wanted:
+            return
+        with storage_errors("reading cases"):
+            rows = self._conn.execute(_VERSIONS, {"refs": wanted}).all()
+        versions: dict[str, int] = {row.case_ref: row.version for row in rows}
+        stale = []
+        for case in wanted:
+            version = versions.get(case)
+            cached = None
+            if version is not None and self._cache is not None:
+                cached = self._cache.get(case, version)
+            self._states[case] = (version, cached)
+            if version is not None and cached is None:
+                stale.append(case)
+        self._states.update(CaseStore.load_many(self._conn, stale))
 
     def get(self, case: str) -> CaseState | None:
         """The state of `case` as this batch left it (stored state the first time), or None."""
         if case not in self._states:
-            self._states[case] = self._read(case)
+            self.read([case])
         return self._states[case][1]
-
-    def _read(self, case: str) -> tuple[int | None, CaseState | None]:
-        if self._cache is not None:
-            version = CaseStore.version(self._conn, case)
-            cached = None if version is None else self._cache.get(case, version)
-            if cached is not None:
-                return version, cached
-        stored = CaseStore.load_versioned(self._conn, case)
-        return (None, None) if stored is None else stored
 
     def put(self, state: CaseState) -> None:
         """Make `state` its case's current state; stored by `save`."""
@@ -197,18 +216,36 @@ class CaseBatch:
         self._states[state.case] = (version, state)
         self._changed.add(state.case)
 
+    def add_anomaly(self, case: str, anomaly: Anomaly, recorded_at: datetime) -> None:
+        """Record that `anomaly` was found on `case` at `recorded_at`; stored by `save`."""
+        self._anomalies.append(_anomaly_row(case, anomaly, recorded_at))
+
     def save(self) -> None:
-        """Store every case this batch changed."""
+        """Store every case this batch changed and every anomaly it found."""
         for case in sorted(self._changed):
             state = self._states[case][1]
             if state is not None:
                 self._written[case] = (CaseStore.save(self._conn, state), state)
         self._changed.clear()
+        if self._anomalies:
+            with storage_errors("recording anomalies"):
+                self._conn.execute(_ADD_ANOMALY, self._anomalies)
+            self._anomalies.clear()
 
     def committed(self) -> None:
         """Tell the batch its transaction committed: the states it wrote join the cache."""
         if self._cache is not None:
             self._cache.keep(self._written)
+
+
+def _anomaly_row(case: str, anomaly: Anomaly, recorded_at: datetime) -> dict[str, object]:
+    return {
+        "case_ref": case,
+        "envelope_id": anomaly.envelope_id,
+        "reason": str(anomaly.reason),
+        "detail": anomaly.detail,
+        "recorded_at": recorded_at,
+    }
 
 
 class CaseStore:
@@ -234,11 +271,13 @@ class CaseStore:
         return None if row is None else (row.version, CaseState.from_dict(row.state))
 
     @staticmethod
-    def version(conn: Connection, case: str) -> int | None:
-        """The stored version of `case`, or None if it was never seen."""
-        with storage_errors(f"reading case {case}"):
-            found = conn.execute(_VERSION, {"ref": case}).scalar()
-        return None if found is None else int(found)
+    def load_many(conn: Connection, cases: list[str]) -> dict[str, tuple[int, CaseState]]:
+        """The stored version and state of each case of `cases` that was ever seen."""
+        if not cases:
+            return {}
+        with storage_errors("reading cases"):
+            rows = conn.execute(_LOAD_MANY, {"refs": cases}).all()
+        return {row.case_ref: (row.version, CaseState.from_dict(row.state)) for row in rows}
 
     @staticmethod
     def save(conn: Connection, state: CaseState) -> int:
@@ -272,15 +311,7 @@ class CaseStore:
     def add_anomaly(conn: Connection, case: str, anomaly: Anomaly, recorded_at: datetime) -> None:
         """Record that `anomaly` was found on `case` at `recorded_at`."""
         with storage_errors(f"recording an anomaly on case {case}"):
-            conn.execute(
-                anomalies_table.insert().values(
-                    case_ref=case,
-                    envelope_id=anomaly.envelope_id,
-                    reason=str(anomaly.reason),
-                    detail=anomaly.detail,
-                    recorded_at=recorded_at,
-                )
-            )
+            conn.execute(_ADD_ANOMALY, _anomaly_row(case, anomaly, recorded_at))
 
     @staticmethod
     def reminder_sent(conn: Connection, key: ReminderKey) -> bool:

@@ -254,6 +254,7 @@ class RoutingService:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_ROUTING_LOCK)))
             logged = _logged(conn, {None if h is None else str(h.id) for _, _, h, _ in checked})
             writes = _Writes(conn, self.auditlog.appender(conn), CaseBatch(conn, self._cases))
+            writes.cases.read(h.case for _, _, h, v in checked if h is not None and v == VERIFIED)
             outcomes = [self._record(writes, directory, logged, *item) for item in checked]
             writes.log.flush()
             writes.cases.save()
@@ -323,7 +324,7 @@ class RoutingService:
         state, anomaly = apply(writes.cases.get(header.case), event, self._role_map(directory))
         writes.cases.put(state)
         if anomaly is not None:
-            self.store.add_anomaly(writes.conn, header.case, anomaly, at)
+            writes.cases.add_anomaly(header.case, anomaly, at)
         return Outcome(str(header.id), VERIFIED, index, header.case, state.stage, anomaly)
 
     def _logged(self, outcome: Outcome, header: EnvelopeHeader | None) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +16,14 @@ from broker.database import metadata
 from broker.errors import CaseStateInvalid, StorageError
 from schemas.base import MessageKind
 from services.cases import Event, Stage, apply
-from services.casestore import CaseStore, anomalies_table, cases_table, reminders_table
+from services.casestore import (
+    CaseBatch,
+    CaseCache,
+    CaseStore,
+    anomalies_table,
+    cases_table,
+    reminders_table,
+)
 from services.deadlines import deadline_for, due_reminders
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
@@ -108,3 +118,71 @@ def test_corrupt_stored_state_is_a_clear_error(engine: sa.Engine) -> None:
         )
     with pytest.raises(CaseStateInvalid, match="trm audit replay"):
         CaseStore(engine).get("KZ-2026-0009")
+
+
+@contextmanager
+def _selects(engine: sa.Engine) -> Iterator[list[str]]:
+    """The SELECT statements run on `engine` while the block runs."""
+    seen: list[str] = []
+
+    def note(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
+
+
+def test_batch_reads_its_cases_at_once_and_rereads_only_what_moved(engine: sa.Engine) -> None:
+    """Two queries read a batch's cases; a cached state is used until another writer moves it."""
+    cache = CaseCache()
+    first, _ = apply(None, event(MessageKind.RETURN_REQUEST, 1), ROLES)
+    second = "KZ-2026-0002"
+    other, _ = apply(None, replace(event(MessageKind.RETURN_REQUEST, 1), case=second), ROLES)
+    with engine.begin() as conn:
+        batch = CaseBatch(conn, cache)
+        for state in (first, other):
+            batch.get(state.case)
+            batch.put(state)
+        batch.save()
+    batch.committed()
+    accepted = event(MessageKind.RETURN_ACCEPTED, 2, "iom-uz", "iom-kz")
+    moved, _ = apply(other, replace(accepted, case=second), ROLES)
+    with engine.begin() as conn:
+        CaseStore.save(conn, moved)  # another process writes the second case
+        # The first case's stored JSON is broken but its version is not: only the cache can answer.
+        broken = cases_table.update().where(cases_table.c.case_ref == first.case)
+        conn.execute(broken.values(state={}))
+    with engine.begin() as conn, _selects(engine) as selects:
+        batch = CaseBatch(conn, cache)
+        batch.read([first.case, other.case, "KZ-2026-0003"])
+        assert len(selects) == 2
+        assert batch.get(first.case) == first
+        assert batch.get(other.case) == moved
+        assert batch.get("KZ-2026-0003") is None
+        assert len(selects) == 2
+
+
+def test_batch_anomalies_are_stored_with_the_batch(engine: sa.Engine) -> None:
+    """Anomalies found in a batch are inserted by its save, all of them, in the same transaction."""
+    state, _ = apply(None, event(MessageKind.RETURN_REQUEST, 1), ROLES)
+    found = [apply(state, event(MessageKind.DEPARTED, n, seq=n), ROLES)[1] for n in (2, 3)]
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        batch = CaseBatch(conn)
+        for anomaly in found:
+            assert anomaly is not None
+            batch.add_anomaly(state.case, anomaly, T0)
+        batch.save()
+        raise RuntimeError("the batch's transaction fails after save")
+    assert CaseStore(engine).anomalies(state.case) == []
+    with engine.begin() as conn:
+        batch = CaseBatch(conn)
+        for anomaly in found:
+            assert anomaly is not None
+            batch.add_anomaly(state.case, anomaly, T0)
+        batch.save()
+    stored = CaseStore(engine).anomalies(state.case)
+    assert [a.envelope_id for a in stored] == [a.envelope_id for a in found if a is not None]
