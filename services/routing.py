@@ -43,7 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from broker.database import storage_errors
 from broker.directory import DIRECTORY_FILE, Directory, load_home_directory
-from broker.envelope import MAX_AGE, SealedEnvelope, read_header, seal, verify_envelope
+from broker.envelope import MAX_AGE, EnvelopeVerifier, SealedEnvelope, read_header, seal
 from broker.errors import ConfigError, ReplayedEnvelope, TransportError, TrmError
 from broker.keys import ParticipantKeys, load_keys
 from broker.outbox import Outbox, Relay
@@ -214,6 +214,7 @@ class RoutingService:
         self.relay_wake = threading.Event()
         self._log = log.bind(participant=self.participant)
         self._roles: tuple[int, Mapping[str, str]] = (-1, {})
+        self._verifier: tuple[Directory | None, EnvelopeVerifier | None] = (None, None)
         self._appended = 0
         self._counter = threading.Lock()
 
@@ -301,8 +302,8 @@ class RoutingService:
         self, raw: bytes, directory: Directory, at: datetime, user_id: str | None
     ) -> tuple[EnvelopeHeader | None, str]:
         try:
-            verified = verify_envelope(
-                raw, directory, at=at, amqp_user_id=user_id, max_age=self.max_age
+            verified = self._verifier_for(directory).verify(
+                raw, at=at, amqp_user_id=user_id, max_age=self.max_age
             )
         except TrmError as e:
             try:
@@ -311,6 +312,14 @@ class RoutingService:
                 header = None
             return header, REJECTED + e.reason
         return verified.header, VERIFIED
+
+    def _verifier_for(self, directory: Directory) -> EnvelopeVerifier:
+        """`verify_envelope` with this directory's keys parsed once, until a new one comes."""
+        held, verifier = self._verifier
+        if held is not directory or verifier is None:
+            verifier = EnvelopeVerifier(directory)
+            self._verifier = (directory, verifier)
+        return verifier
 
     def _track(
         self,

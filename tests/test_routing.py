@@ -17,7 +17,14 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.database import open_database
-from broker.directory import Directory, DirectoryBody, Role, load_directory, sign_directory
+from broker.directory import (
+    Directory,
+    DirectoryBody,
+    Role,
+    load_directory,
+    revoke_key,
+    sign_directory,
+)
 from broker.envelope import Recipient, open_envelope, read_header, seal
 from broker.errors import StorageError
 from broker.keys import (
@@ -250,6 +257,24 @@ def test_forged_and_malformed_envelopes_are_logged_as_rejected(
     assert log.entry(0).envelope == forged
     # The genuine envelope from its genuine sender is still accepted afterwards.
     assert svc.receive(raw, user_id=KZ).stage is Stage.REQUESTED
+
+
+def test_key_revoked_in_a_newly_installed_directory_is_refused(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    """The service verifies with the directory installed now, not the one it verified with first."""
+    fresh = make_world(tmp_path)
+    clock = Clock(T0)
+    svc = service(fresh, engine, clock)
+    request = fresh.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0 - timedelta(seconds=3))
+    assert svc.receive(request, user_id=KZ).verification == "ok"
+    revoked = clock.advance(minutes=1)
+    kid = fresh.keys[KZ].sender(T0).kid
+    body = revoke_key(fresh.directory.body, KZ, kid, at=revoked, now=revoked)
+    (fresh.home / "directory.json").write_bytes(sign_directory(body, fresh.authority))
+    at = clock.advance(minutes=1)
+    later = fresh.seal(K.TRAVEL_ARRANGED, KZ, (UZ, NGO), seq=2, at=at - timedelta(seconds=3))
+    assert svc.receive(later, user_id=KZ).verification == "rejected:revoked_key"
 
 
 def test_redelivery_changes_nothing(world: World, engine: sa.Engine) -> None:
