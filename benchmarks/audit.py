@@ -217,20 +217,25 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> float:
     return time.perf_counter() - began
 
 
-def run(entries: int, workers: int, rebuild: bool) -> dict[str, Any]:
-    """Measure everything; a dict of rates (per second) and ratios."""
+def run(entries: int, workers: int, rebuild: bool, repeats: int = 2) -> dict[str, Any]:
+    """Measure everything; a dict of rates (per second) and ratios.
+
+    The machine may be shared, and a neighbour only ever slows a run down:
+    each verify rate is the best of `repeats` runs, and the raw baseline the
+    best of its runs before, between and after them.
+    """
     fx = fixture(entries, rebuild)
     size = mean_envelope_bytes(fx.export)
-    # The machine may be shared: the baseline is measured right before and
-    # right after each verify run, and the mean of the two is used.
     raw_count = min(20_000, max(entries // 5, 2_000))
-    before = raw_rates(size, raw_count, workers)
-    verify_one = entries / timed(verify_export, fx.export, fx.directory, workers=1)
-    middle = raw_rates(size, raw_count, workers)
-    verify_all = entries / timed(verify_export, fx.export, fx.directory, workers=workers)
-    after = raw_rates(size, raw_count, workers)
-    raw_one = (before[0] + middle[0]) / 2
-    raw_all = (middle[1] + after[1]) / 2
+    raws = [raw_rates(size, raw_count, workers)]
+    ones, alls = [], []
+    for _ in range(repeats):
+        ones.append(entries / timed(verify_export, fx.export, fx.directory, workers=1))
+        raws.append(raw_rates(size, raw_count, workers))
+        alls.append(entries / timed(verify_export, fx.export, fx.directory, workers=workers))
+        raws.append(raw_rates(size, raw_count, workers))
+    verify_one, verify_all = max(ones), max(alls)
+    raw_one, raw_all = max(r[0] for r in raws), max(r[1] for r in raws)
     replay = entries / timed(replay_export, fx.export, fx.directory)
     linear = {}
     for part in (entries // 4, entries // 2, entries):
