@@ -41,7 +41,7 @@ the stage unchanged; a gap is reported and the event still applied.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -307,6 +307,10 @@ class CaseState:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON-ready dict; `from_dict` gives back an equal state."""
+        return {**self.summary_dict(), "entries": [entry_to_dict(e) for e in self.entries]}
+
+    def summary_dict(self) -> dict[str, Any]:
+        """`to_dict` without the entries: what the case store keeps in the case's own row."""
         return {
             "format": STATE_FORMAT,
             "case": self.case,
@@ -316,7 +320,6 @@ class CaseState:
             "party_roles": dict(sorted(self.party_roles.items())),
             "last_seq": dict(sorted(self.last_seq.items())),
             "pending_receipts": {k: sorted(v) for k, v in sorted(self.pending_receipts.items())},
-            "entries": [_entry_to_dict(entry) for entry in self.entries],
             "updated_at": self.updated_at.isoformat(),
             "stage_entered_at": _iso(self.stage_entered_at),
             "stage_envelope": self.stage_envelope,
@@ -332,6 +335,15 @@ class CaseState:
                 f"not a serialised case state (format {STATE_FORMAT}): {e!r}; "
                 "rebuild it from the audit log with `trm audit replay`"
             ) from e
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any], entries: Sequence[Any]) -> CaseState:
+        """A state from its `summary_dict` and its `entry_to_dict`s, checked as `from_dict` does."""
+        if not isinstance(summary, Mapping) or "entries" in summary:
+            raise CaseStateInvalid(
+                "not a stored case summary; rebuild it from the audit log with `trm audit replay`"
+            )
+        return cls.from_dict({**summary, "entries": list(entries)})
 
 
 # --- applying events -------------------------------------------------------------
@@ -628,7 +640,8 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _entry_to_dict(entry: Entry) -> dict[str, Any]:
+def entry_to_dict(entry: Entry) -> dict[str, Any]:
+    """One entry as `CaseState.to_dict` lists it."""
     event = entry.event
     anomaly = entry.anomaly
     return {

@@ -1,11 +1,14 @@
 """Where the routing service keeps its view of the cases: states, anomalies, reminders.
 
-Three tables beside the audit log, in the same database, written in the same
+Four tables beside the audit log, in the same database, written in the same
 transaction as the log entry that caused the change:
 
-- ``cases``: one row per case, its current stage and the whole `CaseState`
-  as JSON (`CaseState.to_dict`: header metadata only; the routing service
-  never sees a payload, so there is no personal data to store);
+- ``cases``: one row per case, its current stage and its `CaseState` as JSON
+  but for the entries (`CaseState.summary_dict`: header metadata only; the
+  routing service never sees a payload, so there is no personal data to
+  store);
+- ``case_entries``: the entries of each case, one row each in arrival order,
+  only ever appended, so that storing a case costs the same at any length;
 - ``anomalies``: every impossible or out-of-order event, with its reason;
 - ``reminders``: the key of every reminder sent, so that a deadline gets one
   reminder per status however often it is polled and across restarts.
@@ -20,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -33,7 +37,8 @@ from broker.database import (
     metadata,
     storage_errors,
 )
-from services.cases import Anomaly, CaseState, Stage
+from broker.errors import CaseStateInvalid
+from services.cases import Anomaly, CaseState, Stage, entry_to_dict
 from services.deadlines import Reminder, ReminderKey
 
 STAGE = 32
@@ -53,6 +58,15 @@ cases_table = sa.Table(
 `version` grows by one with every write, so that a process holding a state
 in memory can tell with one small read whether it is still the stored one.
 """
+
+case_entries_table = sa.Table(
+    "case_entries",
+    metadata,
+    sa.Column("case_ref", sa.String(CASE), primary_key=True),
+    sa.Column("position", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("entry", sa.JSON(), nullable=False),
+)
+"""Entry `position` (0, 1, ...) of each case, as `entry_to_dict` writes it."""
 
 anomalies_table = sa.Table(
     "anomalies",
@@ -84,13 +98,21 @@ reminders_table = sa.Table(
 CACHED_CASES = 10_000
 """Case states the routing service keeps in memory (`CaseCache`)."""
 _c = cases_table.c
-_LOAD = sa.select(_c.version, _c.state).where(_c.case_ref == sa.bindparam("ref"))
 _LOAD_MANY = sa.select(_c.case_ref, _c.version, _c.state).where(
     _c.case_ref.in_(sa.bindparam("refs", expanding=True))
 )
 _VERSIONS = sa.select(_c.case_ref, _c.version).where(
     _c.case_ref.in_(sa.bindparam("refs", expanding=True))
 )
+_e = case_entries_table.c
+_ENTRIES_OF = (
+    sa.select(_e.case_ref, _e.position, _e.entry)
+    .where(_e.case_ref.in_(sa.bindparam("refs", expanding=True)))
+    .order_by(_e.case_ref, _e.position)
+)
+_ADD_ENTRIES = case_entries_table.insert()
+_PAGE = 500
+"""Cases read per query when many are wanted."""
 _ADD_ANOMALY = anomalies_table.insert()
 _UPDATE = (
     cases_table.update()
@@ -172,7 +194,7 @@ class CaseBatch:
     A batch of envelopes on a few busy cases pays for reading and writing
     each case's state once instead of once per envelope; with a `CaseCache`
     a case this process wrote last is not even parsed again. `read` takes
-    the whole batch's cases in two queries, and the anomalies found wait for
+    the whole batch's cases in three queries, and the anomalies found wait for
     `save`, which inserts them at once.
     """
 
@@ -184,6 +206,8 @@ class CaseBatch:
         self._changed: set[str] = set()
         self._written: dict[str, tuple[int, CaseState]] = {}
         self._anomalies: list[dict[str, object]] = []
+        self._stored: dict[str, int] = {}
+        """How many entries of each case read are stored: `save` appends the rest."""
 
     def read(self, cases: Iterable[str]) -> None:
         """Read every case of `cases` not read yet: their versions, then the states not cached."""
@@ -203,6 +227,9 @@ class CaseBatch:
             if version is not None and cached is None:
                 stale.append(case)
         self._states.update(CaseStore.load_many(self._conn, stale))
+        for case in wanted:
+            state = self._states[case][1]
+            self._stored[case] = 0 if state is None else len(state.entries)
 
     def get(self, case: str) -> CaseState | None:
         """The state of `case` as this batch left it (stored state the first time), or None."""
@@ -211,9 +238,12 @@ class CaseBatch:
         return self._states[case][1]
 
     def put(self, state: CaseState) -> None:
-        """Make `state` its case's current state; stored by `save`."""
-        version = self._states[state.case][0] if state.case in self._states else None
-        self._states[state.case] = (version, state)
+        """Make `state` its case's current state; stored by `save`.
+
+        A state only grows by entries appended, so what was stored is a prefix.
+        """
+        self.read([state.case])
+        self._states[state.case] = (self._states[state.case][0], state)
         self._changed.add(state.case)
 
     def add_anomaly(self, case: str, anomaly: Anomaly, recorded_at: datetime) -> None:
@@ -225,7 +255,9 @@ class CaseBatch:
         for case in sorted(self._changed):
             state = self._states[case][1]
             if state is not None:
-                self._written[case] = (CaseStore.save(self._conn, state), state)
+                version = CaseStore.save(self._conn, state, self._stored[case])
+                self._written[case] = (version, state)
+                self._stored[case] = len(state.entries)
         self._changed.clear()
         if self._anomalies:
             with storage_errors("recording anomalies"):
@@ -236,6 +268,23 @@ class CaseBatch:
         """Tell the batch its transaction committed: the states it wrote join the cache."""
         if self._cache is not None:
             self._cache.keep(self._written)
+
+
+def _entries_of(conn: Connection, cases: list[str]) -> dict[str, list[Any]]:
+    """The stored entries of each case of `cases`, in order; CaseStateInvalid if one is missing."""
+    found: dict[str, list[Any]] = {}
+    if cases:
+        with storage_errors("reading case entries"):
+            rows = conn.execute(_ENTRIES_OF, {"refs": cases}).all()
+        for ref, position, entry in rows:
+            entries = found.setdefault(ref, [])
+            if position != len(entries):
+                raise CaseStateInvalid(
+                    f"case {ref} has no stored entry {len(entries)}; rebuild it from the "
+                    "audit log with `trm audit replay`"
+                )
+            entries.append(entry)
+    return found
 
 
 def _anomaly_row(case: str, anomaly: Anomaly, recorded_at: datetime) -> dict[str, object]:
@@ -260,37 +309,47 @@ class CaseStore:
     @staticmethod
     def load(conn: Connection, case: str) -> CaseState | None:
         """The stored state of `case`, or None if it was never seen."""
-        stored = CaseStore.load_versioned(conn, case)
+        stored = CaseStore.load_many(conn, [case]).get(case)
         return None if stored is None else stored[1]
-
-    @staticmethod
-    def load_versioned(conn: Connection, case: str) -> tuple[int, CaseState] | None:
-        """The stored version and state of `case`, or None if it was never seen."""
-        with storage_errors(f"reading case {case}"):
-            row = conn.execute(_LOAD, {"ref": case}).first()
-        return None if row is None else (row.version, CaseState.from_dict(row.state))
 
     @staticmethod
     def load_many(conn: Connection, cases: list[str]) -> dict[str, tuple[int, CaseState]]:
         """The stored version and state of each case of `cases` that was ever seen."""
-        if not cases:
-            return {}
-        with storage_errors("reading cases"):
-            rows = conn.execute(_LOAD_MANY, {"refs": cases}).all()
-        return {row.case_ref: (row.version, CaseState.from_dict(row.state)) for row in rows}
+        found: dict[str, tuple[int, CaseState]] = {}
+        for first in range(0, len(cases), _PAGE):
+            refs = cases[first : first + _PAGE]
+            with storage_errors("reading cases"):
+                rows = conn.execute(_LOAD_MANY, {"refs": refs}).all()
+            entries = _entries_of(conn, [row.case_ref for row in rows])
+            for row in rows:
+                state = CaseState.from_summary(row.state, entries.get(row.case_ref, []))
+                found[row.case_ref] = (row.version, state)
+        return found
 
     @staticmethod
-    def save(conn: Connection, state: CaseState) -> int:
-        """Store `state` as its case's current state (insert or replace); its new version."""
+    def save(conn: Connection, state: CaseState, stored: int) -> int:
+        """Store `state` as its case's current state; its new version.
+
+        `stored` entries of the state are in the store already (those the
+        state read from it had); the rest are appended.
+        """
+        if not 0 <= stored <= len(state.entries):
+            raise ValueError(
+                f"{stored} entries stored, but case {state.case} has {len(state.entries)}"
+            )
         stage = None if state.stage is None else str(state.stage)
-        data = state.to_dict()
+        summary = state.summary_dict()
+        new_entries = [
+            {"case_ref": state.case, "position": position, "entry": entry_to_dict(entry)}
+            for position, entry in enumerate(state.entries[stored:], start=stored)
+        ]
         with storage_errors(f"storing case {state.case}"):
             version = conn.execute(
                 _UPDATE,
                 {
                     "ref": state.case,
                     "new_stage": stage,
-                    "new_state": data,
+                    "new_state": summary,
                     "new_updated_at": state.updated_at,
                 },
             ).scalar()
@@ -299,12 +358,14 @@ class CaseStore:
                     cases_table.insert().values(
                         case_ref=state.case,
                         stage=stage,
-                        state=data,
+                        state=summary,
                         updated_at=state.updated_at,
                         version=1,
                     )
                 )
                 version = 1
+            if new_entries:
+                conn.execute(_ADD_ENTRIES, new_entries)
         return int(version)
 
     @staticmethod
@@ -351,12 +412,13 @@ class CaseStore:
 
     def states(self, stages: Iterable[Stage] | None = None) -> list[CaseState]:
         """Every stored case (only those at one of `stages`, if given), by case reference."""
-        query = sa.select(cases_table.c.state).order_by(cases_table.c.case_ref)
+        query = sa.select(cases_table.c.case_ref).order_by(cases_table.c.case_ref)
         if stages is not None:
             query = query.where(cases_table.c.stage.in_([str(s) for s in stages]))
         with storage_errors("reading cases"), self.engine.connect() as conn:
-            rows = conn.execute(query).scalars().all()
-        return [CaseState.from_dict(data) for data in rows]
+            refs = list(conn.execute(query).scalars())
+            found = self.load_many(conn, refs)
+        return [found[ref][1] for ref in refs]
 
     def all_states(self) -> dict[str, CaseState]:
         """Every stored case's state, keyed by case reference."""

@@ -9,18 +9,20 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from broker.database import metadata
+from broker.database import alembic_config, metadata, migrate
 from broker.errors import CaseStateInvalid, StorageError
 from schemas.base import MessageKind
-from services.cases import Event, Stage, apply
+from services.cases import CaseState, Event, Stage, apply
 from services.casestore import (
     CaseBatch,
     CaseCache,
     CaseStore,
     anomalies_table,
+    case_entries_table,
     cases_table,
     reminders_table,
 )
@@ -28,7 +30,7 @@ from services.deadlines import deadline_for, due_reminders
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 ROLES = {"iom-kz": "mission", "iom-uz": "mission"}
-MINE = {cases_table.name, anomalies_table.name, reminders_table.name}
+MINE = {cases_table.name, case_entries_table.name, anomalies_table.name, reminders_table.name}
 
 
 def event(
@@ -73,12 +75,12 @@ def test_state_round_trips_and_is_replaced(engine: sa.Engine) -> None:
     store = CaseStore(engine)
     first, _ = apply(None, event(MessageKind.RETURN_REQUEST, 1), ROLES)
     with engine.begin() as conn:
-        store.save(conn, first)
+        store.save(conn, first, 0)
     assert store.get(first.case) == first
     second, anomaly = apply(first, event(MessageKind.RETURN_ACCEPTED, 2, "iom-uz", "iom-kz"), ROLES)
     assert anomaly is None
     with engine.begin() as conn:
-        store.save(conn, second)
+        store.save(conn, second, len(first.entries))
     assert store.get(first.case) == second
     assert [s.stage for s in store.states([Stage.ACCEPTED])] == [Stage.ACCEPTED]
     assert store.states([Stage.REQUESTED]) == []
@@ -137,7 +139,7 @@ def _selects(engine: sa.Engine) -> Iterator[list[str]]:
 
 
 def test_batch_reads_its_cases_at_once_and_rereads_only_what_moved(engine: sa.Engine) -> None:
-    """Two queries read a batch's cases; a cached state is used until another writer moves it."""
+    """Three queries read a batch's cases; a cached state serves until another writer moves it."""
     cache = CaseCache()
     first, _ = apply(None, event(MessageKind.RETURN_REQUEST, 1), ROLES)
     second = "KZ-2026-0002"
@@ -152,18 +154,18 @@ def test_batch_reads_its_cases_at_once_and_rereads_only_what_moved(engine: sa.En
     accepted = event(MessageKind.RETURN_ACCEPTED, 2, "iom-uz", "iom-kz")
     moved, _ = apply(other, replace(accepted, case=second), ROLES)
     with engine.begin() as conn:
-        CaseStore.save(conn, moved)  # another process writes the second case
+        CaseStore.save(conn, moved, len(other.entries))  # another process writes it
         # The first case's stored JSON is broken but its version is not: only the cache can answer.
         broken = cases_table.update().where(cases_table.c.case_ref == first.case)
         conn.execute(broken.values(state={}))
     with engine.begin() as conn, _selects(engine) as selects:
         batch = CaseBatch(conn, cache)
         batch.read([first.case, other.case, "KZ-2026-0003"])
-        assert len(selects) == 2
+        assert len(selects) == 3  # versions, then the states not cached and their entries
         assert batch.get(first.case) == first
         assert batch.get(other.case) == moved
         assert batch.get("KZ-2026-0003") is None
-        assert len(selects) == 2
+        assert len(selects) == 3
 
 
 def test_batch_anomalies_are_stored_with_the_batch(engine: sa.Engine) -> None:
@@ -186,3 +188,59 @@ def test_batch_anomalies_are_stored_with_the_batch(engine: sa.Engine) -> None:
         batch.save()
     stored = CaseStore(engine).anomalies(state.case)
     assert [a.envelope_id for a in stored] == [a.envelope_id for a in found if a is not None]
+
+
+def _grown_state() -> CaseState:
+    """A case with three entries, the last an anomaly."""
+    state, _ = apply(None, event(MessageKind.RETURN_REQUEST, 1), ROLES)
+    state, _ = apply(state, event(MessageKind.RETURN_ACCEPTED, 2, "iom-uz", "iom-kz"), ROLES)
+    state, anomaly = apply(state, event(MessageKind.RETURN_REQUEST, 3, seq=2), ROLES)
+    assert anomaly is not None and len(state.entries) == 3
+    return state
+
+
+def test_migration_moves_each_cases_entries_into_rows_and_back(database_url: str) -> None:
+    """A state stored whole (up to 0004) reads back equal after 0005; 0004 again restores it."""
+    state = _grown_state()
+    engine = sa.create_engine(database_url)
+    try:
+        migrate(engine, "0004")
+        with engine.begin() as conn:
+            conn.execute(
+                cases_table.insert().values(
+                    case_ref=state.case, stage="accepted", state=state.to_dict(), updated_at=T0
+                )
+            )
+        migrate(engine)
+        assert CaseStore(engine).get(state.case) == state
+        with engine.connect() as conn:
+            stored = conn.execute(sa.select(cases_table.c.state)).scalar_one()
+            rows = conn.execute(sa.select(sa.func.count()).select_from(case_entries_table))
+            assert "entries" not in stored and rows.scalar_one() == 3
+        with engine.begin() as conn:
+            config = alembic_config()
+            config.attributes["connection"] = conn
+            command.downgrade(config, "0004")
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(cases_table.c.state)).scalar_one() == state.to_dict()
+    finally:
+        engine.dispose()
+
+
+def test_save_appends_only_the_new_entries(engine: sa.Engine) -> None:
+    """Saving a grown state appends its new entries; a wrong count of stored ones is caught."""
+    state = _grown_state()
+    shorter = replace(state, entries=state.entries[:1])
+    with engine.begin() as conn:
+        CaseStore.save(conn, shorter, 0)
+        CaseStore.save(conn, state, 1)
+    assert CaseStore(engine).get(state.case) == state
+    with pytest.raises(StorageError), engine.begin() as conn:
+        CaseStore.save(conn, state, 2)  # entry 2 is stored already: the key refuses it twice
+    with pytest.raises(ValueError, match="4 entries stored"), engine.begin() as conn:
+        CaseStore.save(conn, state, 4)
+    other = replace(state, case="KZ-2026-0007", entries=state.entries)
+    with engine.begin() as conn:
+        CaseStore.save(conn, other, 1)  # claims entry 0 is stored: it is not
+    with pytest.raises(CaseStateInvalid, match="no stored entry 0"):
+        CaseStore(engine).get(other.case)

@@ -420,7 +420,7 @@ def test_batch_failing_before_commit_leaves_nothing_and_is_applied_once_later(
     arrivals = [(request, KZ), (accepted, UZ)]
     saved: list[CaseState] = []
 
-    def failing_save(conn: sa.Connection, state: CaseState) -> int:
+    def failing_save(conn: sa.Connection, state: CaseState, stored: int) -> int:
         saved.append(state)
         raise StorageError("saving a case failed: disk I/O error")
 
@@ -450,9 +450,9 @@ def test_batch_on_one_case_stores_it_once_with_every_event(
     save = CaseStore.save
     saved: list[CaseState] = []
 
-    def counting_save(conn: sa.Connection, state: CaseState) -> int:
+    def counting_save(conn: sa.Connection, state: CaseState, stored: int) -> int:
         saved.append(state)
-        return save(conn, state)
+        return save(conn, state, stored)
 
     with monkeypatch.context() as patch:
         patch.setattr(CaseStore, "save", staticmethod(counting_save))
