@@ -20,7 +20,7 @@ tables exist so the service and `trm cases` need not replay it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,7 +37,7 @@ from broker.database import (
     metadata,
     storage_errors,
 )
-from broker.errors import CaseStateInvalid
+from broker.errors import CaseStateInvalid, StorageError
 from services.cases import Anomaly, CaseState, Stage, entry_to_dict
 from services.deadlines import Reminder, ReminderKey
 
@@ -114,17 +114,17 @@ _ADD_ENTRIES = case_entries_table.insert()
 _PAGE = 500
 """Cases read per query when many are wanted."""
 _ADD_ANOMALY = anomalies_table.insert()
-_UPDATE = (
+_UPDATE_AT = (
     cases_table.update()
-    .where(_c.case_ref == sa.bindparam("ref"))
+    .where(_c.case_ref == sa.bindparam("ref"), _c.version == sa.bindparam("old_version"))
     .values(
         stage=sa.bindparam("new_stage"),
         state=sa.bindparam("new_state", type_=sa.JSON()),
         updated_at=sa.bindparam("new_updated_at", type_=UTCDateTime()),
-        version=_c.version + 1,
+        version=sa.bindparam("new_version"),
     )
-    .returning(_c.version)
 )
+_INSERT = cases_table.insert()
 
 
 def key_text(key: ReminderKey) -> str:
@@ -155,6 +155,17 @@ class ReminderRecord:
     due: datetime
     sent_at: datetime
     envelope_id: str | None
+
+
+@dataclass(frozen=True)
+class CaseWrite:
+    """One case to store: its new state, the version it was read at, and its entries stored."""
+
+    state: CaseState
+    version: int | None
+    """None for a case not stored yet."""
+    stored: int
+    """How many of the state's entries are stored (it only grows by appending)."""
 
 
 class CaseCache:
@@ -252,12 +263,15 @@ class CaseBatch:
 
     def save(self) -> None:
         """Store every case this batch changed and every anomaly it found."""
+        writes = []
         for case in sorted(self._changed):
-            state = self._states[case][1]
+            version, state = self._states[case]
             if state is not None:
-                version = CaseStore.save(self._conn, state, self._stored[case])
-                self._written[case] = (version, state)
-                self._stored[case] = len(state.entries)
+                writes.append(CaseWrite(state, version, self._stored[case]))
+        for write, version in zip(writes, CaseStore.save_all(self._conn, writes), strict=True):
+            self._states[write.state.case] = (version, write.state)
+            self._written[write.state.case] = (version, write.state)
+            self._stored[write.state.case] = len(write.state.entries)
         self._changed.clear()
         if self._anomalies:
             with storage_errors("recording anomalies"):
@@ -268,6 +282,26 @@ class CaseBatch:
         """Tell the batch its transaction committed: the states it wrote join the cache."""
         if self._cache is not None:
             self._cache.keep(self._written)
+
+
+def _columns(state: CaseState) -> dict[str, Any]:
+    """The cases row of `state` but its key and version."""
+    return {
+        "stage": None if state.stage is None else str(state.stage),
+        "state": state.summary_dict(),
+        "updated_at": state.updated_at,
+    }
+
+
+def _new_entries(write: CaseWrite) -> list[dict[str, Any]]:
+    """The case_entries rows of the write's entries not stored yet."""
+    state, stored = write.state, write.stored
+    if not 0 <= stored <= len(state.entries):
+        raise ValueError(f"{stored} entries stored, but case {state.case} has {len(state.entries)}")
+    return [
+        {"case_ref": state.case, "position": position, "entry": entry_to_dict(entry)}
+        for position, entry in enumerate(state.entries[stored:], start=stored)
+    ]
 
 
 def _entries_of(conn: Connection, cases: list[str]) -> dict[str, list[Any]]:
@@ -328,45 +362,43 @@ class CaseStore:
 
     @staticmethod
     def save(conn: Connection, state: CaseState, stored: int) -> int:
-        """Store `state` as its case's current state; its new version.
+        """Store `state` with `stored` of its entries stored already; its new version."""
+        found = conn.execute(_VERSIONS, {"refs": [state.case]}).first()
+        version = None if found is None else int(found.version)
+        [saved] = CaseStore.save_all(conn, [CaseWrite(state, version, stored)])
+        return saved
 
-        `stored` entries of the state are in the store already (those the
-        state read from it had); the rest are appended.
+    @staticmethod
+    def save_all(conn: Connection, writes: Sequence[CaseWrite]) -> list[int]:
+        """Store every write, one statement per table for all of them; their new versions.
+
+        A case is updated only where its version is still the one it was read
+        at (the routing service holds the write lock, so it is); one that
+        moved meanwhile fails the transaction (StorageError).
         """
-        if not 0 <= stored <= len(state.entries):
-            raise ValueError(
-                f"{stored} entries stored, but case {state.case} has {len(state.entries)}"
-            )
-        stage = None if state.stage is None else str(state.stage)
-        summary = state.summary_dict()
-        new_entries = [
-            {"case_ref": state.case, "position": position, "entry": entry_to_dict(entry)}
-            for position, entry in enumerate(state.entries[stored:], start=stored)
-        ]
-        with storage_errors(f"storing case {state.case}"):
-            version = conn.execute(
-                _UPDATE,
-                {
-                    "ref": state.case,
-                    "new_stage": stage,
-                    "new_state": summary,
-                    "new_updated_at": state.updated_at,
-                },
-            ).scalar()
-            if version is None:
-                conn.execute(
-                    cases_table.insert().values(
-                        case_ref=state.case,
-                        stage=stage,
-                        state=summary,
-                        updated_at=state.updated_at,
-                        version=1,
-                    )
+        updates: list[dict[str, Any]] = []
+        inserts: list[dict[str, Any]] = []
+        entries: list[dict[str, Any]] = []
+        for write in writes:
+            columns = _columns(write.state)
+            if write.version is None:
+                inserts.append({"case_ref": write.state.case, **columns, "version": 1})
+            else:
+                new = {f"new_{name}": value for name, value in columns.items()}
+                keys = {"ref": write.state.case, "old_version": write.version}
+                updates.append({**keys, **new, "new_version": write.version + 1})
+            entries += _new_entries(write)
+        with storage_errors("storing cases"):
+            updated = conn.execute(_UPDATE_AT, updates).rowcount if updates else 0
+            if updated != len(updates):
+                raise StorageError(
+                    f"{len(updates) - updated} of this batch's cases were written by another "
+                    "process meanwhile; the batch is rolled back and will be applied again"
                 )
-                version = 1
-            if new_entries:
-                conn.execute(_ADD_ENTRIES, new_entries)
-        return int(version)
+            for rows, statement in ((inserts, _INSERT), (entries, _ADD_ENTRIES)):
+                if rows:
+                    conn.execute(statement, rows)
+        return [1 if w.version is None else w.version + 1 for w in writes]
 
     @staticmethod
     def add_anomaly(conn: Connection, case: str, anomaly: Anomaly, recorded_at: datetime) -> None:

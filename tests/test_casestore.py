@@ -21,6 +21,7 @@ from services.casestore import (
     CaseBatch,
     CaseCache,
     CaseStore,
+    CaseWrite,
     anomalies_table,
     case_entries_table,
     cases_table,
@@ -123,12 +124,12 @@ def test_corrupt_stored_state_is_a_clear_error(engine: sa.Engine) -> None:
 
 
 @contextmanager
-def _selects(engine: sa.Engine) -> Iterator[list[str]]:
-    """The SELECT statements run on `engine` while the block runs."""
+def _statements(engine: sa.Engine, verb: str) -> Iterator[list[str]]:
+    """The `verb` statements (SELECT, UPDATE, ...) run on `engine` while the block runs."""
     seen: list[str] = []
 
     def note(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
+        if statement.lstrip().upper().startswith(verb):
             seen.append(statement)
 
     sa.event.listen(engine, "before_cursor_execute", note)
@@ -158,7 +159,7 @@ def test_batch_reads_its_cases_at_once_and_rereads_only_what_moved(engine: sa.En
         # The first case's stored JSON is broken but its version is not: only the cache can answer.
         broken = cases_table.update().where(cases_table.c.case_ref == first.case)
         conn.execute(broken.values(state={}))
-    with engine.begin() as conn, _selects(engine) as selects:
+    with engine.begin() as conn, _statements(engine, "SELECT") as selects:
         batch = CaseBatch(conn, cache)
         batch.read([first.case, other.case, "KZ-2026-0003"])
         assert len(selects) == 3  # versions, then the states not cached and their entries
@@ -244,3 +245,22 @@ def test_save_appends_only_the_new_entries(engine: sa.Engine) -> None:
         CaseStore.save(conn, other, 1)  # claims entry 0 is stored: it is not
     with pytest.raises(CaseStateInvalid, match="no stored entry 0"):
         CaseStore(engine).get(other.case)
+
+
+def test_save_all_updates_every_case_at_once_and_refuses_a_moved_one(engine: sa.Engine) -> None:
+    """One UPDATE stores every known case; a case whose version moved fails the transaction."""
+    state = _grown_state()
+    first = replace(state, entries=state.entries[:1])
+    cases = [replace(first, case=f"KZ-2026-{n:04d}") for n in (11, 12)]
+    with engine.begin() as conn:
+        assert CaseStore.save_all(conn, [CaseWrite(c, None, 0) for c in cases]) == [1, 1]
+    grown = [replace(state, case=c.case) for c in cases]
+    with engine.begin() as conn, _statements(engine, "UPDATE") as updates:
+        assert CaseStore.save_all(conn, [CaseWrite(g, 1, 1) for g in grown]) == [2, 2]
+    assert len(updates) == 1
+    assert [CaseStore(engine).get(c.case) for c in cases] == grown
+    with pytest.raises(StorageError, match="written by another process meanwhile"), engine.begin() as conn:
+        CaseStore.save_all(conn, [CaseWrite(grown[0], 1, 3)])
+    with engine.connect() as conn:
+        query = sa.select(cases_table.c.version).where(cases_table.c.case_ref == cases[0].case)
+        assert conn.execute(query).scalar_one() == 2

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,7 +45,7 @@ from schemas.examples import EXAMPLE_PERSON_NAME, example
 from services.audit import diff_states, replay_export
 from services.auditlog import AuditLog, log_entries_table
 from services.cases import CaseState, Stage
-from services.casestore import CaseStore
+from services.casestore import CaseStore, CaseWrite
 from services.checkpoint import origin_for
 from services.deadlines import Status
 from services.routing import HomeDirectory, RoutingService, Timers
@@ -420,12 +421,12 @@ def test_batch_failing_before_commit_leaves_nothing_and_is_applied_once_later(
     arrivals = [(request, KZ), (accepted, UZ)]
     saved: list[CaseState] = []
 
-    def failing_save(conn: sa.Connection, state: CaseState, stored: int) -> int:
-        saved.append(state)
+    def failing_save(conn: sa.Connection, writes: Sequence[CaseWrite]) -> list[int]:
+        saved.extend(write.state for write in writes)
         raise StorageError("saving a case failed: disk I/O error")
 
     with monkeypatch.context() as patch:
-        patch.setattr(CaseStore, "save", staticmethod(failing_save))
+        patch.setattr(CaseStore, "save_all", staticmethod(failing_save))
         with pytest.raises(StorageError, match="disk I/O error"):
             svc.receive_batch(arrivals)
     assert [len(state.entries) for state in saved] == [2]
@@ -447,15 +448,15 @@ def test_batch_on_one_case_stores_it_once_with_every_event(
         (world.seal(K.RETURN_ACCEPTED, UZ, (KZ, NGO), seq=1, at=T0), UZ),
         (world.seal(K.TRAVEL_ARRANGED, KZ, (UZ, NGO), seq=2, at=T0), KZ),
     ]
-    save = CaseStore.save
+    save_all = CaseStore.save_all
     saved: list[CaseState] = []
 
-    def counting_save(conn: sa.Connection, state: CaseState, stored: int) -> int:
-        saved.append(state)
-        return save(conn, state, stored)
+    def counting_save(conn: sa.Connection, writes: Sequence[CaseWrite]) -> list[int]:
+        saved.extend(write.state for write in writes)
+        return save_all(conn, writes)
 
     with monkeypatch.context() as patch:
-        patch.setattr(CaseStore, "save", staticmethod(counting_save))
+        patch.setattr(CaseStore, "save_all", staticmethod(counting_save))
         outcomes = svc.receive_batch(arrivals)
     assert [o.index for o in outcomes] == [0, 1, 2]
     assert [len(state.entries) for state in saved] == [3]
