@@ -259,7 +259,8 @@ def test_save_all_updates_every_case_at_once_and_refuses_a_moved_one(engine: sa.
         assert CaseStore.save_all(conn, [CaseWrite(g, 1, 1) for g in grown]) == [2, 2]
     assert len(updates) == 1
     assert [CaseStore(engine).get(c.case) for c in cases] == grown
-    with pytest.raises(StorageError, match="written by another process meanwhile"), engine.begin() as conn:
+    moved = "written by another process meanwhile"
+    with pytest.raises(StorageError, match=moved), engine.begin() as conn:
         CaseStore.save_all(conn, [CaseWrite(grown[0], 1, 3)])
     with engine.connect() as conn:
         query = sa.select(cases_table.c.version).where(cases_table.c.case_ref == cases[0].case)
