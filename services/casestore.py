@@ -363,7 +363,8 @@ class CaseStore:
     @staticmethod
     def save(conn: Connection, state: CaseState, stored: int) -> int:
         """Store `state` with `stored` of its entries stored already; its new version."""
-        found = conn.execute(_VERSIONS, {"refs": [state.case]}).first()
+        with storage_errors(f"reading case {state.case}"):
+            found = conn.execute(_VERSIONS, {"refs": [state.case]}).first()
         version = None if found is None else int(found.version)
         [saved] = CaseStore.save_all(conn, [CaseWrite(state, version, stored)])
         return saved
