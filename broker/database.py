@@ -17,7 +17,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +34,8 @@ from broker.errors import ConfigError, StorageError
 MIGRATIONS = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for another process's transaction to end."""
+IN_CHUNK = 500
+"""Values per expanding ``IN (...)`` list, well under every backend's parameter limit."""
 _LOCK_RETRY_SECONDS = 0.001
 """Pause between two tries for SQLite's write lock (`_begin_immediate`)."""
 
@@ -227,6 +229,14 @@ def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
     return config
+
+
+def select_in(conn: sa.Connection, statement: sa.Executable, values: Sequence[str]) -> list[Any]:
+    """The rows of `statement` for `values`, its expanding ``b_ids``, a chunk at a time."""
+    rows: list[Any] = []
+    for start in range(0, len(values), IN_CHUNK):
+        rows.extend(conn.execute(statement, {"b_ids": list(values[start : start + IN_CHUNK])}))
+    return rows
 
 
 @contextmanager

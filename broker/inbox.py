@@ -34,6 +34,7 @@ from broker.database import (
     outbox_table,
     quarantine_table,
     receipts_table,
+    select_in,
     storage_errors,
 )
 from broker.envelope import (
@@ -87,9 +88,6 @@ class Result:
 
 _Work = tuple[OpenedEnvelope | EnvelopeError, bytes, str | None]
 """An envelope to apply (or the error that refused it), its bytes and broker-validated user."""
-
-_IN_CHUNK = 500
-"""Ids per IN (...) list, well under every backend's parameter limit."""
 
 # Statements built once, so that SQLAlchemy reuses their cache keys and
 # compiled forms; executed with parameter dicts (lists of them: executemany).
@@ -577,9 +575,5 @@ def _detail(error: EnvelopeError) -> str:
 def _select_in(
     conn: Connection, statement: sa.Select[str, str], ids: Sequence[str]
 ) -> list[tuple[str, str]]:
-    """The rows of `statement` for `ids` (its expanding ``b_ids``), a chunk of ids at a time."""
-    found: list[tuple[str, str]] = []
-    for start in range(0, len(ids), _IN_CHUNK):
-        chunk = ids[start : start + _IN_CHUNK]
-        found.extend((a, b) for a, b in conn.execute(statement, {"b_ids": chunk}))
-    return found
+    """The rows of `statement` for `ids` (its expanding ``b_ids``), as pairs."""
+    return [(row[0], row[1]) for row in select_in(conn, statement, ids)]

@@ -35,6 +35,7 @@ from broker.database import (
     REASON,
     UTCDateTime,
     metadata,
+    select_in,
     storage_errors,
 )
 from broker.errors import CaseStateInvalid, StorageError
@@ -99,20 +100,18 @@ CACHED_CASES = 10_000
 """Case states the routing service keeps in memory (`CaseCache`)."""
 _c = cases_table.c
 _LOAD_MANY = sa.select(_c.case_ref, _c.version, _c.state).where(
-    _c.case_ref.in_(sa.bindparam("refs", expanding=True))
+    _c.case_ref.in_(sa.bindparam("b_ids", expanding=True))
 )
 _VERSIONS = sa.select(_c.case_ref, _c.version).where(
-    _c.case_ref.in_(sa.bindparam("refs", expanding=True))
+    _c.case_ref.in_(sa.bindparam("b_ids", expanding=True))
 )
 _e = case_entries_table.c
 _ENTRIES_OF = (
     sa.select(_e.case_ref, _e.position, _e.entry)
-    .where(_e.case_ref.in_(sa.bindparam("refs", expanding=True)))
+    .where(_e.case_ref.in_(sa.bindparam("b_ids", expanding=True)))
     .order_by(_e.case_ref, _e.position)
 )
 _ADD_ENTRIES = case_entries_table.insert()
-_PAGE = 500
-"""Cases read per query when many are wanted."""
 _ADD_ANOMALY = anomalies_table.insert()
 _UPDATE_AT = (
     cases_table.update()
@@ -226,7 +225,7 @@ class CaseBatch:
         if not wanted:
             return
         with storage_errors("reading cases"):
-            rows = self._conn.execute(_VERSIONS, {"refs": wanted}).all()
+            rows = select_in(self._conn, _VERSIONS, wanted)
         versions: dict[str, int] = {row.case_ref: row.version for row in rows}
         stale = []
         for case in wanted:
@@ -307,17 +306,16 @@ def _new_entries(write: CaseWrite) -> list[dict[str, Any]]:
 def _entries_of(conn: Connection, cases: list[str]) -> dict[str, list[Any]]:
     """The stored entries of each case of `cases`, in order; CaseStateInvalid if one is missing."""
     found: dict[str, list[Any]] = {}
-    if cases:
-        with storage_errors("reading case entries"):
-            rows = conn.execute(_ENTRIES_OF, {"refs": cases}).all()
-        for ref, position, entry in rows:
-            entries = found.setdefault(ref, [])
-            if position != len(entries):
-                raise CaseStateInvalid(
-                    f"case {ref} has no stored entry {len(entries)}; rebuild it from the "
-                    "audit log with `trm audit replay`"
-                )
-            entries.append(entry)
+    with storage_errors("reading case entries"):
+        rows = select_in(conn, _ENTRIES_OF, cases)
+    for ref, position, entry in rows:
+        entries = found.setdefault(ref, [])
+        if position != len(entries):
+            raise CaseStateInvalid(
+                f"case {ref} has no stored entry {len(entries)}; rebuild it from the "
+                "audit log with `trm audit replay`"
+            )
+        entries.append(entry)
     return found
 
 
@@ -349,23 +347,23 @@ class CaseStore:
     @staticmethod
     def load_many(conn: Connection, cases: list[str]) -> dict[str, tuple[int, CaseState]]:
         """The stored version and state of each case of `cases` that was ever seen."""
-        found: dict[str, tuple[int, CaseState]] = {}
-        for first in range(0, len(cases), _PAGE):
-            refs = cases[first : first + _PAGE]
-            with storage_errors("reading cases"):
-                rows = conn.execute(_LOAD_MANY, {"refs": refs}).all()
-            entries = _entries_of(conn, [row.case_ref for row in rows])
-            for row in rows:
-                state = CaseState.from_summary(row.state, entries.get(row.case_ref, []))
-                found[row.case_ref] = (row.version, state)
-        return found
+        with storage_errors("reading cases"):
+            rows = select_in(conn, _LOAD_MANY, cases)
+        entries = _entries_of(conn, [row.case_ref for row in rows])
+        return {
+            row.case_ref: (
+                row.version,
+                CaseState.from_summary(row.state, entries.get(row.case_ref, [])),
+            )
+            for row in rows
+        }
 
     @staticmethod
     def save(conn: Connection, state: CaseState, stored: int) -> int:
         """Store `state` with `stored` of its entries stored already; its new version."""
         with storage_errors(f"reading case {state.case}"):
-            found = conn.execute(_VERSIONS, {"refs": [state.case]}).first()
-        version = None if found is None else int(found.version)
+            found = select_in(conn, _VERSIONS, [state.case])
+        version = int(found[0].version) if found else None
         [saved] = CaseStore.save_all(conn, [CaseWrite(state, version, stored)])
         return saved
 

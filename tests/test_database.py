@@ -17,11 +17,13 @@ from alembic.migration import MigrationContext
 from broker import database
 from broker.database import (
     BUSY_TIMEOUT_MS,
+    IN_CHUNK,
     home_database_url,
     inbox_table,
     metadata,
     open_database,
     reading,
+    select_in,
     storage_errors,
 )
 from broker.errors import ConfigError, StorageError
@@ -323,5 +325,21 @@ def test_driver_errors_hide_parameters(tmp_path: Path) -> None:
         assert "secretdigest" not in str(raised.value)
         with engine.connect() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(inbox_table)).scalar() == 0
+    finally:
+        engine.dispose()
+
+
+def test_select_in_reads_every_value_across_chunks(tmp_path: Path) -> None:
+    """Values beyond one IN list are read in further chunks; none is lost or read twice."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'in.db'}")
+    table = sa.Table("t", sa.MetaData(), sa.Column("k", sa.String(8), primary_key=True))
+    table.metadata.create_all(engine)
+    keys = [f"k{i:05d}" for i in range(2 * IN_CHUNK + 1)]
+    query = sa.select(table.c.k).where(table.c.k.in_(sa.bindparam("b_ids", expanding=True)))
+    try:
+        with engine.begin() as conn:
+            conn.execute(table.insert(), [{"k": k} for k in keys])
+            assert sorted(row.k for row in select_in(conn, query, keys[::-1])) == keys
+            assert select_in(conn, query, []) == []
     finally:
         engine.dispose()
