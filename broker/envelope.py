@@ -471,8 +471,9 @@ class _CachedKeys(_DirectoryKeys):
 class EnvelopeVerifier:
     """`verify_envelope` for many envelopes against one directory, each key looked up once.
 
-    For the auditor, who checks every envelope of a log: the checks, their
-    order and their errors are exactly those of `verify_envelope`.
+    For the auditor, who checks every envelope of a log, and the routing
+    service, which checks every envelope it logs: the checks, their order
+    and their errors are exactly those of `verify_envelope`.
     """
 
     def __init__(self, directory: Directory) -> None:
