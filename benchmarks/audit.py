@@ -121,7 +121,7 @@ def _fill(log: AuditLog, directory: Directory, senders: dict[str, Sender], entri
                 sent = START + STEP * i
                 sealed = seal(
                     messages[kind],
-                    case=f"KZ-B-{case:07d}",
+                    case=f"iom-kz.KZ-B-{case:07d}",
                     sender=senders[sender],
                     recipients=[recipient],
                     directory=directory,

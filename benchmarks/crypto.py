@@ -151,7 +151,7 @@ def envelope_rates(world: World, seconds: float, raw: dict[str, float]) -> dict[
         def do_seal(recipients: list[str] = recipients) -> bytes:
             return seal(
                 message,
-                case="KZ-2026-0042",
+                case="iom-kz.KZ-2026-0042",
                 sender=sender,
                 recipients=recipients,
                 directory=world.directory,

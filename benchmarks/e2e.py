@@ -279,7 +279,7 @@ def load(
     def sealed_for(i: int, seq: int) -> SealedEnvelope:
         return seal(
             message,
-            case=f"KZ-2026-{i % CASES:04d}",
+            case=f"iom-kz.KZ-2026-{i % CASES:04d}",
             sender=keys.sender(),
             recipients=(recipient,),
             directory=directory,
@@ -292,7 +292,7 @@ def load(
                 delay = started + i / rate - time.time()
                 if delay > 0:
                     time.sleep(delay)
-                case = f"KZ-2026-{i % CASES:04d}"
+                case = f"iom-kz.KZ-2026-{i % CASES:04d}"
                 with engine.begin() as conn:
                     sealed = sealed_for(i, outbox.next_seq(conn, me, case))
                     outbox.add(conn, sealed)

@@ -54,7 +54,7 @@ def preload(net: Network, count: int, payload_bytes: int) -> int:
             for i in range(first, min(first + PUBLISH_BATCH, count)):
                 sealed = seal(
                     message,
-                    case=f"KZ-2026-{i % CASES:04d}",
+                    case=f"iom-kz.KZ-2026-{i % CASES:04d}",
                     sender=sender,
                     recipients=(net.recipient,),
                     directory=directory,

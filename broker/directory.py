@@ -57,6 +57,8 @@ class Role(StrEnum):
 
     MISSION = "mission"
     NGO = "ngo"
+    STATE_SERVICE = "state_service"
+    """A police unit, ministry or state-run shelter: a case party with no parent mission."""
     ROUTING = "routing"
     AUDITOR = "auditor"
 

@@ -132,7 +132,10 @@ class _Run:
                     if ahead > 0:
                         time.sleep(ahead)
                     self.net.send(
-                        KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=f"KZ-2026-{i % CASES:04d}"
+                        KZ,
+                        MessageKind.RETURN_REQUEST,
+                        to=[UZ],
+                        case=f"iom-kz.KZ-2026-{i % CASES:04d}",
                     )
                     self.sent += 1
             except BaseException as e:

@@ -86,7 +86,7 @@ def build_harness(root: Path) -> Harness:
     envelopes = [
         seal(
             example(kind),
-            case="KZ-2026-0042",
+            case="iom-kz.KZ-2026-0042",
             sender=sender,
             recipients=recipients,
             directory=directory,

@@ -91,7 +91,7 @@ class Cast:
     target: str
     third: ParticipantKeys
     now: datetime
-    case: str = "KZ-2026-9001"
+    case: str = "iom-kz.KZ-2026-9001"
 
     @property
     def sender_id(self) -> str:

@@ -187,7 +187,7 @@ def _sign_as(world: World, a: str, b: str) -> None:
         sender=world.ids[b],
         sender_key=world.keys[b].sender(world.now).kid,
         recipients=(world.ids[third],),
-        case="KZ-2026-7001",
+        case="iom-kz.KZ-2026-7001",
         sent_at=world.now,
     )
     body = forge(
@@ -206,7 +206,7 @@ def _after_revocation(world: World, a: str, b: str) -> None:
     old = load_directory(world.serial1, authority=_authority(world))
     sealed = seal(
         example(MessageKind.RETURN_REQUEST),
-        case="KZ-2026-7002",
+        case="iom-kz.KZ-2026-7002",
         sender=world.keys[a].sender(world.now),
         recipients=(world.ids[b],),
         directory=old,
@@ -251,7 +251,7 @@ def _verify_forged(world: World, a: str, b: str) -> None:
         sender=world.ids[b],
         sender_key=world.keys[b].sender(world.now).kid,
         recipients=(world.ids[a],),
-        case="KZ-2026-7003",
+        case="iom-kz.KZ-2026-7003",
         sent_at=world.now,
     )
     body = forge(

@@ -39,7 +39,7 @@ def run_replay(root: Path, database: str, services: Services, *, messages: int) 
     """Send `messages`, then replay them all twice: once live, once after a restart."""
     with scratch_network(root, database, [KZ, UZ], services) as net:
         sealed = [
-            net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=f"KZ-2026-{i % 50:04d}")
+            net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=f"iom-kz.KZ-2026-{i % 50:04d}")
             for i in range(messages)
         ]
         envelopes = [Outgoing(str(s.id), (UZ,), s.raw) for s in sealed]

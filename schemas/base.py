@@ -22,10 +22,13 @@ class MessageKind(StrEnum):
     REFERRAL_REQUEST = "referral_request"
     REFERRAL_ACCEPTED = "referral_accepted"
     REFERRAL_DECLINED = "referral_declined"
+    SERVICE_STARTED = "service_started"
+    SERVICE_COMPLETED = "service_completed"
     CONSENT_WITHDRAWN = "consent_withdrawn"
     REQUEST_WITHDRAWN = "request_withdrawn"
     DELIVERY_RECEIPT = "delivery_receipt"
     REMINDER = "reminder"
+    ERASURE_CONFIRMED = "erasure_confirmed"
 
 
 ParticipantId = Annotated[
@@ -36,7 +39,11 @@ ParticipantId = Annotated[
 CaseRef = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{2,63}$", max_length=64)
 ]
-"""A pseudonymous case reference; never a name or a document number."""
+"""A pseudonymous case reference; never a name or a document number.
+
+The case protocol reads the part before the first ``.`` as the id of the
+participant that owns the case (`broker.casepolicy.case_owner`).
+"""
 
 KeyId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$", max_length=64)]
 

@@ -108,3 +108,18 @@ class Reminder(Message):
     deadline: AwareDatetime
     overdue: bool
     about_envelope: UUID | None = None
+
+
+class ErasureConfirmed(Message):
+    """A recipient erased the case's delivered payloads after a withdrawal with delete_data.
+
+    Sent by each recipient's adapter to the participant that sent the
+    withdrawal, once the erasure is done; no personal data.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.ERASURE_CONFIRMED
+
+    withdrawal: UUID
+    """The envelope id of the consent withdrawal that asked for the erasure."""
+    erased_payloads: Annotated[int, Field(ge=0, le=1_000_000)]
+    erased_at: AwareDatetime

@@ -19,11 +19,18 @@ from schemas.control import (
     CaseClosed,
     ConsentWithdrawn,
     DeliveryReceipt,
+    ErasureConfirmed,
     Reminder,
     RequestWithdrawn,
 )
 from schemas.person import ConsentAttestation, ConsentScope, Person, StaffMember
-from schemas.referrals import ReferralAccepted, ReferralDeclined, ReferralRequest
+from schemas.referrals import (
+    ReferralAccepted,
+    ReferralDeclined,
+    ReferralRequest,
+    ServiceCompleted,
+    ServiceStarted,
+)
 from schemas.registry import encode_payload
 from schemas.returns import (
     Departed,
@@ -62,8 +69,8 @@ from schemas.vocabulary import (
 EXAMPLE_PERSON_NAME = "Dilnoza Yusupova"
 """A fictional name, present in every example that carries a person."""
 
-EXAMPLE_CASE = "KZ-2026-0417"
-"""The pseudonymous case reference the examples belong to."""
+EXAMPLE_CASE = "iom-kz.KZ-2026-0417"
+"""The pseudonymous case reference the examples belong to, owned by ``iom-kz``."""
 
 EXAMPLE_SENDER = "iom-kz"
 EXAMPLE_ORIGIN_MISSION = "iom-uz"
@@ -91,6 +98,7 @@ def _consent() -> ConsentAttestation:
                 ConsentPurpose.RETURN_ASSISTANCE,
                 ConsentPurpose.RECEPTION,
                 ConsentPurpose.REINTEGRATION,
+                ConsentPurpose.REFERRAL,
             ),
         ),
     )
@@ -260,6 +268,29 @@ def _referral_declined() -> ReferralDeclined:
     return ReferralDeclined(reason=DeclineReason.NO_CAPACITY, note="Shelter full until April.")
 
 
+def _service_started() -> ServiceStarted:
+    return ServiceStarted(
+        started_at=datetime(2026, 2, 25, 10, 0, tzinfo=_ALMATY),
+        services=(ReferralService.TEMPORARY_SHELTER, ReferralService.MEDICAL),
+    )
+
+
+def _service_completed() -> ServiceCompleted:
+    return ServiceCompleted(
+        completed_at=datetime(2026, 4, 1, 16, 0, tzinfo=_ALMATY),
+        done=True,
+        notes="Shelter stay and medical check-up completed.",
+    )
+
+
+def _erasure_confirmed() -> ErasureConfirmed:
+    return ErasureConfirmed(
+        withdrawal=UUID("0195a3c2-7d10-7c4e-9b2a-5f0e8d1c2b3b"),
+        erased_payloads=4,
+        erased_at=datetime(2026, 3, 10, 9, 20, tzinfo=UTC),
+    )
+
+
 def _consent_withdrawn() -> ConsentWithdrawn:
     return ConsentWithdrawn(
         withdrawn_at=datetime(2026, 3, 10, 9, 15, tzinfo=_ALMATY),
@@ -308,10 +339,13 @@ _EXAMPLES: dict[MessageKind, Callable[[], Message]] = {
     MessageKind.REFERRAL_REQUEST: _referral_request,
     MessageKind.REFERRAL_ACCEPTED: _referral_accepted,
     MessageKind.REFERRAL_DECLINED: _referral_declined,
+    MessageKind.SERVICE_STARTED: _service_started,
+    MessageKind.SERVICE_COMPLETED: _service_completed,
     MessageKind.CONSENT_WITHDRAWN: _consent_withdrawn,
     MessageKind.REQUEST_WITHDRAWN: _request_withdrawn,
     MessageKind.DELIVERY_RECEIPT: _delivery_receipt,
     MessageKind.REMINDER: _reminder,
+    MessageKind.ERASURE_CONFIRMED: _erasure_confirmed,
 }
 
 

@@ -6,9 +6,9 @@ services, each based on the person's consent.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Self
 
-from pydantic import Field
+from pydantic import AwareDatetime, Field, model_validator
 
 from schemas.base import CountryCode, Message, MessageKind
 from schemas.person import ConsentAttestation, Person
@@ -19,6 +19,7 @@ from schemas.vocabulary import (
     Note,
     ReferralService,
     ReferrerType,
+    ServiceNotDoneReason,
     ShortText,
 )
 
@@ -72,3 +73,40 @@ class ReferralDeclined(Message):
 
     reason: DeclineReason
     note: Note | None = None
+
+
+class ServiceStarted(Message):
+    """The receiving organisation has started providing the services it accepted.
+
+    Sent by the organisation that accepted the referral to the referrer and
+    every other party to the case.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.SERVICE_STARTED
+
+    started_at: AwareDatetime
+    services: Annotated[tuple[ReferralService, ...], Distinct, Field(min_length=1, max_length=16)]
+    notes: Note | None = None
+
+
+class ServiceCompleted(Message):
+    """The services of a referral have ended, provided (`done`) or not, with the reason.
+
+    Sent by the organisation that provided them to every other party to the case.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.SERVICE_COMPLETED
+
+    completed_at: AwareDatetime
+    done: bool
+    """Whether the services were provided, as Primero records a referral's ``done``."""
+    not_done_reason: ServiceNotDoneReason | None = None
+    notes: Note | None = None
+
+    @model_validator(mode="after")
+    def _reason_when_not_done(self) -> Self:
+        if self.done and self.not_done_reason is not None:
+            raise ValueError("not_done_reason is given only when done is false")
+        if not self.done and self.not_done_reason is None:
+            raise ValueError("not_done_reason is required when done is false")
+        return self

@@ -21,10 +21,17 @@ from schemas.control import (
     CaseClosed,
     ConsentWithdrawn,
     DeliveryReceipt,
+    ErasureConfirmed,
     Reminder,
     RequestWithdrawn,
 )
-from schemas.referrals import ReferralAccepted, ReferralDeclined, ReferralRequest
+from schemas.referrals import (
+    ReferralAccepted,
+    ReferralDeclined,
+    ReferralRequest,
+    ServiceCompleted,
+    ServiceStarted,
+)
 from schemas.returns import (
     Departed,
     ReceptionConfirmed,
@@ -54,10 +61,13 @@ MESSAGE_TYPES: Mapping[MessageKind, type[Message]] = MappingProxyType(
             ReferralRequest,
             ReferralAccepted,
             ReferralDeclined,
+            ServiceStarted,
+            ServiceCompleted,
             ConsentWithdrawn,
             RequestWithdrawn,
             DeliveryReceipt,
             Reminder,
+            ErasureConfirmed,
         )
     }
 )

@@ -236,6 +236,17 @@ class ClosureReason(StrEnum):
     OTHER = "other"
 
 
+class ServiceNotDoneReason(StrEnum):
+    """Why a referred service was not provided (Primero's ``done`` is false)."""
+
+    PERSON_DECLINED = "person_declined"
+    PERSON_UNREACHABLE = "person_unreachable"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    NOT_ELIGIBLE = "not_eligible"
+    REFERRED_ELSEWHERE = "referred_elsewhere"
+    OTHER = "other"
+
+
 class RequestWithdrawalReason(StrEnum):
     """Why the sender withdrew a request it had made."""
 

@@ -11,32 +11,43 @@ never raises: an impossible or early transition leaves the stage as it was,
 the event is still recorded in the case's history, and an `Anomaly` says
 what was wrong. Applying an envelope id already applied changes nothing.
 
+The rules themselves (who may send which kind, on whose case, what follows
+what, what consent allows) are the case protocol's, `broker.casepolicy`,
+which every adapter and `trm send` enforce too; here they are applied to the
+routing service's view, which sees every envelope but no payload (so no
+consent scope).
+
 Return case::
 
     requested -> accepted | declined
     accepted -> travel_arranged (-> travel_arranged when travel is re-arranged)
-    travel_arranged -> departed -> received (an NGO confirms reception)
+    travel_arranged -> departed -> received (an NGO or state service confirms reception)
     received -> reintegration (-> reintegration for each further update) -> closed
 
 Referral case::
 
     referral_requested -> referral_accepted | referral_declined
-    referral_accepted -> reintegration -> closed
+    referral_accepted -> service_started -> service_completed (done or not)
+    referral_accepted | service_completed -> reintegration -> closed
 
 At any open stage ``consent_withdrawn`` halts the case; before departure
 ``request_withdrawn`` withdraws it; ``case_closed`` closes a received case,
-a case in reintegration, an accepted or declined referral, and (as an
-administrative close) a declined, halted or withdrawn case. Delivery receipts
-and reminders never change the stage; a receipt marks the envelope it answers
-as delivered to the receipt's sender.
+a case in reintegration, an accepted, started, completed or declined
+referral, and (as an administrative close) a declined, halted or withdrawn
+case. Delivery receipts, reminders and erasure confirmations never change
+the stage; a receipt marks the envelope it answers as delivered to the
+receipt's sender.
 
 Anomaly reasons, in the order they are checked (the first one found is
-reported): ``unknown_case`` (the first event of a case does not open it),
-``after_close``, ``wrong_role``, ``not_a_party`` (the sender has taken no part
-in the case), ``sequence_repeat``, ``out_of_order`` (the event belongs to a
-later stage than the case has reached), ``impossible_transition``,
-``unmatched_receipt``, and ``sequence_gap``. All but ``sequence_gap`` leave
-the stage unchanged; a gap is reported and the event still applied.
+reported): first the case protocol's (``wrong_role``; ``not_the_owner``, a
+request opening a case whose reference names another participant, or an
+owner's kind from someone else; ``unknown_case``, the first event of a case
+does not open it; ``consent_withdrawn``, a handoff on a halted case;
+``after_close``; ``not_a_party``), then ``sequence_repeat``, ``out_of_order``
+(the event belongs to a later stage than the case has reached),
+``impossible_transition``, ``unmatched_receipt``, and ``sequence_gap``. All
+but ``sequence_gap`` leave the stage unchanged; a gap is reported and the
+event still applied.
 """
 
 from __future__ import annotations
@@ -44,10 +55,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
+from broker import casepolicy
+from broker.casepolicy import BOOKKEEPING_KINDS, PATHS, RULES, Reason, Stage
 from broker.errors import CaseError, CaseStateInvalid
 from schemas.base import MessageKind
 from schemas.header import EnvelopeHeader
@@ -56,129 +68,16 @@ STATE_FORMAT = 1
 """Version of the `CaseState.to_dict` layout."""
 
 
-class Stage(StrEnum):
-    """Where a return or referral case stands."""
-
-    REQUESTED = "requested"
-    ACCEPTED = "accepted"
-    DECLINED = "declined"
-    TRAVEL_ARRANGED = "travel_arranged"
-    DEPARTED = "departed"
-    RECEIVED = "received"
-    REINTEGRATION = "reintegration"
-    CLOSED = "closed"
-    HALTED = "halted"
-    WITHDRAWN = "withdrawn"
-    REFERRAL_REQUESTED = "referral_requested"
-    REFERRAL_ACCEPTED = "referral_accepted"
-    REFERRAL_DECLINED = "referral_declined"
-
-
-class Reason(StrEnum):
-    """Machine codes of anomalies."""
-
-    UNKNOWN_CASE = "unknown_case"
-    AFTER_CLOSE = "after_close"
-    WRONG_ROLE = "wrong_role"
-    NOT_A_PARTY = "not_a_party"
-    SEQUENCE_REPEAT = "sequence_repeat"
-    OUT_OF_ORDER = "out_of_order"
-    IMPOSSIBLE_TRANSITION = "impossible_transition"
-    UNMATCHED_RECEIPT = "unmatched_receipt"
-    SEQUENCE_GAP = "sequence_gap"
-    CONFLICTING_DUPLICATE = "conflicting_duplicate"
-
-
-MISSION = "mission"
-NGO = "ngo"
-ROUTING = "routing"
-AUDITOR = "auditor"
-
 Roles = Mapping[str, str] | Callable[[str], str | None]
 """A participant id's directory role (mission, ngo, routing, auditor), or None if unknown."""
 
 K = MessageKind
 S = Stage
 
-OPEN_STAGES = frozenset(
-    {
-        S.REQUESTED,
-        S.ACCEPTED,
-        S.TRAVEL_ARRANGED,
-        S.DEPARTED,
-        S.RECEIVED,
-        S.REINTEGRATION,
-        S.REFERRAL_REQUESTED,
-        S.REFERRAL_ACCEPTED,
-    }
-)
-"""Stages at which consent can still be withdrawn."""
-
-_CLOSABLE = (
-    S.RECEIVED,
-    S.REINTEGRATION,
-    S.REFERRAL_ACCEPTED,
-    S.REFERRAL_DECLINED,
-    S.DECLINED,
-    S.HALTED,
-    S.WITHDRAWN,
-)
-_WITHDRAWABLE = (S.REQUESTED, S.ACCEPTED, S.TRAVEL_ARRANGED, S.REFERRAL_REQUESTED)
-
 TRANSITIONS: Mapping[MessageKind, Mapping[Stage | None, Stage]] = MappingProxyType(
-    {
-        K.RETURN_REQUEST: {None: S.REQUESTED},
-        K.RETURN_ACCEPTED: {S.REQUESTED: S.ACCEPTED},
-        K.RETURN_DECLINED: {S.REQUESTED: S.DECLINED},
-        K.TRAVEL_ARRANGED: {S.ACCEPTED: S.TRAVEL_ARRANGED, S.TRAVEL_ARRANGED: S.TRAVEL_ARRANGED},
-        K.DEPARTED: {S.TRAVEL_ARRANGED: S.DEPARTED},
-        K.RECEPTION_CONFIRMED: {S.DEPARTED: S.RECEIVED},
-        K.REINTEGRATION_UPDATE: {
-            S.RECEIVED: S.REINTEGRATION,
-            S.REINTEGRATION: S.REINTEGRATION,
-            S.REFERRAL_ACCEPTED: S.REINTEGRATION,
-        },
-        K.CASE_CLOSED: dict.fromkeys(_CLOSABLE, S.CLOSED),
-        K.CONSENT_WITHDRAWN: dict.fromkeys(OPEN_STAGES, S.HALTED),
-        K.REQUEST_WITHDRAWN: dict.fromkeys(_WITHDRAWABLE, S.WITHDRAWN),
-        K.REFERRAL_REQUEST: {None: S.REFERRAL_REQUESTED},
-        K.REFERRAL_ACCEPTED: {S.REFERRAL_REQUESTED: S.REFERRAL_ACCEPTED},
-        K.REFERRAL_DECLINED: {S.REFERRAL_REQUESTED: S.REFERRAL_DECLINED},
-    }
+    {kind: rule.follows for kind, rule in RULES.items() if rule.follows}
 )
-"""kind -> (stage before -> stage after); receipts and reminders never move a case."""
-
-OPENING_KINDS = frozenset({K.RETURN_REQUEST, K.REFERRAL_REQUEST})
-BOOKKEEPING_KINDS = frozenset({K.DELIVERY_RECEIPT, K.REMINDER})
-"""Kinds that are part of the timeline but not handoffs."""
-
-_BOTH = frozenset({MISSION, NGO})
-ALLOWED_ROLES: Mapping[MessageKind, frozenset[str]] = MappingProxyType(
-    {
-        K.RETURN_REQUEST: frozenset({MISSION}),
-        K.RETURN_ACCEPTED: frozenset({MISSION}),
-        K.RETURN_DECLINED: frozenset({MISSION}),
-        K.TRAVEL_ARRANGED: frozenset({MISSION}),
-        K.DEPARTED: frozenset({MISSION}),
-        K.RECEPTION_CONFIRMED: frozenset({NGO}),
-        K.REINTEGRATION_UPDATE: _BOTH,
-        K.CASE_CLOSED: _BOTH,
-        K.REFERRAL_REQUEST: _BOTH,
-        K.REFERRAL_ACCEPTED: _BOTH,
-        K.REFERRAL_DECLINED: _BOTH,
-        K.CONSENT_WITHDRAWN: _BOTH,
-        K.REQUEST_WITHDRAWN: _BOTH,
-        K.DELIVERY_RECEIPT: frozenset({MISSION, NGO, ROUTING, AUDITOR}),
-        K.REMINDER: frozenset({ROUTING}),
-    }
-)
-"""Which directory roles may send each kind."""
-
-# The forward order of each path, to tell an early event from an impossible one.
-_PATHS: tuple[tuple[Stage, ...], ...] = (
-    (S.REQUESTED, S.ACCEPTED, S.TRAVEL_ARRANGED, S.DEPARTED, S.RECEIVED, S.REINTEGRATION),
-    (S.REFERRAL_REQUESTED, S.REFERRAL_ACCEPTED, S.REINTEGRATION),
-)
+"""kind -> (stage before -> stage after), from the case policy; bookkeeping kinds never move."""
 
 
 def _aware(value: datetime, name: str) -> datetime:
@@ -428,37 +327,39 @@ def _first_anomaly(state: CaseState, event: Event, role: str | None) -> Anomaly 
     return None
 
 
-def _check_known(state: CaseState, event: Event, role: str | None) -> Finding:
-    if state.stage is None and event.kind not in OPENING_KINDS:
-        return (
-            Reason.UNKNOWN_CASE,
-            f"no request has opened case {state.case} before this {event.kind}",
-        )
-    return None
+def _check_policy(state: CaseState, event: Event, role: str | None) -> Finding:
+    """The case protocol's verdict, on the routing service's view of the case."""
+    refusal = casepolicy.check(
+        _view(state),
+        casepolicy.Message(
+            event.envelope_id, event.kind, event.case, event.sender, event.recipients
+        ),
+        role,
+    )
+    return None if refusal is None else (refusal.reason, refusal.detail)
 
 
-def _check_open(state: CaseState, event: Event, role: str | None) -> Finding:
-    if state.stage is S.CLOSED and event.kind not in BOOKKEEPING_KINDS:
-        return Reason.AFTER_CLOSE, f"{event.kind} arrived after the case was closed"
-    return None
-
-
-def _check_role(state: CaseState, event: Event, role: str | None) -> Finding:
-    allowed = ALLOWED_ROLES[event.kind]
-    if role not in allowed:
-        who = "has no role in the directory" if role is None else f"is a {role}"
-        return (
-            Reason.WRONG_ROLE,
-            f"{event.sender} {who}; {event.kind} is sent by {' or '.join(sorted(allowed))}",
-        )
-    return None
-
-
-def _check_party(state: CaseState, event: Event, role: str | None) -> Finding:
-    exempt = OPENING_KINDS | BOOKKEEPING_KINDS
-    if event.kind not in exempt and event.sender not in state.parties:
-        return Reason.NOT_A_PARTY, f"{event.sender} has taken no part in case {state.case}"
-    return None
+def _view(state: CaseState) -> casepolicy.CaseView | None:
+    """The policy's view of a case the routing service has seen opened; it reads no consent."""
+    if state.stage is None:
+        return None
+    opening = next(
+        (
+            e.event
+            for e in state.entries
+            if e.event.kind in casepolicy.OPENING_KINDS and e.stage_after is not None
+        ),
+        None,
+    )
+    return casepolicy.CaseView(
+        case=state.case,
+        owner=casepolicy.case_owner(state.case),
+        stage=state.stage,
+        parties=state.parties,
+        addressees=None if opening is None else frozenset(opening.recipients),
+        consent=None,
+        halted_by=state.stage_envelope if state.stage is S.HALTED else None,
+    )
 
 
 def _check_repeat(state: CaseState, event: Event, role: str | None) -> Finding:
@@ -484,7 +385,7 @@ def _check_transition(state: CaseState, event: Event, role: str | None) -> Findi
 
 def _is_early(stage: Stage | None, allowed: Iterable[Stage | None]) -> bool:
     """Whether every stage the kind may follow lies ahead of `stage` on the same path."""
-    for path in _PATHS:
+    for path in PATHS:
         if stage in path:
             ahead = [s for s in allowed if s in path]
             return bool(ahead) and all(path.index(s) > path.index(stage) for s in ahead)
@@ -515,10 +416,7 @@ def _check_gap(state: CaseState, event: Event, role: str | None) -> Finding:
 
 
 _CHECKS: tuple[Check, ...] = (
-    _check_known,
-    _check_open,
-    _check_role,
-    _check_party,
+    _check_policy,
     _check_repeat,
     _check_transition,
     _check_receipt,

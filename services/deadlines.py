@@ -45,8 +45,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from broker.directory import Role
 from broker.errors import CaseError, ConfigError
-from services.cases import NGO, CaseState, Event, Stage
+from services.cases import CaseState, Event, Stage
 
 OwnerRule = Callable[[CaseState], str | None]
 
@@ -92,7 +93,7 @@ def receiving_ngo(state: CaseState) -> str | None:
     """
     event = _stage_event(state)
     for recipient in () if event is None else event.recipients:
-        if state.party_roles.get(recipient) == NGO:
+        if state.party_roles.get(recipient) in (Role.NGO, Role.STATE_SERVICE):
             return recipient
     moves = _moves(state)
     for wanted in (Stage.ACCEPTED, Stage.REQUESTED):

@@ -63,13 +63,13 @@ def test_broker_restart_in_a_run_of_1000_loses_nothing(local_network, network_da
     net.start_adapter(KZ)
     net.start_adapter(UZ)
     started = time.monotonic()
-    sent = _send_many(net, 500, "KZ-RESTART")
+    sent = _send_many(net, 500, "iom-kz.KZ-RESTART")
     net.wait_for(lambda: len(net.inbox_ids(UZ)) >= 150, 60, "150 messages applied")
     payload = net.root / "departed.json"
     payload.write_bytes(example_payload_bytes(MessageKind.DEPARTED))
     try:
         _rabbitmqctl("stop_app")
-        sent += _send_many(net, 499, "KZ-RESTART")
+        sent += _send_many(net, 499, "iom-kz.KZ-RESTART")
         result = CliRunner().invoke(
             cli,
             [
@@ -80,7 +80,7 @@ def test_broker_restart_in_a_run_of_1000_loses_nothing(local_network, network_da
                 "--to",
                 UZ,
                 "--case",
-                "KZ-DOWN-0001",
+                "iom-kz.KZ-DOWN-0001",
                 "--payload",
                 str(payload),
             ],
@@ -119,7 +119,7 @@ def test_consumer_killed_between_commit_and_ack_applies_once(local_network, netw
     message is applied once and the redeliveries are absorbed as duplicates."""
     net = _pair(local_network, network_databases)
     net.start_adapter(KZ)
-    sent = _send_many(net, 200, "KZ-KILL-C")
+    sent = _send_many(net, 200, "iom-kz.KZ-KILL-C")
 
     # The fault point fires once per applied batch (up to 100 deliveries), so the first
     # two runs die at their first commit for certain; later ones run to the end.
@@ -141,7 +141,7 @@ def test_relay_killed_between_publish_and_confirm_resends_without_duplicates(
     confirms: restarted, it sends the same envelopes again and each applies once."""
     net = _pair(local_network, network_databases)
     net.start_adapter(UZ)
-    sent = _send_many(net, 200, "KZ-KILL-R")
+    sent = _send_many(net, 200, "iom-kz.KZ-KILL-R")
     schedule = ["1.0", "0.5", "0.5"]
 
     def start(attempt):

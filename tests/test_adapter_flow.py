@@ -24,7 +24,7 @@ from trm.cli import cli
 pytestmark = pytest.mark.rabbitmq
 
 KZ, UZ, NGO = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod"
-CASE = "KZ-2026-0042"
+CASE = "iom-kz.KZ-2026-0042"
 
 
 def _trm(net, participant_id, args, env=None):
@@ -191,7 +191,9 @@ def test_poison_is_quarantined_on_first_delivery_and_never_blocks(
     """Garbled and forged messages on iom-uz's queue are quarantined at once with their reason
     (database row and broker quarantine header) and the valid messages behind them apply."""
     net = local_network(database_urls=network_databases([KZ, UZ]))
-    forged = bytearray(net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case="KZ-POISON-1").raw)
+    forged = bytearray(
+        net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case="iom-kz.KZ-POISON-1").raw
+    )
     forged[-1] ^= 0x01
     with net.engine(KZ).begin() as conn:
         conn.execute(outbox_table.delete())
@@ -206,7 +208,7 @@ def test_poison_is_quarantined_on_first_delivery_and_never_blocks(
     finally:
         publisher.close()
     valid = [
-        str(net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=f"KZ-POISON-{i}").id)
+        str(net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=f"iom-kz.KZ-POISON-{i}").id)
         for i in range(5)
     ]
     net.start_adapter(KZ)
@@ -287,7 +289,7 @@ def test_bad_command_input_is_refused_with_nothing_queued(local_network, tmp_pat
             ],
             "not in the directory",
         ),
-        (["ack", "--home", str(net.home(NGO)), "--case", "KZ-UNKNOWN-1"], "unknown here"),
+        (["ack", "--home", str(net.home(NGO)), "--case", "iom-kz.KZ-UNKNOWN-1"], "unknown here"),
     ]
     for args, expected in cases:
         result = _trm(net, KZ, args)

@@ -54,7 +54,7 @@ def test_checker_classifies_ok_lost_duplicated_and_unexpected(tmp_path: Path) ->
     sealed = [
         seal(
             example(MessageKind.RETURN_REQUEST),
-            case="KZ-2026-0001",
+            case="iom-kz.KZ-2026-0001",
             sender=net.sender(KZ, NOW),
             recipients=(UZ,),
             directory=net.directory,
@@ -71,7 +71,7 @@ def test_checker_classifies_ok_lost_duplicated_and_unexpected(tmp_path: Path) ->
         for s, receipts in ((ok, 1), (twice, 2)):
             conn.execute(
                 inbox_table.insert().values(
-                    envelope_id=str(s.id), digest=s.digest, sender=KZ, case_ref="KZ-2026-0001",
+                    envelope_id=str(s.id), digest=s.digest, sender=KZ, case_ref="iom-kz.KZ-2026-0001",
                     kind="return_request", received_at=NOW, applied_at=NOW, redeliveries=1,
                 )
             )  # fmt: skip
@@ -83,7 +83,7 @@ def test_checker_classifies_ok_lost_duplicated_and_unexpected(tmp_path: Path) ->
                 Outbox(uz).add(
                     conn,
                     seal(
-                        receipt, case="KZ-2026-0001", sender=net.sender(UZ, NOW),
+                        receipt, case="iom-kz.KZ-2026-0001", sender=net.sender(UZ, NOW),
                         recipients=(KZ,), directory=net.directory, seq=n + 1, reply_to=s.id,
                         now=NOW,
                     ),

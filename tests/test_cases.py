@@ -37,7 +37,7 @@ T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 class Case:
     """Builds the events of one case with correct per-sender sequence numbers."""
 
-    def __init__(self, ref: str = "KZ-2025-0001") -> None:
+    def __init__(self, ref: str = "iom-kz.KZ-2025-0001") -> None:
         self.ref = ref
         self.seqs: dict[str, int] = {}
         self.clock = T0
@@ -343,7 +343,7 @@ def test_event_from_header() -> None:
         id=uuid.uuid4(),
         kind=K.RETURN_ACCEPTED,
         schema_version=1,
-        case="KZ-2025-0001",
+        case="iom-kz.KZ-2025-0001",
         sender=UZ,
         sender_key="k1",
         recipients=(KZ, NGO_UZ),
@@ -400,7 +400,7 @@ def interleave(cases: list[list[Event]], rng: random.Random) -> Iterator[Event]:
 
 def test_replay_of_interleaved_cases_equals_sequential_apply() -> None:
     """Replaying interleaved cases, each in its arrival order, equals applying each alone."""
-    cases = [happy_path(Case(f"KZ-2025-{n:04d}")) for n in range(4)]
+    cases = [happy_path(Case(f"iom-kz.KZ-2025-{n:04d}")) for n in range(4)]
     cases[1] = [*cases[1][:3], cases[1][5]]  # an out-of-order event, recorded as an anomaly
     expected = {events[0].case: fold(events)[0] for events in cases}
     for seed in range(5):

@@ -40,7 +40,7 @@ def event(
     return Event(
         envelope_id=f"019c0000-0000-7000-8000-{n:012d}",
         kind=kind,
-        case="KZ-2026-0001",
+        case="iom-kz.KZ-2026-0001",
         sender=sender,
         recipients=(recipient,),
         sent_at=T0 + timedelta(minutes=n),
@@ -116,11 +116,14 @@ def test_corrupt_stored_state_is_a_clear_error(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         conn.execute(
             cases_table.insert().values(
-                case_ref="KZ-2026-0009", stage="requested", state={"format": 1}, updated_at=T0
+                case_ref="iom-kz.KZ-2026-0009",
+                stage="requested",
+                state={"format": 1},
+                updated_at=T0,
             )
         )
     with pytest.raises(CaseStateInvalid, match="trm audit replay"):
-        CaseStore(engine).get("KZ-2026-0009")
+        CaseStore(engine).get("iom-kz.KZ-2026-0009")
 
 
 @contextmanager
@@ -143,7 +146,7 @@ def test_batch_reads_its_cases_at_once_and_rereads_only_what_moved(engine: sa.En
     """Three queries read a batch's cases; a cached state serves until another writer moves it."""
     cache = CaseCache()
     first, _ = apply(None, event(MessageKind.RETURN_REQUEST, 1), ROLES)
-    second = "KZ-2026-0002"
+    second = "iom-kz.KZ-2026-0002"
     other, _ = apply(None, replace(event(MessageKind.RETURN_REQUEST, 1), case=second), ROLES)
     with engine.begin() as conn:
         batch = CaseBatch(conn, cache)
@@ -161,11 +164,11 @@ def test_batch_reads_its_cases_at_once_and_rereads_only_what_moved(engine: sa.En
         conn.execute(broken.values(state={}))
     with engine.begin() as conn, _statements(engine, "SELECT") as selects:
         batch = CaseBatch(conn, cache)
-        batch.read([first.case, other.case, "KZ-2026-0003"])
+        batch.read([first.case, other.case, "iom-kz.KZ-2026-0003"])
         assert len(selects) == 3  # versions, then the states not cached and their entries
         assert batch.get(first.case) == first
         assert batch.get(other.case) == moved
-        assert batch.get("KZ-2026-0003") is None
+        assert batch.get("iom-kz.KZ-2026-0003") is None
         assert len(selects) == 3
 
 
@@ -240,7 +243,7 @@ def test_save_appends_only_the_new_entries(engine: sa.Engine) -> None:
         CaseStore.save(conn, state, 2)  # entry 2 is stored already: the key refuses it twice
     with pytest.raises(ValueError, match="4 entries stored"), engine.begin() as conn:
         CaseStore.save(conn, state, 4)
-    other = replace(state, case="KZ-2026-0007", entries=state.entries)
+    other = replace(state, case="iom-kz.KZ-2026-0007", entries=state.entries)
     with engine.begin() as conn:
         CaseStore.save(conn, other, 1)  # claims entry 0 is stored: it is not
     with pytest.raises(CaseStateInvalid, match="no stored entry 0"):
@@ -251,7 +254,7 @@ def test_save_all_updates_every_case_at_once_and_refuses_a_moved_one(engine: sa.
     """One UPDATE stores every known case; a case whose version moved fails the transaction."""
     state = _grown_state()
     first = replace(state, entries=state.entries[:1])
-    cases = [replace(first, case=f"KZ-2026-{n:04d}") for n in (11, 12)]
+    cases = [replace(first, case=f"iom-kz.KZ-2026-{n:04d}") for n in (11, 12)]
     with engine.begin() as conn:
         assert CaseStore.save_all(conn, [CaseWrite(c, None, 0) for c in cases]) == [1, 1]
     grown = [replace(state, case=c.case) for c in cases]

@@ -44,17 +44,17 @@ def test_unanswered_request_warns_then_is_overdue() -> None:
 
 def test_reminder_is_due_once_per_status() -> None:
     """Polling again after recording sent reminders yields nothing until the status changes."""
-    states = [state_at(1, Case("KZ-1")), state_at(2, Case("KZ-2"))]
+    states = [state_at(1, Case("iom-kz.KZ-1")), state_at(2, Case("iom-kz.KZ-2"))]
     entered = states[0].stage_entered_at
     assert entered is not None
     sent: set[ReminderKey] = set()
     now = entered + timedelta(hours=71)
     first = due_reminders(states, now, sent)
-    assert [(r.deadline.case, r.status) for r in first] == [("KZ-1", Status.WARNING)]
+    assert [(r.deadline.case, r.status) for r in first] == [("iom-kz.KZ-1", Status.WARNING)]
     sent.update(r.key for r in first)
     assert due_reminders(states, now + timedelta(minutes=30), sent) == []
     overdue = due_reminders(states, entered + timedelta(hours=73), sent)
-    assert [(r.deadline.case, r.status) for r in overdue] == [("KZ-1", Status.OVERDUE)]
+    assert [(r.deadline.case, r.status) for r in overdue] == [("iom-kz.KZ-1", Status.OVERDUE)]
     sent.update(r.key for r in overdue)
     assert due_reminders(states, entered + timedelta(hours=90), sent.__contains__) == []
 

@@ -60,7 +60,7 @@ from schemas.registry import encode_payload
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 KEYS_FROM = NOW - timedelta(days=10)
 KZ, UZ, NGO, KG = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "iom-kg"
-CASE = "KZ-2026-0042"
+CASE = "iom-kz.KZ-2026-0042"
 
 
 @dataclass(frozen=True)

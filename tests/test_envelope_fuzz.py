@@ -55,7 +55,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Target:
     directory = load_directory(sign_directory(body, authority), authority=authority.public_key())
     sealed = seal(
         example(MessageKind.RETURN_REQUEST),
-        case="KZ-2026-0042",
+        case="iom-kz.KZ-2026-0042",
         sender=load_keys(root / "kz").sender(NOW),
         recipients=["iom-uz", "ngo-uz-a"],
         directory=directory,

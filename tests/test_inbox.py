@@ -35,7 +35,7 @@ from schemas.control import DeliveryReceipt
 from schemas.examples import EXAMPLE_PERSON_NAME, example
 
 KZ, UZ, NGO = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod"
-CASE = "KZ-2026-0042"
+CASE = "iom-kz.KZ-2026-0042"
 
 
 def make_inbox(engine: Engine, network: Network, me: str, folder: Path) -> Inbox:
@@ -469,7 +469,7 @@ def test_batch_receipts_take_consecutive_numbers_per_case(
 ) -> None:
     """The receipts of a batch are numbered 1, 2, 3... per case, and the next batch goes on."""
     inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
-    other = "KZ-2026-0043"
+    other = "iom-kz.KZ-2026-0043"
     cases = [CASE, other, CASE, CASE, other]
     envelopes = [_request_on(network, case) for case in cases]
     batch = [_delivery(e.raw, KZ, tag) for tag, e in enumerate(envelopes, 1)]

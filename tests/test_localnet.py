@@ -20,7 +20,7 @@ def test_network_delivers_and_close_removes_vhost_and_users(local_network, rabbi
         assert (home / "directory.json").exists()
         assert (home / "amqp-password").stat().st_mode & 0o077 == 0
     kz, uz = net.start_adapter("iom-kz"), net.start_adapter("iom-uz")
-    sealed = net.send("iom-kz", MessageKind.RETURN_REQUEST, to=["iom-uz"], case="KZ-LN-0001")
+    sealed = net.send("iom-kz", MessageKind.RETURN_REQUEST, to=["iom-uz"], case="iom-kz.KZ-LN-0001")
     net.wait_for(lambda: str(sealed.id) in net.inbox_ids("iom-uz"), 30, "the request at iom-uz")
     assert [p.stem for p in net.delivered_files("iom-uz")] == [str(sealed.id)]
     net.wait_for(lambda: net.outbox_pending("iom-kz") == 0, 10, "the outbox to drain")

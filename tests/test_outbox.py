@@ -19,7 +19,7 @@ from schemas.base import MessageKind
 from schemas.examples import EXAMPLE_PERSON_NAME, example
 
 KZ, UZ, NGO = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod"
-CASE = "KZ-2026-0042"
+CASE = "iom-kz.KZ-2026-0042"
 
 
 def sealed(network: Network, seq: int, *, sender: str = KZ, case: str = CASE) -> SealedEnvelope:
@@ -81,7 +81,7 @@ def test_sequence_per_sender_and_case(engine: Engine) -> None:
     outbox = Outbox(engine)
     with engine.begin() as conn:
         kz_a = [outbox.next_seq(conn, KZ, CASE) for _ in range(3)]
-        kz_b = outbox.next_seq(conn, KZ, "KZ-2026-0043")
+        kz_b = outbox.next_seq(conn, KZ, "iom-kz.KZ-2026-0043")
         uz_a = outbox.next_seq(conn, UZ, CASE)
     with engine.begin() as conn:
         again = outbox.next_seq(conn, KZ, CASE)
@@ -94,11 +94,11 @@ def test_reserve_seqs_takes_a_run_per_case(engine: Engine) -> None:
     outbox = Outbox(engine)
     with engine.begin() as conn:
         assert outbox.next_seq(conn, KZ, CASE) == 1
-        firsts = outbox.reserve_seqs(conn, KZ, {CASE: 3, "KZ-2026-0043": 2})
+        firsts = outbox.reserve_seqs(conn, KZ, {CASE: 3, "iom-kz.KZ-2026-0043": 2})
         assert outbox.reserve_seqs(conn, KZ, {}) == {}
-    assert firsts == {CASE: 2, "KZ-2026-0043": 1}
+    assert firsts == {CASE: 2, "iom-kz.KZ-2026-0043": 1}
     with engine.begin() as conn:
-        after = (outbox.next_seq(conn, KZ, CASE), outbox.next_seq(conn, KZ, "KZ-2026-0043"))
+        after = (outbox.next_seq(conn, KZ, CASE), outbox.next_seq(conn, KZ, "iom-kz.KZ-2026-0043"))
         other = outbox.reserve_seqs(conn, UZ, {CASE: 2})
     assert after == (5, 3)
     assert other == {CASE: 1}
@@ -107,9 +107,9 @@ def test_reserve_seqs_takes_a_run_per_case(engine: Engine) -> None:
 def test_concurrent_reservations_never_share_a_number(engine: Engine) -> None:
     """Four threads reserving runs on the same two cases get disjoint runs covering 1..n."""
     outbox = Outbox(engine)
-    taken: dict[str, list[int]] = {CASE: [], "KZ-2026-0043": []}
+    taken: dict[str, list[int]] = {CASE: [], "iom-kz.KZ-2026-0043": []}
     errors: list[BaseException] = []
-    counts = {CASE: 3, "KZ-2026-0043": 2}
+    counts = {CASE: 3, "iom-kz.KZ-2026-0043": 2}
 
     def worker() -> None:
         try:
@@ -124,7 +124,7 @@ def test_concurrent_reservations_never_share_a_number(engine: Engine) -> None:
     run_together(worker, 4)
     assert errors == []
     assert sorted(taken[CASE]) == list(range(1, 61))
-    assert sorted(taken["KZ-2026-0043"]) == list(range(1, 41))
+    assert sorted(taken["iom-kz.KZ-2026-0043"]) == list(range(1, 41))
 
 
 def test_send_uses_the_next_number(engine: Engine, network: Network) -> None:

@@ -30,7 +30,7 @@ from schemas.base import MessageKind
 from schemas.examples import example
 
 KZ, UZ, NGO = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod"
-CASE = "KZ-2026-0042"
+CASE = "iom-kz.KZ-2026-0042"
 KEYS_FROM = datetime.now(UTC) - timedelta(days=1)
 
 

@@ -54,7 +54,7 @@ from trm.cli import cli
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 KEYS_FROM = T0 - timedelta(days=10)
 KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
-CASE = "KZ-2026-0042"
+CASE = "iom-kz.KZ-2026-0042"
 
 K = MessageKind
 FULL_RETURN: tuple[tuple[MessageKind, str, tuple[str, ...], Stage], ...] = (
@@ -327,13 +327,13 @@ def test_log_replay_equals_the_database(world: World, engine: sa.Engine, tmp_pat
     clock = Clock(T0)
     svc = service(world, engine, clock)
     feed_full_return(world, svc, clock)
-    svc.receive(world.seal(K.DEPARTED, KZ, (UZ,), seq=9, at=clock.now, case="KZ-2026-0043"),
+    svc.receive(world.seal(K.DEPARTED, KZ, (UZ,), seq=9, at=clock.now, case="iom-kz.KZ-2026-0043"),
                 user_id=KZ)  # fmt: skip
     svc.receive(b"garbage", user_id=KZ)
     out = tmp_path / "export.jsonl"
     svc.auditlog.export(out, now=clock.advance(minutes=1), directory=world.directory)
     replayed = replay_export(out)
-    assert set(replayed) == {CASE, "KZ-2026-0043"}
+    assert set(replayed) == {CASE, "iom-kz.KZ-2026-0043"}
     assert diff_states(replayed, CaseStore(engine).all_states()) == []
 
 
@@ -603,7 +603,7 @@ def test_new_stage_resets_the_deadline(world: World, engine: sa.Engine, database
 
 def test_show_unknown_case_fails_clearly(world: World, database_url: str) -> None:
     """`trm cases show` of a reference the database lacks exits non-zero naming it."""
-    code, out = trm("cases", "show", "KZ-0000-NONE", "--home", str(world.home),
+    code, out = trm("cases", "show", "iom-kz.KZ-0000-NONE", "--home", str(world.home),
                     "--database-url", database_url)  # fmt: skip
     assert code == 1 and "no case 'KZ-0000-NONE'" in out
 

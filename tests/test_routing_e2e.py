@@ -22,7 +22,7 @@ from services.casestore import CaseStore
 from services.checkpoint import origin_for
 
 ROUTING = "routing"
-CASE = "KZ-2026-0777"
+CASE = "iom-kz.KZ-2026-0777"
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
