@@ -29,8 +29,16 @@ KZ = "iom-kz"
 UZ = "iom-uz"
 NGO_UZ = "ngo-uz-istiqbolli-avlod"
 NGO_KZ = "ngo-kz-rodnik"
+POLICE_UZ = "police-uz-tashkent"
 ROUTING = "routing"
-ROLES = {KZ: "mission", UZ: "mission", NGO_UZ: "ngo", NGO_KZ: "ngo", ROUTING: "routing"}
+ROLES = {
+    KZ: "mission",
+    UZ: "mission",
+    NGO_UZ: "ngo",
+    NGO_KZ: "ngo",
+    POLICE_UZ: "state_service",
+    ROUTING: "routing",
+}
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 
 
@@ -135,7 +143,7 @@ def test_stage_entered_at_is_the_routing_receive_time_of_the_moving_envelope() -
 
 def test_referral_path() -> None:
     """A referral is requested, accepted, followed by reintegration updates, and closed."""
-    case = Case("REF-UZ-7")
+    case = Case(f"{NGO_UZ}.REF-UZ-7")
     state, anomalies = fold(
         [
             case.event(K.REFERRAL_REQUEST, NGO_UZ, (NGO_KZ,)),
@@ -155,7 +163,7 @@ def test_referral_path() -> None:
 
 def test_referral_declined_then_closed() -> None:
     """A declined referral can be closed administratively."""
-    case = Case("REF-UZ-8")
+    case = Case(f"{NGO_UZ}.REF-UZ-8")
     state, anomalies = fold(
         [
             case.event(K.REFERRAL_REQUEST, NGO_UZ, (NGO_KZ,)),
@@ -168,7 +176,7 @@ def test_referral_declined_then_closed() -> None:
 
 
 def test_consent_withdrawn_halts_then_nothing_moves_but_a_close() -> None:
-    """Consent withdrawn halts an open case; departure is then impossible; a close is allowed."""
+    """Consent withdrawn halts a case; a departure is then consent_withdrawn; a close is allowed."""
     case = Case()
     events = happy_path(case, 3)
     events.append(case.event(K.CONSENT_WITHDRAWN, KZ, (UZ, NGO_UZ)))
@@ -177,7 +185,7 @@ def test_consent_withdrawn_halts_then_nothing_moves_but_a_close() -> None:
     assert anomalies[-1] is None
     state, anomaly = apply(state, case.event(K.DEPARTED, KZ, (UZ,)), ROLES)
     assert state.stage is Stage.HALTED
-    assert anomaly is not None and anomaly.reason == Reason.IMPOSSIBLE_TRANSITION
+    assert anomaly is not None and anomaly.reason == Reason.CONSENT_WITHDRAWN
     state, anomaly = apply(state, case.event(K.CASE_CLOSED, UZ, (KZ,)), ROLES)
     assert anomaly is None and state.stage is Stage.CLOSED
 
@@ -235,7 +243,7 @@ def test_impossible_transitions_keep_the_stage_and_name_the_reason(
 
 def test_first_event_that_does_not_open_a_case_is_unknown_case() -> None:
     """An acceptance for a case never requested is recorded as unknown_case with no stage."""
-    case = Case("XX-404")
+    case = Case("iom-kz.KZ-404")
     state, anomaly = apply(None, case.event(K.RETURN_ACCEPTED, UZ, (KZ,)), ROLES)
     assert anomaly is not None and anomaly.reason == Reason.UNKNOWN_CASE
     assert state.stage is None and len(state.entries) == 1
@@ -325,9 +333,9 @@ def test_same_id_with_another_header_is_a_conflicting_duplicate() -> None:
 
 def test_event_for_another_case_raises() -> None:
     """Applying one case's event to another case's state is a caller error with a clear message."""
-    state, _ = fold(happy_path(Case("CASE-A"), 1))
+    state, _ = fold(happy_path(Case("iom-kz.CASE-A"), 1))
     with pytest.raises(CaseError, match="CASE-B"):
-        apply(state, Case("CASE-B").event(K.RETURN_REQUEST, KZ, (UZ,)), ROLES)
+        apply(state, Case("iom-kz.CASE-B").event(K.RETURN_REQUEST, KZ, (UZ,)), ROLES)
 
 
 def test_naive_receive_time_is_refused() -> None:
@@ -470,7 +478,9 @@ def test_timeline_rows_and_gaps() -> None:
     assert rows[2].sender == UZ and rows[2].recipients == (KZ, NGO_UZ)
 
 
-PEOPLE = [KZ, UZ, NGO_UZ, NGO_KZ, ROUTING, "auditor-vienna", "iom-ghost"]
+PEOPLE = [KZ, UZ, NGO_UZ, NGO_KZ, POLICE_UZ, ROUTING, "auditor-vienna", "iom-ghost"]
+CASE_REFS = [f"{KZ}.CASE-1", f"{NGO_UZ}.CASE-2", f"{POLICE_UZ}.CASE-3"]
+"""Owner-named, so that a random opening by its owner opens the case."""
 ALL_ROLES = {**ROLES, "auditor-vienna": "auditor"}
 
 
@@ -487,7 +497,7 @@ def random_events(draw: st.DrawFn) -> list[Event]:
             Event(
                 envelope_id=draw(st.sampled_from(ids)),
                 kind=draw(st.sampled_from(list(K))),
-                case=draw(st.sampled_from(["CASE-1", "CASE-2", "CASE-3"])),
+                case=draw(st.sampled_from(CASE_REFS)),
                 sender=sender,
                 recipients=tuple(recipients),
                 sent_at=T0 + timedelta(minutes=n),

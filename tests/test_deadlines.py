@@ -116,7 +116,7 @@ def test_closed_halted_and_unopened_cases_have_no_deadline() -> None:
     """Closed, halted and never-opened cases owe nothing."""
     case = Case()
     halted = fold([*happy_path(case, 2), case.event(K.CONSENT_WITHDRAWN, KZ, (UZ,))])[0]
-    unopened = fold([Case("X-404").event(K.RETURN_ACCEPTED, UZ, (KZ,))])[0]
+    unopened = fold([Case("iom-kz.KZ-404").event(K.RETURN_ACCEPTED, UZ, (KZ,))])[0]
     for state in (state_at(8), halted, unopened):
         assert deadline_for(state) is None
 

@@ -605,7 +605,7 @@ def test_show_unknown_case_fails_clearly(world: World, database_url: str) -> Non
     """`trm cases show` of a reference the database lacks exits non-zero naming it."""
     code, out = trm("cases", "show", "iom-kz.KZ-0000-NONE", "--home", str(world.home),
                     "--database-url", database_url)  # fmt: skip
-    assert code == 1 and "no case 'KZ-0000-NONE'" in out
+    assert code == 1 and "no case 'iom-kz.KZ-0000-NONE'" in out
 
 
 def test_audit_replay_against_reports_differences(
