@@ -17,6 +17,7 @@ from schemas.base import MessageKind as K
 from schemas.header import EnvelopeHeader
 from services.cases import (
     CaseState,
+    Entry,
     Event,
     Reason,
     Stage,
@@ -173,6 +174,94 @@ def test_referral_declined_then_closed() -> None:
     )
     assert anomalies == [None] * 3
     assert state.stage is Stage.CLOSED
+
+
+SERVICE_REFERRAL: tuple[tuple[K, str, tuple[str, ...], Stage], ...] = (
+    (K.REFERRAL_REQUEST, NGO_UZ, (POLICE_UZ,), Stage.REFERRAL_REQUESTED),
+    (K.REFERRAL_ACCEPTED, POLICE_UZ, (NGO_UZ,), Stage.REFERRAL_ACCEPTED),
+    (K.SERVICE_STARTED, POLICE_UZ, (NGO_UZ,), Stage.SERVICE_STARTED),
+    (K.SERVICE_COMPLETED, POLICE_UZ, (NGO_UZ,), Stage.SERVICE_COMPLETED),
+    (K.CASE_CLOSED, NGO_UZ, (POLICE_UZ,), Stage.CLOSED),
+)
+"""An NGO refers a person to a state service, which provides the service; the NGO closes."""
+
+
+def service_referral(case: Case, upto: int = len(SERVICE_REFERRAL)) -> list[Event]:
+    """The first `upto` steps of `SERVICE_REFERRAL`."""
+    return [case.event(k, sender, to) for k, sender, to, _ in SERVICE_REFERRAL[:upto]]
+
+
+def test_referral_to_a_state_service_walks_the_service_stages() -> None:
+    """A state service accepts, starts and completes a referred service; the NGO closes it."""
+    state, anomalies = fold(service_referral(Case(f"{NGO_UZ}.REF-UZ-9")))
+    assert anomalies == [None] * len(SERVICE_REFERRAL)
+    assert [e.stage_after for e in state.entries] == [s for *_, s in SERVICE_REFERRAL]
+    assert state.origin == NGO_UZ
+    assert state.party_roles == {NGO_UZ: "ngo", POLICE_UZ: "state_service"}
+
+
+@pytest.mark.parametrize(
+    ("prefix", "kind", "sender", "expected_stage", "reason"),
+    [
+        (1, K.SERVICE_STARTED, POLICE_UZ, Stage.REFERRAL_REQUESTED, Reason.OUT_OF_ORDER),
+        (2, K.SERVICE_COMPLETED, POLICE_UZ, Stage.REFERRAL_ACCEPTED, Reason.OUT_OF_ORDER),
+        (3, K.REINTEGRATION_UPDATE, POLICE_UZ, Stage.SERVICE_STARTED, Reason.IMPOSSIBLE_TRANSITION),
+        (4, K.SERVICE_STARTED, POLICE_UZ, Stage.SERVICE_COMPLETED, Reason.IMPOSSIBLE_TRANSITION),
+        (1, K.REFERRAL_ACCEPTED, NGO_KZ, Stage.REFERRAL_REQUESTED, Reason.NOT_A_PARTY),
+        (2, K.SERVICE_STARTED, NGO_KZ, Stage.REFERRAL_ACCEPTED, Reason.NOT_A_PARTY),
+        (2, K.REQUEST_WITHDRAWN, POLICE_UZ, Stage.REFERRAL_ACCEPTED, Reason.NOT_THE_OWNER),
+        (5, K.SERVICE_COMPLETED, POLICE_UZ, Stage.CLOSED, Reason.AFTER_CLOSE),
+    ],
+)
+def test_referral_service_anomalies_keep_the_stage(
+    prefix: int, kind: K, sender: str, expected_stage: Stage, reason: Reason
+) -> None:
+    """An early, impossible or outsider's step on a referral is recorded with its reason only."""
+    case = Case(f"{NGO_UZ}.REF-UZ-10")
+    state, _ = fold(service_referral(case, prefix))
+    after, anomaly = apply(state, case.event(kind, sender, (NGO_UZ,)), ROLES)
+    assert anomaly is not None and anomaly.reason == reason
+    assert after.stage is expected_stage
+    assert after.stage_envelope == state.stage_envelope
+
+
+def test_service_started_on_a_return_case_is_impossible() -> None:
+    """The referral's service stages do not follow a return's acceptance."""
+    case = Case()
+    state, _ = fold(happy_path(case, 2))
+    after, anomaly = apply(state, case.event(K.SERVICE_STARTED, UZ, (KZ,)), ROLES)
+    assert anomaly is not None and anomaly.reason == Reason.IMPOSSIBLE_TRANSITION
+    assert after.stage is Stage.ACCEPTED
+
+
+def test_opening_under_another_participants_reference_takes_nothing() -> None:
+    """An NGO opening a case named for KZ is not_the_owner; KZ's own request still opens it."""
+    case = Case("iom-kz.KZ-2025-0100")
+    state, anomaly = apply(None, case.event(K.REFERRAL_REQUEST, NGO_UZ, (UZ,)), ROLES)
+    assert anomaly is not None and anomaly.reason == Reason.NOT_THE_OWNER
+    assert (state.stage, state.origin, state.parties) == (None, None, frozenset())
+    state, anomaly = apply(state, case.event(K.RETURN_REQUEST, KZ, (UZ, NGO_UZ)), ROLES)
+    assert anomaly is None
+    assert (state.stage, state.origin) == (Stage.REQUESTED, KZ)
+    _, anomaly = apply(state, case.event(K.RETURN_ACCEPTED, NGO_UZ, (KZ,)), ROLES)
+    assert anomaly is not None and anomaly.reason == Reason.WRONG_ROLE
+
+
+def test_erasure_confirmed_after_a_halt_is_recorded_and_moves_nothing() -> None:
+    """A recipient's erasure confirmation on a halted case is no anomaly and keeps the stage."""
+    case = Case()
+    halted, _ = fold([*happy_path(case, 2), case.event(K.CONSENT_WITHDRAWN, KZ, (UZ, NGO_UZ))])
+    confirmation = case.event(K.ERASURE_CONFIRMED, NGO_UZ, (KZ,))
+    after, anomaly = apply(halted, confirmation, ROLES)
+    assert anomaly is None
+    assert after.entries[-1] == Entry(confirmation, Stage.HALTED)
+    assert (after.stage, after.stage_entered_at, after.stage_envelope) == (
+        halted.stage,
+        halted.stage_entered_at,
+        halted.stage_envelope,
+    )
+    _, anomaly = apply(after, case.event(K.ERASURE_CONFIRMED, NGO_KZ, (KZ,)), ROLES)
+    assert anomaly is not None and anomaly.reason == Reason.NOT_A_PARTY
 
 
 def test_consent_withdrawn_halts_then_nothing_moves_but_a_close() -> None:
