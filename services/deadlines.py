@@ -7,7 +7,15 @@ stage such as a further reintegration update, starts a new deadline.
 
 The routing service cannot read payloads. A planned arrival time lives in the
 travel arrangement's payload, so the clock for reception starts at departure;
-its limit (24 hours by default) is configurable like every other.
+its limit (24 hours by default) is configurable like every other. Likewise a
+referred service's planned dates are payload data: its clocks start at
+acceptance (the service starts within 7 days), at the start (it is completed
+within 90 days) and at completion (the referring party follows up or closes
+within 30 days).
+
+Reminders go to whoever the headers name as owing the next step; a state
+service (police, a ministry, a state shelter) is owed a reminder exactly as
+an NGO is, whether it receives a returnee or provides a referred service.
 
 Policies can be tuned per deployment with `load_policies`, from a JSON or TOML
 file. JSON::
@@ -81,12 +89,12 @@ def stage_sender(state: CaseState) -> str | None:
 
 
 def origin(state: CaseState) -> str | None:
-    """The participant that opened the case: the requesting mission."""
+    """The participant that opened the case: the requesting mission or referring party."""
     return state.origin
 
 
 def receiving_ngo(state: CaseState) -> str | None:
-    """A recipient of the departure notice with the NGO role, else the origin-country mission.
+    """A recipient of the departure notice that is an NGO or a state service, else the mission.
 
     The origin-country mission is the sender of the applied acceptance, or
     failing that the first recipient of the applied request.
@@ -179,7 +187,7 @@ DEFAULT_POLICIES: tuple[Policy, ...] = (
         24 * _H,
         6 * _H,
         receiving_ngo,
-        "the receiving NGO confirms reception within 24 hours of departure "
+        "the receiving NGO or state service confirms reception within 24 hours of departure "
         "(planned arrival is payload data the routing service cannot read)",
     ),
     Policy(
@@ -205,10 +213,26 @@ DEFAULT_POLICIES: tuple[Policy, ...] = (
     ),
     Policy(
         Stage.REFERRAL_ACCEPTED,
+        7 * _D,
+        2 * _D,
+        stage_sender,
+        "the party that accepted a referral starts the service within 7 days of accepting it",
+    ),
+    Policy(
+        Stage.SERVICE_STARTED,
+        90 * _D,
+        14 * _D,
+        stage_sender,
+        "the party that started a referred service reports it completed (done or not) "
+        "within 90 days of starting it",
+    ),
+    Policy(
+        Stage.SERVICE_COMPLETED,
         30 * _D,
         7 * _D,
-        stage_sender,
-        "the accepting party sends a first reintegration update within 30 days",
+        origin,
+        "the referring party sends a reintegration update or closes the case "
+        "within 30 days of the service's completion",
     ),
 )
 """Declined, halted, withdrawn and closed cases owe nothing, so have no policy."""

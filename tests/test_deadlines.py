@@ -7,8 +7,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from test_cases import KZ, NGO_UZ, UZ, Case, fold, happy_path
+from test_cases import (
+    KZ,
+    NGO_UZ,
+    POLICE_UZ,
+    UZ,
+    Case,
+    fold,
+    happy_path,
+    service_referral,
+)
 
+from broker.casepolicy import PATHS
 from broker.errors import CaseError, ConfigError
 from schemas.base import MessageKind as K
 from services.cases import CaseState, Stage
@@ -112,12 +122,85 @@ def test_default_policies_per_stage(
     assert deadline.due - state.stage_entered_at == limit
 
 
+def test_every_referral_stage_has_a_default_policy() -> None:
+    """Each open stage on the referral path has a deadline, as each return stage has."""
+    covered = {p.stage for p in DEFAULT_POLICIES}
+    for path in PATHS:
+        assert set(path) <= covered
+
+
+@pytest.mark.parametrize(
+    ("steps", "stage", "limit", "warn_before", "owed_by"),
+    [
+        (1, Stage.REFERRAL_REQUESTED, timedelta(hours=72), timedelta(hours=24), POLICE_UZ),
+        (2, Stage.REFERRAL_ACCEPTED, timedelta(days=7), timedelta(days=2), POLICE_UZ),
+        (3, Stage.SERVICE_STARTED, timedelta(days=90), timedelta(days=14), POLICE_UZ),
+        (4, Stage.SERVICE_COMPLETED, timedelta(days=30), timedelta(days=7), NGO_UZ),
+    ],
+)
+def test_referral_stage_warns_then_is_overdue_for_whom_owes_it(
+    steps: int, stage: Stage, limit: timedelta, warn_before: timedelta, owed_by: str
+) -> None:
+    """Each referral stage is due its limit after it was entered, owed by the next actor."""
+    state = fold(service_referral(Case(f"{NGO_UZ}.REF-1"), steps))[0]
+    deadline = deadline_for(state)
+    assert deadline is not None and state.stage_entered_at is not None
+    assert (deadline.stage, deadline.owed_by) == (stage, owed_by)
+    assert deadline.about_envelope == state.entries[-1].event.envelope_id
+    entered = state.stage_entered_at
+    assert status(deadline, entered + limit - warn_before - timedelta(minutes=1)) is Status.OK
+    assert status(deadline, entered + limit - warn_before) is Status.WARNING
+    assert status(deadline, entered + limit - timedelta(minutes=1)) is Status.WARNING
+    [reminder] = due_reminders([state], entered + limit, set())
+    assert reminder == Reminder(deadline, Status.OVERDUE)
+
+
+def test_started_service_resets_the_referral_deadline() -> None:
+    """Starting the service replaces the overdue start deadline by the completion deadline."""
+    case = Case(f"{NGO_UZ}.REF-2")
+    accepted = fold(service_referral(case, 2))[0]
+    late = case.event(K.SERVICE_STARTED, POLICE_UZ, (NGO_UZ,), after=timedelta(days=9))
+    started = fold([*accepted.events, late])[0]
+    assert due_reminders([accepted], late.received_at, set()) != []
+    assert due_reminders([started], late.received_at, set()) == []
+    deadline = deadline_for(started)
+    assert deadline is not None and deadline.due == late.received_at + timedelta(days=90)
+
+
+def test_departure_to_a_state_service_is_owed_by_it() -> None:
+    """A state service told of the departure owes the reception confirmation, as an NGO would."""
+    case = Case()
+    steps = [
+        (K.RETURN_REQUEST, KZ, (UZ, POLICE_UZ)),
+        (K.RETURN_ACCEPTED, UZ, (KZ, POLICE_UZ)),
+        (K.TRAVEL_ARRANGED, KZ, (UZ, POLICE_UZ)),
+        (K.DEPARTED, KZ, (UZ, POLICE_UZ)),
+    ]
+    departed = fold([case.event(kind, sender, to) for kind, sender, to in steps])[0]
+    deadline = deadline_for(departed)
+    assert deadline is not None
+    assert (deadline.stage, deadline.owed_by) == (Stage.DEPARTED, POLICE_UZ)
+    received = fold([*departed.events, case.event(K.RECEPTION_CONFIRMED, POLICE_UZ, (KZ, UZ))])[0]
+    deadline = deadline_for(received)
+    assert deadline is not None
+    assert (deadline.stage, deadline.owed_by) == (Stage.RECEIVED, POLICE_UZ)
+
+
 def test_closed_halted_and_unopened_cases_have_no_deadline() -> None:
-    """Closed, halted and never-opened cases owe nothing."""
+    """Closed, halted, declined and never-opened cases, returns or referrals, owe nothing."""
     case = Case()
     halted = fold([*happy_path(case, 2), case.event(K.CONSENT_WITHDRAWN, KZ, (UZ,))])[0]
     unopened = fold([Case("iom-kz.KZ-404").event(K.RETURN_ACCEPTED, UZ, (KZ,))])[0]
-    for state in (state_at(8), halted, unopened):
+    referral = Case(f"{NGO_UZ}.REF-3")
+    declined = fold(
+        [
+            *service_referral(referral, 1),
+            referral.event(K.REFERRAL_DECLINED, POLICE_UZ, (NGO_UZ,)),
+        ]
+    )[0]
+    closed = fold(service_referral(Case(f"{NGO_UZ}.REF-4")))[0]
+    assert (declined.stage, closed.stage) == (Stage.REFERRAL_DECLINED, Stage.CLOSED)
+    for state in (state_at(8), halted, unopened, declined, closed):
         assert deadline_for(state) is None
 
 
