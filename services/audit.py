@@ -2,7 +2,10 @@
 
 `verify_export` checks everything an export claims, with nothing but the
 export, the trust directory and (optionally) a checkpoint the auditor kept
-from earlier, and names the first bad entry. `replay_export` rebuilds every
+from earlier, and names the first bad entry. Whose log it is comes from the
+verified directory, never from the export's own header: the routing
+participant the auditor names, else the one the first checkpoint's origin
+names; the header's fields are claims checked against it. `replay_export` rebuilds every
 case's handoff history from the log alone. The checks, their order and what
 they cannot detect are specified in ``docs/audit.md``.
 
@@ -31,16 +34,17 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pybase64
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.directory import Directory, parse_unverified
+from broker.directory import Directory, load_directory
 from broker.envelope import EnvelopeVerifier, read_header
-from broker.errors import AuditError, CheckpointInvalid, LogTampered, ProofInvalid, TrmError
+from broker.errors import AuditError, LogTampered, ProofInvalid, TrmError
 from services.auditlog import (
     ENTRY_CONTEXT,
     EXPORT_TYPE,
@@ -51,11 +55,18 @@ from services.auditlog import (
     VERIFICATION,
     VERIFIED,
     ZERO_HASH,
+    LogEntry,
     check_verification,
     parse_time,
 )
 from services.cases import CaseState, Event, replay
-from services.checkpoint import Checkpoint, open_checkpoint
+from services.checkpoint import (
+    Checkpoint,
+    named_log,
+    open_log_checkpoint,
+    origin_for,
+    routing_participant,
+)
 from services.merkle import EMPTY_ROOT, MerkleTree, verify_consistency
 
 CHUNK_BYTES = 1 << 20
@@ -110,14 +121,19 @@ class VerifyReport:
     root: str
     """Hex Merkle root of every entry, as signed by the last checkpoint."""
     origin: str
-    log_key: str
+    log_id: str
+    """The routing participant whose keys the checkpoints were checked against."""
+    directory_serial: int
+    """The serial of the directory that lists `log_id` as routing and its keys."""
 
     def summary(self) -> str:
         """One line for a terminal."""
         return (
             f"intact: {self.entries} entries, {self.checkpoints} checkpoints, "
             f"{self.envelopes_ok} envelopes verified, {self.rejected_recorded} recorded as "
-            f"rejected ({self.rejected_confirmed} confirmed offline); root {self.root}"
+            f"rejected ({self.rejected_confirmed} confirmed offline); root {self.root}; "
+            f"log of routing participant {self.log_id!r} ({self.origin}) "
+            f"in directory serial {self.directory_serial}"
         )
 
 
@@ -456,6 +472,16 @@ def _entry(data: dict[str, Any], expected: int | None) -> _Fields:
     return index, received_at.encode("ascii"), at, verification.encode("ascii"), prev_bytes, raw
 
 
+def read_entry(data: object) -> LogEntry:
+    """An entry line's object, as an export holds it, as a `LogEntry`; LogTampered if it is not."""
+    if not isinstance(data, dict) or data.get("type") != "entry":
+        raise LogTampered(None, "not an entry line of an export")
+    index, when, _, verification, prev, raw = _entry(data, None)
+    if not 0 <= index < 1 << 63:
+        raise LogTampered(None, f"no entry has index {index}")
+    return LogEntry(index, when.decode("ascii"), verification.decode("ascii"), prev, raw)
+
+
 def _mark(data: dict[str, Any], where: int | None, after: int) -> _Mark:
     if set(data) != _CHECKPOINT_KEYS:
         raise LogTampered(where, f"the checkpoint line has fields {sorted(data)}")
@@ -670,50 +696,72 @@ class _Verified:
     mark: _Mark
 
 
-def _open_mark(mark: _Mark, header: _Header, directory: Directory) -> Checkpoint:
-    """The checkpoint of `mark`, its signature checked by the routing key valid at its time."""
-    prefix = f"{header.log_key}/"
-    if not mark.key_name.startswith(prefix):
-        raise CheckpointInvalid(
-            f"signed under key name {mark.key_name!r}, not a key of the log {header.log_key!r}"
-        )
-    kid = mark.key_name[len(prefix) :]
-    claimed = _claimed_time(mark.note)
-    key = directory.signing_key(header.log_key, kid, used_at=claimed)
-    checkpoint = open_checkpoint(mark.note, key=key, key_name=mark.key_name, origin=header.origin)
-    if checkpoint.time != claimed:
-        raise CheckpointInvalid("the checkpoint time could not be read consistently")
-    return checkpoint
+def _log_id(
+    scan: _Scan, directory: Directory, named: str | None, trusted: bytes | None
+) -> str | None:
+    """The routing participant whose log this is: named by the auditor, else by a checkpoint.
+
+    Without a name, the first checkpoint of the export names it by its
+    origin (else the trusted checkpoint does); every checkpoint is then
+    checked against that participant's keys. None when nothing names it.
+    """
+    if named is not None:
+        try:
+            return routing_participant(directory, named)
+        except TrmError as e:
+            raise AuditError(f"the log id given: {e}") from e
+    if scan.marks:
+        try:
+            return named_log(scan.marks[0].note, directory)
+        except TrmError as e:
+            raise LogTampered(None, f"the first checkpoint names no log to trust: {e}") from e
+    if trusted is not None:
+        try:
+            return named_log(trusted, directory)
+        except TrmError as e:
+            raise AuditError(f"the trusted checkpoint names no log to trust: {e}") from e
+    return None
 
 
-def _claimed_time(note: bytes) -> datetime:
-    """The time a note states, read before its signature is checked (to pick the key)."""
-    lines = note.split(b"\n")
-    if len(lines) < 4 or not lines[3].startswith(b"time "):
-        raise CheckpointInvalid("the note's fourth line is not 'time <RFC 3339 UTC>'")
-    try:
-        stamp = lines[3][5:].decode("ascii")
-        moment = datetime.fromisoformat(stamp.removesuffix("Z"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointInvalid("the note's time is not RFC 3339") from e
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+def _check_header(header: _Header, log_id: str) -> None:
+    """The header's claims about the log, each against the log's identity."""
+    claims = (
+        ("origin", header.origin, header.origin == origin_for(log_id)),
+        ("log_key", header.log_key, header.log_key == log_id),
+        # Empty when the log had no checkpoint to name a key by.
+        ("key_name", header.key_name, not header.key_name or _keyed(header.key_name, log_id)),
+    )
+    for name, value, holds in claims:
+        if not holds:
+            raise LogTampered(
+                None,
+                f"the header claims {name} {value!r}, but the log is that of routing "
+                f"participant {log_id!r} ({origin_for(log_id)})",
+            )
+
+
+def _keyed(key_name: str, log_id: str) -> bool:
+    return key_name.startswith(f"{log_id}/") and len(key_name) > len(log_id) + 1
 
 
 def _check_checkpoints(
-    scan: _Scan, directory: Directory, findings: _Findings
-) -> tuple[list[_Verified], int]:
-    """Signatures, placement, roots, forks and consistency; returns those verified and proven size.
+    scan: _Scan, directory: Directory, log_id: str, findings: _Findings
+) -> tuple[list[_Verified], int, str | None]:
+    """Signatures, placement, roots, forks and consistency.
 
-    The proven size is that of the largest checkpoint whose root matched the
-    entries, every entry below it being committed to by a signature.
+    Returns the checkpoints verified, the proven size (that of the largest
+    checkpoint whose root matched the entries, every entry below it being
+    committed to by a signature) and why the first refused one was refused.
     """
     count = scan.count
     verified: list[_Verified] = []
+    refused: str | None = None
     for mark in scan.marks:
         try:
-            cp = _open_mark(mark, scan.header, directory)
+            cp = open_log_checkpoint(mark.note, directory, log_id=log_id, key_name=mark.key_name)
         except TrmError as e:
             findings.add(max(mark.after - 1, 0), _CHECKPOINT, f"checkpoint: {e}")
+            refused = refused or f"after entry {mark.after - 1}: {e}"
             continue
         if cp.size > count:
             findings.add(
@@ -732,7 +780,7 @@ def _check_checkpoints(
         verified.append(_Verified(cp, mark))
     proven = _check_roots(scan, verified, findings)
     _check_consistency(scan, verified, findings)
-    return verified, proven
+    return verified, proven, refused
 
 
 def _check_roots(scan: _Scan, verified: list[_Verified], findings: _Findings) -> int:
@@ -792,23 +840,30 @@ def _check_coverage(
     scan: _Scan,
     verified: list[_Verified],
     directory: Directory,
-    trusted: bytes | None,
+    trusted: tuple[str, bytes] | None,
     findings: _Findings,
+    refused: str | None = None,
 ) -> None:
+    """Every entry covered by a checkpoint; `trusted` is (log id, the auditor's kept note).
+
+    `refused` says why a checkpoint of the export was refused, since the
+    entries it would have covered are then reported here, at a lower index.
+    """
     count = scan.count
     covered = max((v.checkpoint.size for v in verified), default=0)
     if covered < count:
+        why = "" if refused is None else f" (a checkpoint was refused, {refused})"
         findings.add(
             covered,
             _COVERAGE,
             f"entries after the last checkpoint are not covered: entries {covered}..{count - 1} "
-            "carry no signature",
+            f"carry no signature{why}",
         )
     if trusted is None:
         return
-    mark = _Mark(_trusted_key_name(trusted), trusted, count)
+    log_id, note = trusted
     try:
-        cp = _open_mark(mark, scan.header, directory)
+        cp = open_log_checkpoint(note, directory, log_id=log_id)
     except TrmError as e:
         raise AuditError(f"the trusted checkpoint does not verify: {e}") from e
     if cp.size > count:
@@ -826,14 +881,6 @@ def _check_coverage(
         )
 
 
-def _trusted_key_name(note: bytes) -> str:
-    """The key name of the first signature line of a note the auditor kept."""
-    for line in note.decode("utf-8", "replace").split("\n"):
-        if line.startswith("\u2014 "):
-            return line[2:].split(" ")[0]
-    raise AuditError("the trusted checkpoint has no signature line")
-
-
 # --- the public functions ----------------------------------------------------------------
 
 
@@ -843,23 +890,39 @@ def verify_export(
     *,
     workers: int | None = None,
     trusted_checkpoint: bytes | None = None,
+    log_id: str | None = None,
 ) -> VerifyReport:
     """Check an export offline; LogTampered naming the first bad entry, else a report.
 
     `directory` must list every key that signed (use the newest directory:
     it also carries revocations); `trusted_checkpoint` is a signed note the
     auditor kept from an earlier export, which this one must extend.
+    `log_id` is the routing participant whose log the auditor expects;
+    without it, the one the first checkpoint's origin names, which the
+    directory must list with role routing. The export's header is never
+    trusted: it must agree with that identity (LogTampered for the export).
     """
     findings = _Findings()
     scan, tally = _read_and_verify(path, directory, workers or os.cpu_count() or 1, findings)
     broken = findings.best is not None and findings.best[1] == _STRUCTURE
-    verified, proven = _check_checkpoints(scan, directory, findings)
+    log = _log_id(scan, directory, log_id, trusted_checkpoint)
+    verified: list[_Verified] = []
+    proven, refused = 0, None
+    if log is not None:  # else the export holds no checkpoint to check
+        _check_header(scan.header, log)
+        verified, proven, refused = _check_checkpoints(scan, directory, log, findings)
     _check_chain(scan, proven, findings)
     if not broken:
         # Coverage is judged only on a whole export: a scan cut short by a
         # structural problem would make later checkpoints look absent.
-        _check_coverage(scan, verified, directory, trusted_checkpoint, findings)
+        kept = None if log is None or trusted_checkpoint is None else (log, trusted_checkpoint)
+        _check_coverage(scan, verified, directory, kept, findings, refused)
     findings.raise_first()
+    if log is None:
+        raise AuditError(
+            "the export holds no entry and no checkpoint, so nothing names its log: "
+            "pass the routing participant id (--log-id)"
+        )
     return VerifyReport(
         entries=scan.count,
         checkpoints=len(verified),
@@ -869,19 +932,28 @@ def verify_export(
         root=max(verified, key=lambda v: v.checkpoint.size).checkpoint.root.hex()
         if verified
         else EMPTY_ROOT.hex(),
-        origin=scan.header.origin,
-        log_key=scan.header.log_key,
+        origin=origin_for(log),
+        log_id=log,
+        directory_serial=directory.serial,
     )
 
 
 def replay_export(
-    path: Path, roles_from: Directory | None = None, case: str | None = None
+    path: Path,
+    roles_from: Directory | None = None,
+    case: str | None = None,
+    *,
+    authority: Ed25519PublicKey | None = None,
 ) -> dict[str, CaseState]:
     """Every case's state rebuilt from the export's ``ok`` entries, in log order.
 
-    Roles come from `roles_from`, else from the directory embedded in the
-    export's header. The export's structure and hash chain are checked on
-    the way (LogTampered); signatures are `verify_export`'s job.
+    Roles come from `roles_from` (a directory the auditor verified), else
+    from the directory embedded in the export's header, which must verify
+    with `authority`, the directory authority's key: the header is not
+    covered by any checkpoint, so its directory is trusted for nothing
+    until then. AuditError if neither is given or the embedded one does not
+    verify. The export's structure and hash chain are checked on the way
+    (LogTampered); signatures are `verify_export`'s job.
     """
     events: list[Event] = []
 
@@ -897,26 +969,36 @@ def replay_export(
 
     findings = _Findings()
     header, start, size = _layout(path)
+    roles = _roles(roles_from or _embedded_directory(header, authority))
     scan = _Scan(header)
     for begin, end in _ranges(path, start, size):
         if not scan.take(_read_part(path, begin, end, scan.count, collect), findings):
             break
     _check_chain(scan, 0, findings)
     findings.raise_first()
-    return replay(events, _roles(roles_from, scan.header))
+    return replay(events, roles)
 
 
-def _roles(directory: Directory | None, header: _Header) -> Mapping[str, str]:
-    if directory is not None:
-        body = directory.body
-    elif header.directory is not None:
-        try:
-            body = parse_unverified(header.directory)
-        except TrmError as e:
-            raise AuditError(f"the directory embedded in the export does not parse: {e}") from e
-    else:
-        return {}
-    return {p.id: str(p.role) for p in body.participants}
+def _embedded_directory(header: _Header, authority: Ed25519PublicKey | None) -> Directory:
+    """The header's directory, verified with the authority's key; AuditError if it cannot be."""
+    if authority is None:
+        raise AuditError(
+            "replay takes participants' roles from a verified directory: pass the directory "
+            "(--directory) or the authority key (--authority-key) to check the embedded one"
+        )
+    if header.directory is None:
+        raise AuditError("the export embeds no directory: pass the directory (--directory)")
+    try:
+        return load_directory(header.directory, authority=authority)
+    except TrmError as e:
+        raise AuditError(
+            f"the directory embedded in the export does not verify with the authority key ({e}): "
+            "its roles cannot be trusted; pass the directory (--directory)"
+        ) from e
+
+
+def _roles(directory: Directory) -> Mapping[str, str]:
+    return {p.id: str(p.role) for p in directory.participants()}
 
 
 def diff_states(a: Mapping[str, CaseState], b: Mapping[str, CaseState]) -> list[str]:

@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 from broker.database import ENVELOPE_ID, UTCDateTime, metadata, storage_errors
 from broker.envelope import read_header
 from broker.errors import AuditError, TrmError
-from services.checkpoint import Checkpoint, sign_checkpoint
+from services.checkpoint import Checkpoint, claimed_origin, sign_checkpoint
 from services.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
 
 if TYPE_CHECKING:
@@ -186,6 +186,9 @@ class ExportSummary:
 
 
 _APPEND_LOCK = sa.select(sa.func.pg_advisory_xact_lock(_PG_APPEND_LOCK))
+_NEWEST_NOTE = (
+    sa.select(log_checkpoints_table.c.note).order_by(log_checkpoints_table.c.size.desc()).limit(1)
+)
 _TAIL = (
     sa.select(log_entries_table.c.idx, log_entries_table.c.leaf_hash)
     .order_by(log_entries_table.c.idx.desc())
@@ -252,6 +255,22 @@ class AuditLog:
         self.signer = signer
         self._tree = MerkleTree()
         self._tree_lock = threading.Lock()
+
+    @classmethod
+    def reader(cls, engine: Engine) -> AuditLog:
+        """The log on `engine` to read and prove, holding no key: it signs nothing.
+
+        Its origin is the one its newest checkpoint states; AuditError if the
+        routing service has signed none yet, as there is nothing to prove then.
+        """
+        with storage_errors("reading checkpoints"), engine.connect() as conn:
+            note = conn.execute(_NEWEST_NOTE).scalar()
+        if note is None:
+            raise AuditError(
+                "the audit log has no signed checkpoint yet: the routing service signs one "
+                "as the log grows, on shutdown and with every export"
+            )
+        return cls(engine, origin=claimed_origin(note.encode()), signer=None)
 
     # -- appending ----------------------------------------------------------------------
 
@@ -337,6 +356,14 @@ class AuditLog:
                 .limit(1)
             ).first()
         return None if row is None else (int(row.size), row.time, row.note.encode())
+
+    def checkpoint_note(self, size: int) -> bytes | None:
+        """The signed note of the checkpoint of the first `size` entries, if one was signed."""
+        with storage_errors("reading checkpoints"), self.engine.connect() as conn:
+            note = conn.execute(
+                sa.select(log_checkpoints_table.c.note).where(log_checkpoints_table.c.size == size)
+            ).scalar()
+        return None if note is None else str(note).encode()
 
     # -- checkpoints ----------------------------------------------------------------------
 

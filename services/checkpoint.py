@@ -16,6 +16,12 @@ included). Lines by other keys (cosigners, witnesses) are ignored, as the
 spec requires; at least one line by the expected key must be present and
 every one of them must verify. The signature is checked over the received
 bytes before the body is parsed.
+
+`open_log_checkpoint` is what an auditor calls: it trusts nothing a note or
+an export says about whose log it is. The log is that of a routing
+participant of the verified directory, named by the auditor or by the
+checkpoint's origin, and the signature must be by one of that participant's
+keys as the directory lists it at the checkpoint's time.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from datetime import UTC, datetime
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker import _crypto
-from broker.errors import CheckpointInvalid
+from broker.directory import Directory, Role
+from broker.errors import CheckpointInvalid, TrmError
 
 ORIGIN_PREFIX = "trm.routing/"
 """Origins of trm checkpoints: ``trm.routing/<routing participant id>``."""
@@ -100,6 +107,99 @@ def open_checkpoint(
     if origin is not None and cp.origin != origin:
         raise CheckpointInvalid(f"the checkpoint is for log {cp.origin!r}, not {origin!r}")
     return cp
+
+
+# --- checkpoints of a trm log, against the directory -------------------------------
+
+
+def routing_participant(directory: Directory, participant_id: str) -> str:
+    """`participant_id` if the directory lists it with role routing, else CheckpointInvalid.
+
+    Only a routing participant's key signs an audit log, so a log named
+    after any other participant, or after none, is no log an auditor trusts.
+    """
+    try:
+        card = directory.participant(participant_id)
+    except TrmError as e:
+        raise CheckpointInvalid(
+            f"the directory (serial {directory.serial}) has no participant {participant_id!r}, "
+            "so no log of that name can be trusted"
+        ) from e
+    if card.role is not Role.ROUTING:
+        raise CheckpointInvalid(
+            f"{participant_id!r} is a {card.role} in the directory (serial {directory.serial}), "
+            "not a routing participant: only the routing service's key signs the audit log"
+        )
+    return participant_id
+
+
+def named_log(note: bytes, directory: Directory) -> str:
+    """The routing participant that a note's origin ``trm.routing/<id>`` names.
+
+    Read before the signature is checked, to know whose key must have signed;
+    CheckpointInvalid unless the directory lists that participant as routing.
+    """
+    origin = claimed_origin(note)
+    participant_id = origin.removeprefix(ORIGIN_PREFIX)
+    if not origin.startswith(ORIGIN_PREFIX) or not participant_id:
+        raise CheckpointInvalid(
+            f"the checkpoint origin {origin!r} is not {ORIGIN_PREFIX}<routing participant id>"
+        )
+    return routing_participant(directory, participant_id)
+
+
+def open_log_checkpoint(
+    note: bytes, directory: Directory, *, log_id: str, key_name: str | None = None
+) -> Checkpoint:
+    """A checkpoint of routing participant `log_id`'s log, its signature checked.
+
+    The key name must be ``<log_id>/<kid>`` (`key_name`, else the first
+    signature line of the note under such a name); the key is `kid` of
+    `log_id` as the directory lists it at the checkpoint's time, and the
+    origin must be ``trm.routing/<log_id>``. `log_id` is trusted as given:
+    pass one the auditor named or `named_log` returned.
+    """
+    name = _log_key_name(note, log_id) if key_name is None else key_name
+    prefix = f"{log_id}/"
+    if not name.startswith(prefix):
+        raise CheckpointInvalid(f"signed under key name {name!r}, not a key of the log {log_id!r}")
+    claimed = claimed_time(note)
+    key = directory.signing_key(log_id, name.removeprefix(prefix), used_at=claimed)
+    checkpoint = open_checkpoint(note, key=key, key_name=name, origin=origin_for(log_id))
+    if checkpoint.time != claimed:
+        raise CheckpointInvalid("the checkpoint time could not be read consistently")
+    return checkpoint
+
+
+def claimed_origin(note: bytes) -> str:
+    """The origin a note states on its first line, read before its signature is checked."""
+    if not isinstance(note, bytes):
+        raise CheckpointInvalid(f"a signed note must be bytes, not {type(note).__name__}")
+    try:
+        return note.split(b"\n", 1)[0].decode()
+    except UnicodeDecodeError as e:
+        raise CheckpointInvalid("the checkpoint origin is not UTF-8") from e
+
+
+def claimed_time(note: bytes) -> datetime:
+    """The time a note states, read before its signature is checked (to pick the key)."""
+    lines = note.split(b"\n")
+    if len(lines) < 4 or not lines[3].startswith(_TIME_PREFIX.encode()):
+        raise CheckpointInvalid("the note's fourth line is not 'time <RFC 3339 UTC>'")
+    try:
+        stamp = lines[3][len(_TIME_PREFIX) :].decode("ascii")
+        moment = datetime.fromisoformat(stamp.removesuffix("Z"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointInvalid("the note's time is not RFC 3339") from e
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _log_key_name(note: bytes, log_id: str) -> str:
+    _, signatures = _split_note(note)
+    names = [name for name, _ in signatures if name.startswith(f"{log_id}/")]
+    if not names:
+        raise CheckpointInvalid(f"the note carries no signature by a key of the log {log_id!r}")
+    return names[0]
 
 
 # --- the note framing ------------------------------------------------------------

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from test_auditlog import KZ, ROUTING, T0, UZ, World, append_all, make_world
+from test_auditlog import KZ, NGO, ROUTING, T0, UZ, World, append_all, make_world
 
 from broker.database import open_database
-from broker.directory import Directory, revoke_key
+from broker.directory import Directory, Role, load_directory, revoke_key, sign_directory
 from broker.envelope import seal
 from broker.errors import AuditError, LogTampered
 from broker.keys import Sender
@@ -27,6 +27,7 @@ from services.audit import VerifyReport, diff_states, replay_export, verify_expo
 from services.auditlog import LogEntry, format_time, parse_time
 from services.cases import Stage
 from services.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
+from services.merkle import MerkleTree
 
 CASES = ("KZ-2026-0101", "KZ-2026-0102", "KZ-2026-0103")
 CHECKPOINT_AFTER = (4, 8)  # and a final one after the last entry
@@ -180,7 +181,7 @@ def test_genuine_export_verifies(genuine: Export) -> None:
     report = reports[0]
     assert (report.entries, report.checkpoints) == (17, 3)
     assert (report.envelopes_ok, report.rejected_recorded, report.rejected_confirmed) == (15, 2, 2)
-    assert report.log_key == ROUTING
+    assert (report.log_id, report.origin) == (ROUTING, f"trm.routing/{ROUTING}")
     assert "intact: 17 entries" in report.summary()
     assert reports == [report] * len(LAYOUTS)
 
@@ -203,7 +204,8 @@ def test_export_in_other_json_spelling_verifies_the_same(genuine: Export, tmp_pa
 
 def test_replay_rebuilds_each_case(genuine: Export) -> None:
     """Replaying the export alone brings each case to reception by the NGO, in log order."""
-    states = replay_export(genuine.path)
+    authority = genuine.world.authority.public_key()
+    states = replay_export(genuine.path, authority=authority)
     assert sorted(states) == sorted(CASES)
     assert {s.stage for s in states.values()} == {Stage.RECEIVED}
     assert all(not s.anomalies for s in states.values())
@@ -211,13 +213,51 @@ def test_replay_rebuilds_each_case(genuine: Export) -> None:
     assert list(one) == [CASES[1]] and one[CASES[1]] == states[CASES[1]]
 
 
+def _reroled(world: World, signer: Ed25519PrivateKey) -> bytes:
+    """The directory with the NGO listed as a mission (and no parent), signed by `signer`."""
+    cards = tuple(
+        c.model_copy(update={"role": Role.MISSION, "parent": None}) if c.id == NGO else c
+        for c in world.body.participants
+    )
+    return sign_directory(world.body.model_copy(update={"participants": cards}), signer)
+
+
+def test_replay_refuses_an_embedded_directory_not_signed_by_the_authority(
+    genuine: Export, tmp_path: Path
+) -> None:
+    """A re-roled directory signed by a throwaway key in the header is refused, not replayed."""
+    world = genuine.world
+    forged = _reroled(world, Ed25519PrivateKey.generate())
+
+    def edit(lines: list[dict[str, Any]]) -> None:
+        lines[0]["directory"] = base64.b64encode(forged).decode()
+
+    path = tampered(genuine, tmp_path, edit)
+    with pytest.raises(AuditError, match="does not verify with the authority key"):
+        replay_export(path, authority=world.authority.public_key())
+    # The same re-roling signed by the authority would change what the replay shows.
+    genuine_states = replay_export(genuine.path, world.directory)
+    reroled = load_directory(
+        _reroled(world, world.authority), authority=world.authority.public_key()
+    )
+    assert replay_export(path, reroled) != genuine_states
+    assert replay_export(path, world.directory) == genuine_states
+
+
+def test_replay_without_a_verified_directory_is_refused(genuine: Export) -> None:
+    """Replay with neither a directory nor the authority key to check the embedded one refuses."""
+    with pytest.raises(AuditError, match="verified directory"):
+        replay_export(genuine.path)
+
+
 def test_diff_states_names_differences(genuine: Export) -> None:
     """diff_states is empty for equal states and names a missing case and a changed stage."""
-    states = replay_export(genuine.path)
+    directory = genuine.world.directory
+    states = replay_export(genuine.path, directory)
     assert diff_states(states, dict(states)) == []
     fewer = {k: v for k, v in states.items() if k != CASES[0]}
     assert diff_states(states, fewer) == [f"case {CASES[0]}: only in the first (log)"]
-    early = {**states, CASES[2]: replay_export(genuine.path, case=CASES[1])[CASES[1]]}
+    early = {**states, CASES[2]: replay_export(genuine.path, directory, case=CASES[1])[CASES[1]]}
     assert any(d.startswith(f"case {CASES[2]}: ") for d in diff_states(states, early))
 
 
@@ -502,6 +542,110 @@ def test_checkpoint_of_another_log_is_named(genuine: Export, tmp_path: Path) -> 
 
     error = first_bad(tampered(genuine, tmp_path, edit), genuine.world)
     assert error.index == 3 and "not a key of the log" in error.problem
+
+
+# --- whose log it is ---------------------------------------------------------------------------
+
+NGO_ORIGIN, ROUTING_ORIGIN = f"trm.routing/{NGO}", f"trm.routing/{ROUTING}"
+
+
+def resigned_by_ngo(
+    genuine: Export, tmp_path: Path, *, origin: str, header_key: str, drop: int = 6
+) -> Path:
+    """The genuine log rebuilt without entry `drop` and every checkpoint re-signed by the NGO.
+
+    Entries after the dropped one are renumbered and re-chained, checkpoints
+    re-rooted over the new leaves and signed under the NGO's own key name,
+    with `origin` in their body; the header names `header_key` as log_key.
+    """
+    ngo = genuine.world.sender(NGO)
+    key_name = f"{NGO}/{ngo.kid}"
+    kept = [ln for ln in read_lines(genuine.path) if ln["type"] == "entry" and ln["index"] != drop]
+    header = {**read_lines(genuine.path)[0], "origin": origin, "log_key": header_key}
+    lines: list[dict[str, Any]] = [{**header, "key_name": key_name}]
+    prev, leaves = bytes(32), []
+    for index, line in enumerate(kept):
+        entry = {**line, "index": index, "prev": prev.hex()}
+        prev = leaf_of(entry)
+        leaves.append(prev)
+        lines.append(entry)
+        if index + 1 in (*CHECKPOINT_AFTER, len(kept)):
+            when = parse_time(entry["received_at"]) + timedelta(seconds=1)
+            root = MerkleTree.from_leaves(leaves).root()
+            note = sign_checkpoint(Checkpoint(origin, index + 1, root, when), ngo.key, key_name)
+            lines.append({"type": "checkpoint", "key_name": key_name, "note": note.decode()})
+    return write_lines(tmp_path / "forged.jsonl", lines)
+
+
+def test_export_resigned_by_an_ngo_naming_itself_is_refused(
+    genuine: Export, tmp_path: Path
+) -> None:
+    """An NGO's rebuilt log, signed by its key and naming itself the log, is not a log."""
+    path = resigned_by_ngo(genuine, tmp_path, origin=NGO_ORIGIN, header_key=NGO)
+    error = first_bad(path, genuine.world)
+    assert error.index is None
+    assert f"{NGO!r} is a ngo in the directory" in error.problem
+    assert "not a routing participant" in error.problem
+
+
+def test_export_resigned_by_an_ngo_under_the_routing_origin_is_refused(
+    genuine: Export, tmp_path: Path
+) -> None:
+    """Checkpoints naming the routing log but signed by the NGO: the header's claim is refused."""
+    path = resigned_by_ngo(genuine, tmp_path, origin=ROUTING_ORIGIN, header_key=NGO)
+    error = first_bad(path, genuine.world)
+    assert error.index is None
+    assert f"claims log_key {NGO!r}" in error.problem
+    honest_header = resigned_by_ngo(genuine, tmp_path, origin=ROUTING_ORIGIN, header_key=ROUTING)
+    error = first_bad(honest_header, genuine.world)
+    assert error.index is None and f"claims key_name '{NGO}/" in error.problem
+
+
+def test_checkpoints_signed_by_an_ngo_under_an_honest_header_are_named(
+    genuine: Export, tmp_path: Path
+) -> None:
+    """With the header put back as the routing service wrote it, each NGO checkpoint is refused."""
+    path = resigned_by_ngo(genuine, tmp_path, origin=ROUTING_ORIGIN, header_key=ROUTING)
+    lines = read_lines(path)
+    lines[0] = read_lines(genuine.path)[0]
+    error = first_bad(write_lines(path, lines), genuine.world)
+    assert error.index == 0 and "entries 0..15 carry no signature" in error.problem
+    assert f"after entry 3: signed under key name '{NGO}/" in error.problem
+    assert f"not a key of the log {ROUTING!r}" in error.problem
+
+
+def test_the_log_id_the_auditor_names_is_the_one_checked(genuine: Export, tmp_path: Path) -> None:
+    """--log-id pins the log: the NGO's own log is refused, the routing log verifies under it."""
+    reports = verify_all_ways(genuine.path, genuine.world.directory, log_id=ROUTING)
+    assert {(r.log_id, r.origin) for r in reports} == {(ROUTING, ROUTING_ORIGIN)}
+    with pytest.raises(AuditError, match="not a routing participant"):
+        verify_export(genuine.path, genuine.world.directory, workers=1, log_id=NGO)
+    forged = resigned_by_ngo(genuine, tmp_path, origin=NGO_ORIGIN, header_key=NGO)
+    error = first_bad(forged, genuine.world, log_id=ROUTING)
+    assert error.index is None and f"claims origin {NGO_ORIGIN!r}" in error.problem
+
+
+def test_header_claiming_another_origin_is_refused(genuine: Export, tmp_path: Path) -> None:
+    """A header whose origin differs from the one the checkpoints sign is refused."""
+
+    def edit(lines: list[dict[str, Any]]) -> None:
+        lines[0]["origin"] = "trm.routing/elsewhere"
+
+    error = first_bad(tampered(genuine, tmp_path, edit), genuine.world)
+    assert error.index is None and "claims origin 'trm.routing/elsewhere'" in error.problem
+
+
+def test_empty_export_needs_a_log_id(module_world: World, tmp_path: Path) -> None:
+    """An export with nothing in it names no log; with --log-id it is an intact empty log."""
+    engine = open_database(f"sqlite:///{tmp_path / 'empty.db'}")
+    try:
+        module_world.log(engine).export(tmp_path / "empty.jsonl")
+    finally:
+        engine.dispose()
+    with pytest.raises(AuditError, match="nothing names its log"):
+        verify_export(tmp_path / "empty.jsonl", module_world.directory, workers=1)
+    report = verify_export(tmp_path / "empty.jsonl", module_world.directory, log_id=ROUTING)
+    assert (report.entries, report.log_id) == (0, ROUTING)
 
 
 # --- envelopes that do not verify -------------------------------------------------------------

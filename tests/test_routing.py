@@ -332,7 +332,7 @@ def test_log_replay_equals_the_database(world: World, engine: sa.Engine, tmp_pat
     svc.receive(b"garbage", user_id=KZ)
     out = tmp_path / "export.jsonl"
     svc.auditlog.export(out, now=clock.advance(minutes=1), directory=world.directory)
-    replayed = replay_export(out)
+    replayed = replay_export(out, world.directory)
     assert set(replayed) == {CASE, "iom-kz.KZ-2026-0043"}
     assert diff_states(replayed, CaseStore(engine).all_states()) == []
 
@@ -618,11 +618,12 @@ def test_audit_replay_against_reports_differences(
     code, text = trm("audit", "export", "--home", str(world.home), "--database-url",
                      database_url, "--out", str(out))  # fmt: skip
     assert code == 0, text
-    code, text = trm("audit", "replay", str(out), "--against", database_url)
+    replay = ("audit", "replay", str(out), "--authority-key", str(world.home / "authority.pub"))
+    code, text = trm(*replay, "--against", database_url)
     assert code == 0 and "no difference" in text
     with engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM cases"))
-    code, text = trm("audit", "replay", str(out), "--against", database_url, "--json")
+    code, text = trm(*replay, "--against", database_url, "--json")
     assert code == 1
     assert json.loads(text)["differences"] == [f"case {CASE}: only in the first (log)"]
 

@@ -102,7 +102,8 @@ def test_full_return_through_the_routing_process(
     code, out = trm("audit", "export", "--home", str(net.home(ROUTING)), "--database-url", url,
                     "--out", str(export))  # fmt: skip
     assert code == 0, out
-    code, out = trm("audit", "replay", str(export), "--against", url)
+    pub = str(net.home(ROUTING) / "authority.pub")
+    code, out = trm("audit", "replay", str(export), "--authority-key", pub, "--against", url)
     assert code == 0 and "no difference" in out
 
     lines = [json.loads(line) for line in (net.root / "routing.jsonl").read_text().splitlines()]

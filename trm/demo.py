@@ -231,7 +231,8 @@ class Demo:
             ],
             env,
         )
-        self._trm(["audit", "replay", str(export), "--against", net.database_url(ROUTING)], env)
+        replay = ["audit", "replay", str(export), "--authority-key", str(pub)]
+        self._trm([*replay, "--against", net.database_url(ROUTING)], env)
         self.say("")
         self._trm(["cases", "show", self.case, "--home", str(routing_home)], env)
 

@@ -1,8 +1,10 @@
 """``trm audit``: export the routing service's log; verify, replay and prove it offline.
 
-`export`, `proof` and `consistency` run on the routing service's home (its
-keys, directory and database); `verify` and `replay` need only the export
-file, and for `verify` the directory and the authority's public key.
+`export` runs on the routing service's home (its keys, directory and
+database); `proof` and `consistency` only read its database and the
+checkpoints already signed. `verify`, `replay` and `check-proof` are the
+auditor's: they need the export or proof file, the directory and the
+authority's public key, and trust nothing else the file says.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import click
 from sqlalchemy.engine import Engine
 
 from broker.database import home_database_url, open_database
-from broker.directory import load_home_directory, read_directory
+from broker.directory import Directory, load_home_directory, read_directory
 from broker.errors import AuditError, LogTampered, TrmError
 from broker.keys import load_keys, read_pinned_authority
 from services.audit import diff_states, replay_export, verify_export
@@ -28,6 +30,7 @@ from services.auditlog import AuditLog
 from services.cases import CaseState, timeline
 from services.casestore import CaseStore
 from services.checkpoint import origin_for
+from services.proofs import check_proof, consistency_proof, inclusion_proof
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -45,6 +48,34 @@ DATABASE_URL = click.option(
 )
 EXPORT_FILE = click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+AUTHORITY_KEY = click.option(
+    "--authority-key",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The directory authority's authority.pub.",
+)
+LOG_ID = click.option(
+    "--log-id",
+    default=None,
+    metavar="ID",
+    help="The routing participant whose log this is (default: the one the checkpoints' "
+    "origin names); the directory must list it with role routing.",
+)
+
+
+def _directory_option(*, required: bool, help_text: str) -> Callable[[Callable[P, R]], Any]:
+    return click.option(
+        "--directory",
+        "directory_file",
+        required=required,
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help=help_text,
+    )
+
+
+NEWEST_DIRECTORY = _directory_option(
+    required=True, help_text="The trust directory (the newest: it carries revocations)."
+)
 
 
 def _reasons(command: Callable[P, R]) -> Callable[P, R]:
@@ -75,6 +106,20 @@ def _routing_log(home: Path, database_url: str | None) -> Iterator[AuditLog]:
         engine.dispose()
 
 
+@contextmanager
+def _stored_log(home: Path, database_url: str | None) -> Iterator[AuditLog]:
+    """The routing database's log opened to read: no key loaded, nothing signed."""
+    engine: Engine = open_database(home_database_url(home, database_url))
+    try:
+        yield AuditLog.reader(engine)
+    finally:
+        engine.dispose()
+
+
+def _verified_directory(directory_file: Path, authority_key: Path) -> Directory:
+    return read_directory(directory_file, authority=read_pinned_authority(authority_key))
+
+
 @audit.command()
 @HOME
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
@@ -97,19 +142,9 @@ def export(home: Path, out: Path, database_url: str | None, as_json: bool) -> No
 
 @audit.command()
 @EXPORT_FILE
-@click.option(
-    "--directory",
-    "directory_file",
-    required=True,
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="The trust directory (the newest: it carries revocations).",
-)
-@click.option(
-    "--authority-key",
-    required=True,
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="The directory authority's authority.pub.",
-)
+@NEWEST_DIRECTORY
+@AUTHORITY_KEY
+@LOG_ID
 @click.option(
     "--checkpoint",
     "checkpoint_file",
@@ -122,15 +157,18 @@ def verify(
     file: Path,
     directory_file: Path,
     authority_key: Path,
+    log_id: str | None,
     checkpoint_file: Path | None,
     workers: int | None,
     as_json: bool,
 ) -> None:
     """Check every entry, envelope signature and checkpoint; exit 1 naming the first bad entry."""
     try:
-        directory = read_directory(directory_file, authority=read_pinned_authority(authority_key))
+        directory = _verified_directory(directory_file, authority_key)
         trusted = checkpoint_file.read_bytes() if checkpoint_file else None
-        report = verify_export(file, directory, workers=workers, trusted_checkpoint=trusted)
+        report = verify_export(
+            file, directory, workers=workers, trusted_checkpoint=trusted, log_id=log_id
+        )
     except LogTampered as e:
         if as_json:
             click.echo(json.dumps({"intact": False, "index": e.index, "problem": e.problem}))
@@ -148,6 +186,12 @@ def verify(
 
 @audit.command()
 @EXPORT_FILE
+@AUTHORITY_KEY
+@_directory_option(
+    required=False,
+    help_text="Take roles from this directory (default: the one embedded in the export, "
+    "which must verify with the authority key).",
+)
 @click.option("--case", "case", help="Only this case reference.")
 @click.option(
     "--against",
@@ -159,9 +203,18 @@ def verify(
 )
 @JSON
 @_reasons
-def replay(file: Path, case: str | None, against: str | None, as_json: bool) -> None:
+def replay(
+    file: Path,
+    authority_key: Path,
+    directory_file: Path | None,
+    case: str | None,
+    against: str | None,
+    as_json: bool,
+) -> None:
     """Rebuild every case's handoff history from the export alone and print it."""
-    states = replay_export(file, case=case)
+    authority = read_pinned_authority(authority_key)
+    roles = read_directory(directory_file, authority=authority) if directory_file else None
+    states = replay_export(file, roles, case=case, authority=authority)
     if against is not None:
         _compare(states, against, case, as_json)
         return
@@ -214,22 +267,8 @@ def _print_case(ref: str, state: CaseState) -> None:
 @_reasons
 def proof(home: Path, envelope_id: str, database_url: str | None) -> None:
     """Print an inclusion proof of an envelope against the newest signed checkpoint (JSON)."""
-    with _routing_log(home, database_url) as log:
-        index = log.find(envelope_id)
-        if index is None:
-            raise AuditError(f"envelope {envelope_id} is not in the audit log")
-        size, note = _signed_size(log)
-        if index >= size:
-            raise AuditError(f"entry {index} is not covered by a checkpoint yet")
-        out: dict[str, Any] = {
-            "envelope_id": envelope_id,
-            "index": index,
-            "size": size,
-            "leaf_hash": log.leaf(index).hex(),
-            "proof": [h.hex() for h in log.inclusion_proof(index, size)],
-            "root": log.root(size).hex(),
-            "checkpoint": note,
-        }
+    with _stored_log(home, database_url) as log:
+        out = inclusion_proof(log, envelope_id)
     click.echo(json.dumps(out, indent=2))
 
 
@@ -240,25 +279,37 @@ def proof(home: Path, envelope_id: str, database_url: str | None) -> None:
 @_reasons
 def consistency(home: Path, old_size: int, database_url: str | None) -> None:
     """Print a proof that the newest checkpoint extends the tree of --old entries (JSON)."""
-    with _routing_log(home, database_url) as log:
-        size, note = _signed_size(log)
-        if old_size > size:
-            raise AuditError(f"the newest checkpoint covers {size} entries, fewer than {old_size}")
-        out = {
-            "old_size": old_size,
-            "new_size": size,
-            "old_root": log.root(old_size).hex(),
-            "new_root": log.root(size).hex(),
-            "proof": [h.hex() for h in log.consistency_proof(old_size, size)],
-            "checkpoint": note,
-        }
+    with _stored_log(home, database_url) as log:
+        out = consistency_proof(log, old_size)
     click.echo(json.dumps(out, indent=2))
 
 
-def _signed_size(log: AuditLog) -> tuple[int, str]:
-    """Sign a checkpoint if the log grew; the newest checkpoint's size and note."""
-    log.checkpoint()
-    latest = log.latest_checkpoint()
-    if latest is None:
-        raise AuditError("the audit log is empty")
-    return latest[0], latest[2].decode()
+@audit.command("check-proof")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@NEWEST_DIRECTORY
+@AUTHORITY_KEY
+@LOG_ID
+@click.option(
+    "--checkpoint",
+    "checkpoint_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="For a consistency proof: the older signed checkpoint you kept, which it must start from.",
+)
+@JSON
+@_reasons
+def check_proof_command(
+    file: Path,
+    directory_file: Path,
+    authority_key: Path,
+    log_id: str | None,
+    checkpoint_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Check an inclusion or consistency proof offline against signed checkpoints."""
+    directory = _verified_directory(directory_file, authority_key)
+    kept = checkpoint_file.read_bytes() if checkpoint_file else None
+    report = check_proof(file.read_bytes(), directory, log_id=log_id, kept=kept)
+    if as_json:
+        click.echo(json.dumps({"holds": True, **asdict(report)}))
+    else:
+        click.echo(report.summary())
