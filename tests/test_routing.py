@@ -48,12 +48,14 @@ from services.cases import CaseState, Stage
 from services.casestore import CaseStore, CaseWrite
 from services.checkpoint import origin_for
 from services.deadlines import Status
-from services.routing import HomeDirectory, RoutingService, Timers
+from services.routing import HomeDirectory, Outcome, RoutingService, Timers
 from trm.cli import cli
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 KEYS_FROM = T0 - timedelta(days=10)
 KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
+STATE = "police-uz-tashkent"
+"""A state service: an Uzbek police unit, a case party with no parent mission."""
 CASE = "iom-kz.KZ-2026-0042"
 
 K = MessageKind
@@ -122,13 +124,14 @@ class World:
 
 
 def make_world(root: Path) -> World:
-    """Key folders for KZ, UZ, the NGO and the routing service; a signed directory installed."""
+    """Key folders for KZ, UZ, the NGO, a state service and routing; the signed directory."""
     init_authority(root / "authority")
     authority = load_authority(root / "authority")
     specs: list[tuple[str, Role, str, str | None]] = [
         (KZ, Role.MISSION, "KZ", None),
         (UZ, Role.MISSION, "UZ", None),
         (NGO, Role.NGO, "UZ", UZ),
+        (STATE, Role.STATE_SERVICE, "UZ", None),
         (ROUTING, Role.ROUTING, "KZ", None),
     ]
     cards = [
@@ -350,6 +353,156 @@ def test_no_payload_reaches_logs_or_the_case_tables(world: World, engine: sa.Eng
         for table in ("cases", "anomalies", "reminders"):
             rows = conn.execute(sa.text(f"SELECT * FROM {table}")).all()  # noqa: S608
             assert EXAMPLE_PERSON_NAME not in repr(rows)
+
+
+# --- the case protocol --------------------------------------------------------------------
+
+REFERRAL = f"{NGO}.REF-2026-0007"
+SERVICE_REFERRAL: tuple[tuple[MessageKind, str, tuple[str, ...], Stage], ...] = (
+    (K.REFERRAL_REQUEST, NGO, (STATE,), Stage.REFERRAL_REQUESTED),
+    (K.REFERRAL_ACCEPTED, STATE, (NGO,), Stage.REFERRAL_ACCEPTED),
+    (K.SERVICE_STARTED, STATE, (NGO,), Stage.SERVICE_STARTED),
+    (K.SERVICE_COMPLETED, STATE, (NGO,), Stage.SERVICE_COMPLETED),
+    (K.CASE_CLOSED, NGO, (STATE,), Stage.CLOSED),
+)
+"""The NGO refers the person to a state service, which provides it; the NGO closes the case."""
+
+
+class Feed:
+    """Seals one case's envelopes an hour apart, each sender's seq the next, and delivers them."""
+
+    def __init__(self, world: World, svc: RoutingService, clock: Clock, case: str) -> None:
+        self.world, self.svc, self.clock, self.case = world, svc, clock, case
+        self.seqs: dict[str, int] = {}
+
+    def send(self, kind: MessageKind, sender: str, recipients: tuple[str, ...]) -> Outcome:
+        """The outcome of the next envelope, delivered as its sender's AMQP user."""
+        self.seqs[sender] = self.seqs.get(sender, 0) + 1
+        at = self.clock.advance(hours=1)
+        raw = self.world.seal(kind, sender, recipients, seq=self.seqs[sender],
+                              at=at - timedelta(seconds=3), case=self.case)  # fmt: skip
+        return self.svc.receive(raw, user_id=sender)
+
+
+def reasons(outcomes: Sequence[Outcome]) -> list[str | None]:
+    """Each outcome's anomaly reason, None where there was none."""
+    return [None if o.anomaly is None else o.anomaly.reason for o in outcomes]
+
+
+def test_referral_under_another_participants_reference_does_not_take_the_case(
+    world: World, engine: sa.Engine
+) -> None:
+    """The NGO opening KZ's reference is not_the_owner; KZ's own request still opens the case."""
+    clock = Clock(T0)
+    feed = Feed(world, service(world, engine, clock), clock, CASE)
+    claim = feed.send(K.REFERRAL_REQUEST, NGO, (UZ,))
+    assert (claim.verification, claim.stage) == ("ok", None)
+    assert claim.anomaly is not None and claim.anomaly.reason == "not_the_owner"
+    unclaimed = CaseStore(engine).get(CASE)
+    assert unclaimed is not None and (unclaimed.origin, unclaimed.parties) == (None, frozenset())
+    opened = feed.send(K.REFERRAL_REQUEST, KZ, (UZ,))
+    assert (opened.stage, opened.anomaly) == (Stage.REFERRAL_REQUESTED, None)
+    answer = feed.send(K.REFERRAL_ACCEPTED, NGO, (KZ,))
+    assert answer.anomaly is not None and answer.anomaly.reason == "not_a_party"
+    state = CaseStore(engine).get(CASE)
+    assert state is not None and (state.origin, state.stage) == (KZ, Stage.REFERRAL_REQUESTED)
+    assert NGO not in state.parties
+    assert [a.reason for a in CaseStore(engine).anomalies(CASE)] == ["not_the_owner", "not_a_party"]
+
+
+def test_referral_to_a_state_service_walks_to_closure(
+    world: World, engine: sa.Engine, database_url: str
+) -> None:
+    """A state service accepts, starts and completes the NGO's referral; every stage is shown."""
+    clock = Clock(T0)
+    feed = Feed(world, service(world, engine, clock), clock, REFERRAL)
+    outcomes = [feed.send(kind, sender, to) for kind, sender, to, _ in SERVICE_REFERRAL]
+    assert [o.stage for o in outcomes] == [stage for *_, stage in SERVICE_REFERRAL]
+    assert reasons(outcomes) == [None] * len(SERVICE_REFERRAL)
+    state = CaseStore(engine).get(REFERRAL)
+    assert state is not None and state.origin == NGO
+    assert state.party_roles == {NGO: "ngo", STATE: "state_service"}
+    code, out = trm("cases", "show", REFERRAL, "--home", str(world.home), "--database-url",
+                    database_url, "--json")  # fmt: skip
+    assert code == 0, out
+    timeline = json.loads(out)["timeline"]
+    assert [t["stage_after"] for t in timeline] == [str(s) for *_, s in SERVICE_REFERRAL]
+    assert [t["sender"] for t in timeline] == [sender for _, sender, _, _ in SERVICE_REFERRAL]
+
+
+def test_unanswered_referral_reminds_the_state_service(world: World, engine: sa.Engine) -> None:
+    """Past 72 h the referral's reminder is sealed for the state service, which can open it."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    request = Feed(world, svc, clock, REFERRAL).send(K.REFERRAL_REQUEST, NGO, (STATE,))
+    assert request.anomaly is None
+    clock.advance(hours=73)
+    [sent] = svc.poll_deadlines()
+    assert (sent.reminder.deadline.owed_by, sent.reminder.status) == (STATE, Status.OVERDUE)
+    [body] = pending_reminders(engine)
+    assert read_header(body).recipients == (STATE,)
+    opened = open_envelope(
+        body,
+        recipient=Recipient(STATE, world.keys[STATE].decryption),
+        directory=world.directory,
+        now=clock.now,
+        amqp_user_id=ROUTING,
+    )
+    assert isinstance(opened.message, ReminderMessage)
+    assert (opened.message.stage, opened.message.owed_by) == ("referral_requested", STATE)
+    echoed = svc.receive(body, user_id=ROUTING)  # as it comes back on the routing queue
+    assert (echoed.stage, echoed.anomaly) == (Stage.REFERRAL_REQUESTED, None)
+
+
+def test_handoff_after_consent_withdrawn_is_consent_withdrawn(
+    world: World, engine: sa.Engine
+) -> None:
+    """Once KZ withdraws consent, a travel arrangement is recorded as consent_withdrawn."""
+    clock = Clock(T0)
+    feed = Feed(world, service(world, engine, clock), clock, CASE)
+    opened = [feed.send(kind, sender, to) for kind, sender, to, _ in FULL_RETURN[:2]]
+    halt = feed.send(K.CONSENT_WITHDRAWN, KZ, (UZ, NGO))
+    assert reasons(opened) == [None, None] and halt.stage is Stage.HALTED
+    travel = feed.send(K.TRAVEL_ARRANGED, KZ, (UZ, NGO))
+    assert travel.anomaly is not None and travel.anomaly.reason == "consent_withdrawn"
+    assert halt.envelope_id is not None and halt.envelope_id in travel.anomaly.detail
+    assert travel.stage is Stage.HALTED
+    [stored] = CaseStore(engine).anomalies(CASE)
+    assert (stored.envelope_id, stored.reason) == (travel.envelope_id, "consent_withdrawn")
+
+
+def test_erasure_confirmed_after_a_halt_is_recorded_and_moves_nothing(
+    world: World, engine: sa.Engine
+) -> None:
+    """The NGO's erasure confirmation on a halted case is no anomaly; the stage stays."""
+    clock = Clock(T0)
+    feed = Feed(world, service(world, engine, clock), clock, CASE)
+    for kind, sender, to, _ in FULL_RETURN[:2]:
+        feed.send(kind, sender, to)
+    halt = feed.send(K.CONSENT_WITHDRAWN, KZ, (UZ, NGO))
+    halted = CaseStore(engine).get(CASE)
+    erased = feed.send(K.ERASURE_CONFIRMED, NGO, (KZ,))
+    assert (erased.verification, erased.stage, erased.anomaly) == ("ok", Stage.HALTED, None)
+    state = CaseStore(engine).get(CASE)
+    assert halted is not None and state is not None
+    assert state.entries[:-1] == halted.entries
+    assert state.entries[-1].event.kind is K.ERASURE_CONFIRMED
+    assert (state.stage_envelope, state.stage_entered_at) == (
+        halt.envelope_id,
+        halted.stage_entered_at,
+    )
+    assert CaseStore(engine).anomalies(CASE) == []
+
+
+def test_reminder_from_a_participant_is_wrong_role(world: World, engine: sa.Engine) -> None:
+    """A mission that sends a reminder is recorded as wrong_role and the case stays requested."""
+    clock = Clock(T0)
+    feed = Feed(world, service(world, engine, clock), clock, CASE)
+    feed.send(K.RETURN_REQUEST, KZ, (UZ, NGO))
+    nudge = feed.send(K.REMINDER, KZ, (UZ,))
+    assert nudge.anomaly is not None and nudge.anomaly.reason == "wrong_role"
+    assert nudge.stage is Stage.REQUESTED
+    assert [a.reason for a in CaseStore(engine).anomalies(CASE)] == ["wrong_role"]
 
 
 # --- batches ------------------------------------------------------------------------------
