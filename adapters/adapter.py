@@ -1,7 +1,7 @@
 """The participant adapter process: consume the inbox, relay the outbox.
 
-Two threads, each with its own RabbitMQ connection and each restarted with
-backoff while the broker is unreachable (`run_with_reconnect`):
+Three threads; the first two each with its own RabbitMQ connection and each
+restarted with backoff while the broker is unreachable (`run_with_reconnect`):
 
 - the consumer reads ``trm.inbox.<id>``; each delivery goes through
   `Inbox.handle` (open, deduplicate, apply, receipt: one transaction) and is
@@ -11,6 +11,9 @@ backoff while the broker is unreachable (`run_with_reconnect`):
   queue behind it.
 - the relay publishes the outbox with windowed confirms and marks envelopes
   sent only once confirmed.
+- the eraser does the erasures consent withdrawals asked for (`Erasures`):
+  at once when the inbox committed one, and again every `erasure_retry`
+  seconds while one has failed (a read-only case folder, say).
 
 Deliveries that have already arrived (within the prefetch window) are
 applied together: `Inbox.handle_batch` opens each, then applies them all and
@@ -26,13 +29,15 @@ envelope, after it the redelivery is absorbed as a duplicate.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 
+from adapters.erasure import Erasures
 from adapters.home import Home
-from broker.errors import TrmError
+from broker.errors import StorageError, TrmError
 from broker.inbox import Inbox, Outcome
 from broker.outbox import Outbox, Relay
 from broker.topology import inbox_queue
@@ -42,6 +47,8 @@ log = structlog.get_logger(__name__)
 
 JOIN_SECONDS = 30.0
 """How long a clean shutdown waits for each thread."""
+ERASER_TICK_SECONDS = 0.2
+"""How often the eraser looks for a stop or a due retry while it waits for a withdrawal."""
 RETRY_MAX_SECONDS = 5.0
 """Longest wait between reconnect attempts: back within seconds of the broker's return."""
 
@@ -69,7 +76,14 @@ class AdapterStats:
 class Adapter:
     """One participant's adapter: inbox consumer and outbox relay."""
 
-    def __init__(self, home: Home, *, relay_batch: int = 500, apply_batch: int = 100) -> None:
+    def __init__(
+        self,
+        home: Home,
+        *,
+        relay_batch: int = 500,
+        apply_batch: int = 100,
+        erasure_retry: float = 30.0,
+    ) -> None:
         """Run for `home`; settings are checked here, before any thread starts.
 
         Up to `apply_batch` deliveries already waiting are applied in one
@@ -78,6 +92,7 @@ class Adapter:
         self.home = home
         self.relay_batch = relay_batch
         self.apply_batch = apply_batch
+        self.erasure_retry = erasure_retry
         self.participant_id = home.participant_id
         self.settings: AmqpSettings = home.amqp_settings()
         home.directory()
@@ -94,18 +109,25 @@ class Adapter:
         engine = self.home.open_database()
         try:
             outbox = Outbox(engine)
+            case_system = self.home.case_system()
             inbox = Inbox(
                 engine,
                 recipient=self.home.recipient(),
                 sender=self.home.sender,
                 directory=self.home.directory,
-                case_system=self.home.case_system(),
+                case_system=case_system,
                 outbox=outbox,
+            )
+            erasures = Erasures(
+                engine, case_system, sender=self.home.sender, directory=self.home.directory
             )
             wake = threading.Event()
             threads = [
                 self._thread("consumer", lambda: self._consume(inbox, stop, wake), stop),
                 self._thread("relay", lambda: self._relay(outbox, stop, wake), stop),
+                self._thread(
+                    "eraser", lambda: self._erase(erasures, inbox.erasure_wanted, stop, wake), stop
+                ),
             ]
             self._log.info(
                 "adapter.started", vhost=self.settings.vhost, queue=inbox_queue(self.participant_id)
@@ -194,3 +216,26 @@ class Adapter:
                 publisher.close()
 
         run_with_reconnect(once, stop, maximum=RETRY_MAX_SECONDS, log=self._log)
+
+    # --- the eraser -------------------------------------------------------------------
+
+    def _erase(
+        self,
+        erasures: Erasures,
+        wanted: threading.Event,
+        stop: threading.Event,
+        wake: threading.Event,
+    ) -> None:
+        retry_at: float | None = time.monotonic()  # erase what a previous run left at once
+        while not stop.is_set():
+            due = retry_at is not None and time.monotonic() >= retry_at
+            if not (wanted.wait(ERASER_TICK_SECONDS) or due):
+                continue
+            wanted.clear()
+            try:
+                left = erasures.run()
+            except StorageError as e:
+                self._log.warning("erasure.retrying", reason=e.reason, error=str(e))
+                left = 1
+            wake.set()  # confirmations may be waiting in the outbox
+            retry_at = time.monotonic() + self.erasure_retry if left else None

@@ -2,8 +2,10 @@
 
 The inbox hands every opened envelope to a `CaseSystem` inside the
 transaction that records the envelope id, so `deliver` may be called again for
-the same envelope after a crash and must then have no second effect. The
-default, `FileCaseSystem`, writes one JSON file per envelope, named by its id.
+the same envelope after a crash and must then have no second effect. When the
+person withdraws consent and asks for their data to be deleted, `erase`
+removes every payload of the case; it too may be called again. The default,
+`FileCaseSystem`, writes one JSON file per envelope, named by its id.
 Another case system is plugged in by a ``module:factory`` spec or an entry
 point in the ``trm.case_systems`` group; the factory takes the home folder.
 """
@@ -15,7 +17,7 @@ import functools
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import import_module
 from importlib.metadata import entry_points
@@ -37,6 +39,13 @@ class CaseSystem(Protocol):
 
     def deliver(self, opened: OpenedEnvelope) -> None:
         """Take `opened` into the case system; a second call for the same id changes nothing."""
+
+    def erase(self, case: str, envelope_ids: Sequence[str]) -> int:
+        """Remove every delivered payload of `case` (these envelopes); return how many it removed.
+
+        Durable before it returns; raises `CaseSystemError` if any payload
+        could not be removed, so the erasure is retried.
+        """
 
 
 class FileCaseSystem:
@@ -110,6 +119,24 @@ class FileCaseSystem:
                 f"cannot write to the case system folder {self.folder}: {e.strerror}; "
                 "check that it exists, is writable and the disk is not full"
             ) from e
+
+    def erase(self, case: str, envelope_ids: Sequence[str]) -> int:
+        """Remove the files of `envelope_ids` (the case's deliveries), then sync the folder."""
+        removed = 0
+        try:
+            for envelope_id in envelope_ids:
+                path = self.path(envelope_id)
+                if path.exists():
+                    path.unlink()
+                    removed += 1
+            if removed:
+                _sync_folder(self.folder)
+        except OSError as e:
+            raise CaseSystemError(
+                f"cannot erase case {case} from the case system folder {self.folder}: "
+                f"{e.strerror}; make the folder writable, the erasure is retried"
+            ) from e
+        return removed
 
 
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -208,8 +235,8 @@ def load_case_system(spec: str | None, home: Path) -> CaseSystem:
         raise ConfigError(f"case system {spec!r} failed to start: {e}") from e
     if not isinstance(system, CaseSystem):
         raise ConfigError(
-            f"case system {spec!r} returned {type(system).__name__}, which has no "
-            "deliver(opened) method"
+            f"case system {spec!r} returned {type(system).__name__}, which lacks "
+            "deliver(opened) or erase(case, envelope_ids)"
         )
     return system
 

@@ -3,30 +3,39 @@
 Nothing here talks to RabbitMQ: `send_message` seals and writes the envelope to
 the outbox in one local transaction, and the adapter's relay publishes it
 (now, or when the broker is back). Every check that can fail (the kind, the
-payload against its schema, the recipients against the directory) runs before
-anything is written, so a refused send leaves nothing queued.
+payload against its schema, the recipients against the directory, the case
+protocol against the case as this home knows it, consent included) runs
+before anything is written, so a refused send leaves nothing queued.
+
+Replies to a case (`trm ack`, a consent withdrawal's fan-out, a service
+update) go to the case's verified parties (`send_to_parties`), never to
+whoever happened to write.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from adapters.home import Home
-from broker.database import inbox_table, storage_errors
+from broker.casegate import consent_of, erasure_row
+from broker.casepolicy import CaseMessage as Said
+from broker.casepolicy import CaseView, Consent, advance, check_outgoing
+from broker.caseviews import read_view, write_views
+from broker.database import erasures_table, inbox_table, storage_errors
 from broker.directory import Role
 from broker.envelope import SealedEnvelope, seal
-from broker.errors import ConfigError, SchemaViolation, UnknownParticipant
+from broker.errors import ConfigError, ProtocolViolation, SchemaViolation, UnknownParticipant
 from broker.outbox import Outbox
 from schemas.base import Message, MessageKind
+from schemas.control import ConsentWithdrawn
 from schemas.person import StaffMember
 from schemas.registry import MESSAGE_TYPES, decode_payload
 from schemas.returns import ReceptionConfirmed
@@ -98,94 +107,123 @@ def send_message(
 ) -> SealedEnvelope:
     """Seal `message` for `to` on `case` and queue it in the outbox, in one transaction.
 
-    `engine` is the home's database if already open (else it is opened and
-    closed here).
+    The case protocol is checked first, against the case as this home knows
+    it: a refusal raises `ProtocolViolation` with nothing queued. The case's
+    view is updated in the transaction that queues the envelope. `engine` is
+    the home's database if already open (else it is opened and closed here).
     """
     recipients = check_recipients(home, to)
     answer = UUID(str(reply_to)) if reply_to is not None else None
     sender = home.sender()
     directory = home.directory()
+    role = directory.participant(sender.participant).role
+    consent = consent_of(message)
     own_engine = engine is None
     db = home.open_database() if engine is None else engine
+    outbox = Outbox(db)
     try:
-        sealed = Outbox(db).send(
-            lambda seq: seal(
+        with storage_errors("writing to the outbox"), db.begin() as conn:
+            view = read_view(conn, case)
+            said = Said("", message.KIND, case, sender.participant, recipients)
+            refusal = check_outgoing(view, said, role, consent)
+            if refusal is not None:
+                raise ProtocolViolation(refusal.reason, refusal.detail)
+            sealed = seal(
                 message,
                 case=case,
                 sender=sender,
                 recipients=recipients,
                 directory=directory,
-                seq=seq,
+                seq=outbox.next_seq(conn, sender.participant, case),
                 reply_to=answer,
-            ),
-            sender=sender.participant,
-            case=case,
-        )
+            )
+            outbox.add(conn, sealed)
+            _record_sent(conn, view, replace(said, envelope_id=str(sealed.id)), message, consent)
     finally:
         if own_engine:
             db.dispose()
+    log.info(
+        "outbox.added",
+        envelope_id=str(sealed.id),
+        case=case,
+        participant=sender.participant,
+        kind=str(message.KIND),
+    )
     return sealed
 
 
-@dataclass(frozen=True)
-class CaseContacts:
-    """What the local inbox knows about a case: missions in it, the latest return message."""
+def _record_sent(
+    conn: Connection, view: CaseView | None, said: Said, message: Message, consent: Consent | None
+) -> None:
+    """The case's view after our own message; a withdrawal asking deletion erases here too."""
+    after = advance(view, said, consent)
+    now = datetime.now(UTC)
+    if after is not None:
+        write_views(conn, {said.case: after}, [said.case] if view is not None else [], now)
+    if isinstance(message, ConsentWithdrawn) and message.delete_data:
+        conn.execute(erasures_table.insert(), [erasure_row(said.envelope_id, said.case, None, now)])
 
-    missions: tuple[str, ...]
-    latest_return: str | None
+
+def case_parties(home: Home, engine: Engine, case: str) -> CaseView:
+    """The case as this home knows it, or ConfigError saying it is unknown here."""
+    with storage_errors(f"reading case {case}"), engine.connect() as conn:
+        view = read_view(conn, case)
+    if view is None:
+        raise ConfigError(
+            f"case {case!r} is unknown here: no message on it was sent or received by "
+            f"{home.participant_id} (check the case reference with the participant that opened it)"
+        )
+    return view
 
 
-def case_contacts(home: Home, engine: Engine, case: str) -> CaseContacts:
-    """Missions that took part in `case` per our inbox, and the latest return message's id.
+def send_to_parties(
+    home: Home,
+    message: Message,
+    case: str,
+    *,
+    only: Role | None = None,
+    reply_to: UUID | str | None = None,
+    engine: Engine | None = None,
+) -> SealedEnvelope:
+    """Send `message` on `case` to every other verified party (of role `only`, if given)."""
+    own_engine = engine is None
+    db = home.open_database() if engine is None else engine
+    try:
+        view = case_parties(home, db, case)
+        recipients = _parties(home, view, only)
+        if not recipients:
+            kind = "party" if only is None else str(only)
+            raise ConfigError(f"no other {kind} takes part in case {case!r} as known here")
+        return send_message(home, message, to=recipients, case=case, reply_to=reply_to, engine=db)
+    finally:
+        if own_engine:
+            db.dispose()
 
-    Taking part means having sent us a message on the case, or having been
-    another recipient of one (read from the case folder when the file case
-    system keeps the recipients); the participant's own parent mission
-    always takes part in its returns.
-    """
+
+def _parties(home: Home, view: CaseView, only: Role | None) -> tuple[str, ...]:
+    directory = home.directory()
+    chosen = []
+    for party in sorted(view.parties - {home.participant_id}):
+        try:
+            role = directory.participant(party).role
+        except UnknownParticipant:
+            continue  # left the directory: nothing can be sealed for it
+        if only is None or role is only:
+            chosen.append(party)
+    return tuple(chosen)
+
+
+def latest_of(engine: Engine, case: str, kinds: frozenset[MessageKind]) -> str | None:
+    """The id of the latest message of `kinds` received on `case`, if any."""
     t = inbox_table.c
     with storage_errors(f"reading the inbox for case {case}"), engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(t.envelope_id, t.sender, t.kind)
-            .where(t.case_ref == case)
-            .order_by(t.received_at, t.envelope_id)
-        ).all()
-    if not rows:
-        raise ConfigError(
-            f"case {case!r} is unknown here: no message on it was received by "
-            f"{home.participant_id} (check the case reference with the sending mission)"
-        )
-    directory = home.directory()
-    me = home.participant_id
-    involved: dict[str, None] = {}
-    for row in rows:
-        involved[row.sender] = None
-        for other in _recorded_recipients(home, row.envelope_id):
-            involved[other] = None
-    parent = directory.participant(me).parent
-    if parent:
-        involved[parent] = None
-    missions = tuple(p for p in involved if p != me and _is_mission(home, p))
-    returns = [row.envelope_id for row in rows if row.kind in RETURN_KINDS]
-    return CaseContacts(missions, returns[-1] if returns else None)
-
-
-def _is_mission(home: Home, participant_id: str) -> bool:
-    try:
-        return home.directory().participant(participant_id).role is Role.MISSION
-    except UnknownParticipant:
-        return False
-
-
-def _recorded_recipients(home: Home, envelope_id: str) -> list[str]:
-    """Recipients of a delivered envelope as the file case system recorded them, if it did."""
-    path = home.case_dir / f"{envelope_id}.json"
-    try:
-        document = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return []
-    found = document.get("recipients") if isinstance(document, dict) else None
-    return [str(r) for r in found] if isinstance(found, list) else []
+        row = conn.execute(
+            sa.select(t.envelope_id)
+            .where(t.case_ref == case, t.kind.in_([str(k) for k in kinds]))
+            .order_by(t.received_at.desc(), t.envelope_id.desc())
+            .limit(1)
+        ).first()
+    return None if row is None else str(row.envelope_id)
 
 
 def confirm_reception(
@@ -198,20 +236,16 @@ def confirm_reception(
     received_at: datetime | None = None,
     engine: Engine | None = None,
 ) -> SealedEnvelope:
-    """Send a signed reception confirmation on `case` to every mission taking part in it."""
+    """Send a signed reception confirmation on `case` to every mission that is a party to it."""
     own_engine = engine is None
     db = home.open_database() if engine is None else engine
     try:
-        contacts = case_contacts(home, db, case)
-        if not contacts.missions:
-            raise ConfigError(f"no mission takes part in case {case!r} according to this inbox")
-        message = _reception(place, note, staff_role, received_at)
-        sealed = send_message(
+        sealed = send_to_parties(
             home,
-            message,
-            to=contacts.missions,
-            case=case,
-            reply_to=contacts.latest_return,
+            _reception(place, note, staff_role, received_at),
+            case,
+            only=Role.MISSION,
+            reply_to=latest_of(db, case, RETURN_KINDS),
             engine=db,
         )
     finally:
@@ -222,7 +256,7 @@ def confirm_reception(
         envelope_id=str(sealed.id),
         case=case,
         participant=home.participant_id,
-        recipients=list(contacts.missions),
+        recipients=list(sealed.header.recipients),
     )
     return sealed
 

@@ -254,7 +254,7 @@ class Consent:
 
 
 @dataclass(frozen=True)
-class Message:
+class CaseMessage:
     """What the protocol judges of a message: its verified header fields."""
 
     envelope_id: str
@@ -298,10 +298,11 @@ class Refusal:
 
 def check(
     view: CaseView | None,
-    message: Message,
+    message: CaseMessage,
     role: Role | str | None,
     *,
     vouchers: Iterable[str] | None = None,
+    consent: Consent | None = None,
 ) -> Refusal | None:
     """Why `message` may not be sent or taken on a case known as `view`, or None if it may.
 
@@ -309,18 +310,21 @@ def check(
     besides the case's owner, trusted to bring a case known here for the
     first time (an NGO's parent mission); None for the routing service,
     which sees every opening request, so that any other first message is
-    an unknown case. Delivery receipts are judged by `check_receipt`,
-    against the envelope they answer.
+    an unknown case. `consent` is an opening request's own, which its
+    recipients and purpose must keep within. Delivery receipts are judged
+    by `check_receipt`, against the envelope they answer.
     """
     rule = RULES[message.kind]
     found = _check_role(message, rule, role)
     if found is None and rule.who is not Who.ROUTING and rule.who is not Who.RECIPIENT:
         trusted = None if vouchers is None else frozenset(vouchers)
         found = _check_case(view, message, rule, trusted)
+    if found is None and rule.opens and consent is not None:
+        found = _check_consent(_first_view(message, consent), message, rule)
     return found
 
 
-def _check_role(message: Message, rule: Rule, role: Role | str | None) -> Refusal | None:
+def _check_role(message: CaseMessage, rule: Rule, role: Role | str | None) -> Refusal | None:
     if role in rule.roles:
         return None
     who = "has no role in the directory" if role is None else f"is a {role}"
@@ -331,7 +335,7 @@ def _check_role(message: Message, rule: Rule, role: Role | str | None) -> Refusa
 
 
 def _check_case(
-    view: CaseView | None, message: Message, rule: Rule, vouchers: frozenset[str] | None
+    view: CaseView | None, message: CaseMessage, rule: Rule, vouchers: frozenset[str] | None
 ) -> Refusal | None:
     owner = case_owner(message.case)
     if rule.opens:
@@ -349,7 +353,7 @@ def _check_case(
     return _check_sender(view, message, rule) or _check_consent(view, message, rule)
 
 
-def _check_opening(view: CaseView | None, message: Message, owner: str) -> Refusal | None:
+def _check_opening(view: CaseView | None, message: CaseMessage, owner: str) -> Refusal | None:
     if message.sender != owner:
         named = f"names {owner!r}" if owner else "names no owner (<owner>.<reference>)"
         return Refusal(
@@ -366,7 +370,7 @@ def _check_opening(view: CaseView | None, message: Message, owner: str) -> Refus
 
 
 def _check_first_contact(
-    message: Message, owner: str, vouchers: frozenset[str] | None
+    message: CaseMessage, owner: str, vouchers: frozenset[str] | None
 ) -> Refusal | None:
     if vouchers is None:
         return Refusal(
@@ -382,7 +386,7 @@ def _check_first_contact(
     )
 
 
-def _check_sender(view: CaseView, message: Message, rule: Rule) -> Refusal | None:
+def _check_sender(view: CaseView, message: CaseMessage, rule: Rule) -> Refusal | None:
     sender = message.sender
     if rule.who is Who.OWNER and sender != view.owner:
         return Refusal(
@@ -399,7 +403,7 @@ def _check_sender(view: CaseView, message: Message, rule: Rule) -> Refusal | Non
     return None
 
 
-def _check_consent(view: CaseView, message: Message, rule: Rule) -> Refusal | None:
+def _check_consent(view: CaseView, message: CaseMessage, rule: Rule) -> Refusal | None:
     consent = view.consent
     if consent is None:
         return None
@@ -412,7 +416,7 @@ def _check_consent(view: CaseView, message: Message, rule: Rule) -> Refusal | No
     return check_recipients_consent(view, message)
 
 
-def check_recipients_consent(view: CaseView, message: Message) -> Refusal | None:
+def check_recipients_consent(view: CaseView, message: CaseMessage) -> Refusal | None:
     """A refusal naming the first recipient the consent does not share with, if any."""
     consent = view.consent
     if consent is None:
@@ -453,7 +457,7 @@ def check_receipt(
     return None
 
 
-def check_new_recipients(view: CaseView | None, message: Message) -> Refusal | None:
+def check_new_recipients(view: CaseView | None, message: CaseMessage) -> Refusal | None:
     """For a sender: refuse a message that names someone who is not (yet) a party.
 
     Every kind may bring a new party in from its sender's side except the
@@ -473,8 +477,33 @@ def check_new_recipients(view: CaseView | None, message: Message) -> Refusal | N
     return None
 
 
+def check_outgoing(
+    view: CaseView | None,
+    message: CaseMessage,
+    role: Role | str | None,
+    consent: Consent | None = None,
+) -> Refusal | None:
+    """Why this participant may not send `message`, or None: what `trm send` checks.
+
+    `consent` is the message's own when it opens the case. On top of what a
+    receiver checks: a case must be known here before anything but its
+    opening is sent on it, an opening must stay within its own consent, and
+    bookkeeping kinds go to parties only.
+    """
+    rule = RULES[message.kind]
+    if rule.opens:
+        return check(view, message, role, vouchers=(), consent=consent)
+    if view is None and rule.who is not Who.RECIPIENT:
+        return Refusal(
+            Reason.UNKNOWN_CASE,
+            f"case {message.case} is not known here: no message on it was sent or received "
+            "(check the reference with the participant that opened it)",
+        )
+    return check(view, message, role, vouchers=()) or check_new_recipients(view, message)
+
+
 def advance(
-    view: CaseView | None, message: Message, consent: Consent | None = None
+    view: CaseView | None, message: CaseMessage, consent: Consent | None = None
 ) -> CaseView | None:
     """The view after `message`, which `check` accepted; `consent` is an opening's.
 
@@ -494,7 +523,7 @@ def advance(
     )
 
 
-def _first_view(message: Message, consent: Consent | None) -> CaseView:
+def _first_view(message: CaseMessage, consent: Consent | None) -> CaseView:
     rule = RULES[message.kind]
     recipients = frozenset(message.recipients)
     owner = case_owner(message.case)
@@ -520,6 +549,5 @@ def _next_stage(stage: Stage | None, rule: Rule) -> Stage | None:
     return targets.pop() if len(targets) == 1 else stage
 
 
-def closing_kinds() -> frozenset[MessageKind]:
-    """Kinds still sent on a halted case."""
-    return frozenset(kind for kind, rule in RULES.items() if rule.after_halt)
+AFTER_HALT_KINDS = frozenset(kind for kind, rule in RULES.items() if rule.after_halt)
+"""Kinds still sent and taken on a halted case."""

@@ -155,6 +155,37 @@ receipts_table = sa.Table(
 """Delivery receipts for our envelopes: one per (our envelope, recipient)."""
 
 
+case_views_table = sa.Table(
+    "case_views",
+    metadata,
+    sa.Column("case_ref", sa.String(CASE), primary_key=True),
+    sa.Column("owner", sa.String(PARTICIPANT), nullable=False),
+    sa.Column("stage", sa.String(KIND), nullable=True),
+    sa.Column("parties", sa.Text(), nullable=False),
+    sa.Column("addressees", sa.Text(), nullable=True),
+    sa.Column("share_with", sa.Text(), nullable=True),
+    sa.Column("purposes", sa.Text(), nullable=True),
+    sa.Column("halted_by", sa.String(ENVELOPE_ID), nullable=True),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+"""Each case as this participant knows it (`broker.casepolicy.CaseView`): ids, vocabulary."""
+
+erasures_table = sa.Table(
+    "erasures",
+    metadata,
+    sa.Column("withdrawal_id", sa.String(ENVELOPE_ID), primary_key=True),
+    sa.Column("case_ref", sa.String(CASE), nullable=False, index=True),
+    sa.Column("confirm_to", sa.String(PARTICIPANT), nullable=True),
+    sa.Column("requested_at", UTCDateTime(), nullable=False),
+    sa.Column("erased_at", UTCDateTime(), nullable=True),
+    sa.Column("erased_payloads", sa.Integer(), nullable=True),
+    sa.Column("confirmation_id", sa.String(ENVELOPE_ID), nullable=True),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text(), nullable=True),
+)
+"""Erasures a consent withdrawal asked for: pending until the case system removed the payloads."""
+
+
 def home_database_url(
     home: Path, given: str | None = None, environ: Mapping[str, str] | None = None
 ) -> str:

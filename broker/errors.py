@@ -109,6 +109,21 @@ class SchemaViolation(EnvelopeError):
     reason = "schema_violation"
 
 
+class ProtocolViolation(EnvelopeError):
+    """A sound envelope that the case protocol forbids; `reason` names the rule broken.
+
+    Raised by `trm send` before anything is queued and recorded by the inbox
+    as the reason an envelope was quarantined.
+    """
+
+    reason = "protocol"
+
+    def __init__(self, reason: str, detail: str) -> None:
+        """A violation with the protocol's reason code (`broker.casepolicy.Reason`)."""
+        super().__init__(detail)
+        self.reason = reason
+
+
 class SenderMismatch(EnvelopeError):
     """The signed sender differs from the authenticated AMQP user id."""
 
@@ -190,6 +205,18 @@ class AccessRefused(TransportError):
     reason = "access_refused"
 
 
+class LoginRefused(AccessRefused):
+    """RabbitMQ refused the user name and password: a wrong password or no such user."""
+
+    reason = "login_refused"
+
+
+class VhostRefused(AccessRefused):
+    """The login was right but the vhost does not exist or grants the user nothing."""
+
+    reason = "vhost_refused"
+
+
 class PublishFailed(TransportError):
     """RabbitMQ returned (unroutable) or nacked a publish."""
 
@@ -205,6 +232,18 @@ class ProvisioningError(TransportError):
     """Declaring users, permissions, exchanges or queues failed."""
 
     reason = "provisioning"
+
+
+class UserInUse(ProvisioningError):
+    """Provisioning would change a RabbitMQ user that another vhost relies on."""
+
+    reason = "user_in_use"
+
+    def __init__(self, message: str, user: str, vhosts: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.user = user
+        self.vhosts = vhosts
+        """The other vhosts on which the user holds permissions."""
 
 
 # --- storage -----------------------------------------------------------------

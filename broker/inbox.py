@@ -16,6 +16,7 @@ quarantine and acks.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,9 +30,9 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from broker.casegate import CaseGate
 from broker.database import (
     inbox_table,
-    outbox_table,
     quarantine_table,
     receipts_table,
     select_in,
@@ -48,6 +49,7 @@ from broker.envelope import (
 from broker.errors import (
     CaseSystemError,
     EnvelopeError,
+    ProtocolViolation,
     ReplayedEnvelope,
     StorageError,
     TrmError,
@@ -107,9 +109,6 @@ _COUNT_IF_SAME = (
     .values(redeliveries=_i.redeliveries + 1)
 )
 _INSERT_INBOX = inbox_table.insert()
-_SENT_DIGESTS = sa.select(outbox_table.c.envelope_id, outbox_table.c.digest).where(
-    outbox_table.c.envelope_id.in_(sa.bindparam("b_ids", expanding=True))
-)
 _RECEIPTS_OF = sa.select(receipts_table.c.envelope_id, receipts_table.c.recipient).where(
     receipts_table.c.envelope_id.in_(sa.bindparam("b_ids", expanding=True))
 )
@@ -210,6 +209,9 @@ class Inbox:
         self.case_system = case_system
         self.outbox = outbox
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.erasure_wanted = threading.Event()
+        """Set once a committed consent withdrawal asked for an erasure."""
+        self._asked_erasure = False
 
     def handle(self, body: bytes, amqp_user_id: str | None, redelivered: bool = False) -> Result:
         """Open and apply one delivered envelope exactly once; the caller acks afterwards.
@@ -316,6 +318,7 @@ class Inbox:
                 raise
             return [self.handle(d.body, d.user_id, d.redelivered) for d in deliveries]
         fault_point("inbox.after_commit")
+        self._committed()
         for index, result in zip(indexes, applied, strict=True):
             results[index] = result
         done = [r for r in results if r is not None]
@@ -332,6 +335,7 @@ class Inbox:
             [result] = self._apply_all(conn, [(opened, opened.raw, None)], received_at)
             fault_point("inbox.before_commit")
         fault_point("inbox.after_commit")
+        self._committed()
         log.info(
             f"inbox.{result.outcome}",
             envelope_id=envelope_id,
@@ -342,6 +346,12 @@ class Inbox:
         )
         return result
 
+    def _committed(self) -> None:
+        """Wake the erasures once the withdrawals that ask for them are committed."""
+        if self._asked_erasure:
+            self._asked_erasure = False
+            self.erasure_wanted.set()
+
     def _apply_all(
         self, conn: Connection, work: Sequence[_Work], received_at: datetime
     ) -> list[Result]:
@@ -351,12 +361,16 @@ class Inbox:
         are written together at the end, a few statements for the whole
         batch instead of several per envelope.
         """
-        ids = [str(opened.header.id) for opened, _, _ in work if isinstance(opened, OpenedEnvelope)]
+        opened_all = [opened for opened, _, _ in work if isinstance(opened, OpenedEnvelope)]
+        ids = [str(opened.header.id) for opened in opened_all]
         writes = _Writes(known=dict(_select_in(conn, _DIGESTS, ids)))
+        gate = CaseGate(conn, self.recipient.participant, self.directory(), opened_all)
         results = [
-            self._place(conn, writes, opened, body, user_id, received_at)
+            self._place(conn, writes, gate, opened, body, user_id, received_at)
             for opened, body, user_id in work
         ]
+        gate.write(conn, received_at)
+        self._asked_erasure = self._asked_erasure or bool(gate.erasures)
         if writes.recounts:
             conn.execute(_COUNT, writes.recounts)
         if writes.rows:
@@ -371,6 +385,7 @@ class Inbox:
         self,
         conn: Connection,
         writes: _Writes,
+        gate: CaseGate,
         opened: OpenedEnvelope | EnvelopeError,
         body: bytes,
         user_id: str | None,
@@ -398,7 +413,15 @@ class Inbox:
                 conn, opened.raw, error, envelope_id, header.sender, received_at
             )
             return Result(Outcome.QUARANTINED, envelope_id, error.reason, str(error))
+        refusal = gate.admit(opened)
+        if refusal is not None:
+            violation = ProtocolViolation(refusal.reason, refusal.detail)
+            self._record_quarantine(
+                conn, opened.raw, violation, envelope_id, header.sender, received_at
+            )
+            return Result(Outcome.QUARANTINED, envelope_id, violation.reason, str(violation))
         writes.add_row(opened, received_at, self._take(writes, opened, received_at))
+        gate.take(opened, received_at)
         return Result(Outcome.APPLIED, envelope_id, None)
 
     def _take(self, writes: _Writes, opened: OpenedEnvelope, received_at: datetime) -> datetime:
@@ -443,22 +466,17 @@ class Inbox:
         conn: Connection,
         receipts: Sequence[tuple[OpenedEnvelope, DeliveryReceipt, datetime]],
     ) -> None:
-        """Record receipts for our envelopes, once per (envelope, recipient); never answered."""
+        """Record receipts for our envelopes, once per (envelope, recipient); never answered.
+
+        The gate has refused every receipt from a participant that was not a
+        recipient of the envelope, or with another digest.
+        """
         ours = list({str(receipt.envelope_id) for _, receipt, _ in receipts})
-        sent = dict(_select_in(conn, _SENT_DIGESTS, ours))
         recorded = set(_select_in(conn, _RECEIPTS_OF, ours))
         rows: list[dict[str, object]] = []
         for opened, receipt, received_at in receipts:
             envelope_id = str(receipt.envelope_id)
             recipient = opened.header.sender
-            if sent.get(envelope_id) != receipt.digest:
-                log.warning(
-                    "inbox.receipt_mismatch",
-                    envelope_id=str(opened.header.id),
-                    acknowledges=envelope_id,
-                    participant=recipient,
-                    known=envelope_id in sent,
-                )
             if (envelope_id, recipient) in recorded:
                 continue
             recorded.add((envelope_id, recipient))

@@ -10,8 +10,9 @@ never reaches headers, logs, the broker or any database.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta, timezone
+from typing import TypeVar
 from uuid import UUID
 
 from schemas.base import Message, MessageKind
@@ -65,6 +66,8 @@ from schemas.vocabulary import (
     TransportMode,
     TravelDocumentType,
 )
+
+M = TypeVar("M", bound=Message)
 
 EXAMPLE_PERSON_NAME = "Dilnoza Yusupova"
 """A fictional name, present in every example that carries a person."""
@@ -352,6 +355,15 @@ _EXAMPLES: dict[MessageKind, Callable[[], Message]] = {
 def example(kind: MessageKind) -> Message:
     """A fictional, valid message of the given kind from the KZ -> UZ example return."""
     return _EXAMPLES[MessageKind(kind)]()
+
+
+def sharing_with(message: M, share_with: Sequence[str]) -> M:
+    """`message` (an opening request) with its consent shared with `share_with` instead."""
+    consent = getattr(message, "consent", None)
+    if not isinstance(consent, ConsentAttestation):
+        raise TypeError(f"a {message.KIND} carries no consent")
+    scope = consent.scope.model_copy(update={"share_with": tuple(share_with)})
+    return message.model_copy(update={"consent": consent.model_copy(update={"scope": scope})})
 
 
 def example_payload_bytes(kind: MessageKind) -> bytes:

@@ -59,7 +59,9 @@ from types import MappingProxyType
 from typing import Any
 
 from broker import casepolicy
-from broker.casepolicy import BOOKKEEPING_KINDS, PATHS, RULES, Reason, Stage
+from broker.casepolicy import BOOKKEEPING_KINDS, PATHS, RULES
+from broker.casepolicy import Reason as Reason
+from broker.casepolicy import Stage as Stage
 from broker.errors import CaseError, CaseStateInvalid
 from schemas.base import MessageKind
 from schemas.header import EnvelopeHeader
@@ -331,7 +333,7 @@ def _check_policy(state: CaseState, event: Event, role: str | None) -> Finding:
     """The case protocol's verdict, on the routing service's view of the case."""
     refusal = casepolicy.check(
         _view(state),
-        casepolicy.Message(
+        casepolicy.CaseMessage(
             event.envelope_id, event.kind, event.case, event.sender, event.recipients
         ),
         role,

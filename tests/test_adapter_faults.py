@@ -29,10 +29,14 @@ def _pair(local_network, network_databases):
 
 
 def _send_many(net, count, prefix):
+    """`count` messages on 20 cases of KZ's: each case's request, then departures."""
     return [
-        str(net.send(KZ, MessageKind.DEPARTED, to=[UZ], case=f"{prefix}-{i % 20:04d}").id)
-        for i in range(count)
+        str(net.send(KZ, _kind(i), to=[UZ], case=f"{prefix}-{i % 20:04d}").id) for i in range(count)
     ]
+
+
+def _kind(i):
+    return MessageKind.RETURN_REQUEST if i < 20 else MessageKind.DEPARTED
 
 
 def _tally(net, sent):
@@ -69,7 +73,7 @@ def test_broker_restart_in_a_run_of_1000_loses_nothing(local_network, network_da
     payload.write_bytes(example_payload_bytes(MessageKind.DEPARTED))
     try:
         _rabbitmqctl("stop_app")
-        sent += _send_many(net, 499, "iom-kz.KZ-RESTART")
+        sent += _send_many(net, 499, "iom-kz.KZ-RESTARTED")
         result = CliRunner().invoke(
             cli,
             [

@@ -208,7 +208,7 @@ def test_poison_is_quarantined_on_first_delivery_and_never_blocks(
     finally:
         publisher.close()
     valid = [
-        str(net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=f"iom-kz.KZ-POISON-{i}").id)
+        str(net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=f"iom-kz.KZ-POISON-OK-{i}").id)
         for i in range(5)
     ]
     net.start_adapter(KZ)

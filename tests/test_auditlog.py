@@ -45,7 +45,7 @@ from services.merkle import leaf_hash, verify_consistency, verify_inclusion
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 KEYS_FROM = T0 - timedelta(days=10)
 KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
-CASE = "KZ-2026-0042"
+CASE = "iom-kz.KZ-2026-0042"
 
 # A return from Kazakhstan to Uzbekistan up to the NGO's reception.
 STORY: tuple[tuple[MessageKind, str, tuple[str, ...]], ...] = (

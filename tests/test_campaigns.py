@@ -71,8 +71,9 @@ def test_checker_classifies_ok_lost_duplicated_and_unexpected(tmp_path: Path) ->
         for s, receipts in ((ok, 1), (twice, 2)):
             conn.execute(
                 inbox_table.insert().values(
-                    envelope_id=str(s.id), digest=s.digest, sender=KZ, case_ref="iom-kz.KZ-2026-0001",
-                    kind="return_request", received_at=NOW, applied_at=NOW, redeliveries=1,
+                    envelope_id=str(s.id), digest=s.digest, sender=KZ,
+                    case_ref="iom-kz.KZ-2026-0001", kind="return_request",
+                    received_at=NOW, applied_at=NOW, redeliveries=1,
                 )
             )  # fmt: skip
             (files / f"{s.id}.json").write_text("{}")

@@ -50,11 +50,13 @@ def make_inbox(engine: Engine, network: Network, me: str, folder: Path) -> Inbox
     )
 
 
-def request(network: Network, *, envelope_id: UUID | None = None) -> SealedEnvelope:
-    """A real return request from KZ to UZ and the NGO."""
+def request(
+    network: Network, *, envelope_id: UUID | None = None, case: str = CASE
+) -> SealedEnvelope:
+    """A real return request from KZ to UZ and the NGO, opening `case`."""
     return seal(
         example(MessageKind.RETURN_REQUEST),
-        case=CASE,
+        case=case,
         sender=network.sender(KZ),
         recipients=[UZ, NGO],
         directory=network.directory,
@@ -63,19 +65,19 @@ def request(network: Network, *, envelope_id: UUID | None = None) -> SealedEnvel
     )
 
 
-def send_to_uz(outbox: Outbox, network: Network) -> SealedEnvelope:
-    """A real return request from KZ to UZ, queued in KZ's `outbox` with its next number."""
+def send_to_uz(outbox: Outbox, network: Network, case: str = CASE) -> SealedEnvelope:
+    """A real return request from KZ to UZ opening `case`, queued in KZ's `outbox`."""
     return outbox.send(
         lambda seq: seal(
             example(MessageKind.RETURN_REQUEST),
-            case=CASE,
+            case=case,
             sender=network.sender(KZ),
             recipients=[UZ],
             directory=network.directory,
             seq=seq,
         ),
         sender=KZ,
-        case=CASE,
+        case=case,
     )
 
 
@@ -406,7 +408,7 @@ def test_batch_applies_quarantines_and_deduplicates_in_one_transaction(
 ) -> None:
     """A batch applies new envelopes once, quarantines a bad one, absorbs a repeat, in order."""
     inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
-    first, second = request(network), request(network)
+    first, second = request(network), request(network, case="iom-kz.KZ-2026-0043")
     bad = first.raw[:-1] + bytes([first.raw[-1] ^ 1])
     batch = [
         _delivery(first.raw, KZ, 1),
@@ -453,9 +455,11 @@ def test_batch_with_a_failing_case_system_applies_nothing(
     assert rows(engine, outbox_table) == []
 
 
-def _request_on(network: Network, case: str) -> SealedEnvelope:
+def _request_on(
+    network: Network, case: str, kind: MessageKind = MessageKind.RETURN_REQUEST
+) -> SealedEnvelope:
     return seal(
-        example(MessageKind.RETURN_REQUEST),
+        example(kind),
         case=case,
         sender=network.sender(KZ),
         recipients=[UZ],
@@ -471,10 +475,14 @@ def test_batch_receipts_take_consecutive_numbers_per_case(
     inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
     other = "iom-kz.KZ-2026-0043"
     cases = [CASE, other, CASE, CASE, other]
-    envelopes = [_request_on(network, case) for case in cases]
+    update = MessageKind.TRAVEL_ARRANGED
+    envelopes = [
+        _request_on(network, case, update if case in cases[:i] else MessageKind.RETURN_REQUEST)
+        for i, case in enumerate(cases)
+    ]
     batch = [_delivery(e.raw, KZ, tag) for tag, e in enumerate(envelopes, 1)]
     assert {r.outcome for r in inbox.handle_batch(batch)} == {Outcome.APPLIED}
-    later = [_request_on(network, case) for case in (other, CASE)]
+    later = [_request_on(network, case, update) for case in (other, CASE)]
     inbox.handle_batch([_delivery(e.raw, KZ, tag) for tag, e in enumerate(later, 6)])
     numbered: dict[str, list[int]] = {CASE: [], other: []}
     answered = []
@@ -491,7 +499,7 @@ def test_batch_of_receipts_records_each_once(
 ) -> None:
     """KZ records a batch of UZ's receipts once each; a copy in the batch is a duplicate."""
     kz_outbox = Outbox(engine)
-    sent = [send_to_uz(kz_outbox, network) for _ in range(2)]
+    sent = [send_to_uz(kz_outbox, network, case) for case in (CASE, "iom-kz.KZ-2026-0043")]
     uz_engine = open_database(f"sqlite:///{tmp_path / 'uz.db'}")
     try:
         uz = make_inbox(uz_engine, network, UZ, tmp_path / "uz-inbox")

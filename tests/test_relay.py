@@ -27,7 +27,7 @@ from broker.testing import MemoryBroker, Network, capture_logs, make_network
 from broker.topology import inbox_queue, provision
 from broker.transport import AmqpSettings, Consumer, Delivery, Publisher
 from schemas.base import MessageKind
-from schemas.examples import example
+from schemas.examples import example, sharing_with
 
 KZ, UZ, NGO = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod"
 CASE = "iom-kz.KZ-2026-0042"
@@ -259,6 +259,11 @@ def consume_until(
         consumer.close()
 
 
+def _shared(message, share_with):
+    """An opening request's consent shared with `share_with`; other kinds as they are."""
+    return sharing_with(message, share_with) if hasattr(message, "consent") else message
+
+
 @pytest.mark.rabbitmq
 def test_relay_and_inbox_through_rabbitmq(
     rabbitmq_urls: tuple[str, str], vhost: str, tmp_path: Path
@@ -299,20 +304,22 @@ def test_relay_and_inbox_through_rabbitmq(
     uz_db = open_database(f"sqlite:///{tmp_path / 'uz.db'}")
     try:
         kz_outbox = Outbox(kz_db)
+        case = f"{kz}.KZ-2026-0042"
+        kinds = [MessageKind.RETURN_REQUEST] + [MessageKind.TRAVEL_ARRANGED] * 4
         envelopes = [
             kz_outbox.send(
-                lambda seq: seal(
-                    example(MessageKind.RETURN_REQUEST),
-                    case=CASE,
+                lambda seq, kind=kind: seal(
+                    _shared(example(kind), [kz, uz]),
+                    case=case,
                     sender=net.sender(kz),
                     recipients=[uz],
                     directory=net.directory,
                     seq=seq,
                 ),
                 sender=kz,
-                case=CASE,
+                case=case,
             )
-            for _ in range(5)
+            for kind in kinds
         ]
         assert Relay(kz_outbox, Publisher(settings(kz), kz)).run_once() == 5
         applied: list[Outcome] = []

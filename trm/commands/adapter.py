@@ -115,6 +115,14 @@ def adapter() -> None:
     default=None,
     help="Append JSON log lines here instead of stderr.",
 )
+@click.option(
+    "--erasure-retry",
+    type=click.FloatRange(min=0.05),
+    default=30.0,
+    show_default=True,
+    envvar="TRM_ERASURE_RETRY_SECONDS",
+    help="Seconds between tries of an erasure that failed [TRM_ERASURE_RETRY_SECONDS].",
+)
 @_reasons
 def run(
     home: Path,
@@ -124,6 +132,7 @@ def run(
     case_dir: Path | None,
     case_system: str | None,
     log_file: Path | None,
+    erasure_retry: float,
 ) -> None:
     """Run until SIGTERM or SIGINT: apply each delivery once, publish the outbox."""
     from adapters.adapter import Adapter
@@ -131,7 +140,10 @@ def run(
     handle = logs.open_log_file(log_file)
     logs.configure(handle)
     try:
-        process = Adapter(_home(home, database_url, amqp_url, vhost, case_dir, case_system))
+        process = Adapter(
+            _home(home, database_url, amqp_url, vhost, case_dir, case_system),
+            erasure_retry=erasure_retry,
+        )
         stop = threading.Event()
 
         def on_signal(_signum: int, _frame: FrameType | None) -> None:
