@@ -2,8 +2,10 @@
 
 Everything that talks AMQP goes through here, and every pika exception is
 translated at this boundary into `BrokerUnavailable` (retry later),
-`AccessRefused` (an operator must fix users or permissions), `PublishFailed`
-(returned or nacked messages) or `ProvisioningError` (a queue is missing).
+`AccessRefused` (an operator must fix users or permissions: `LoginRefused`
+for a wrong user or password, `VhostRefused` for a vhost that is missing or
+grants the user nothing), `PublishFailed` (returned or nacked messages) or
+`ProvisioningError` (a queue is missing).
 Messages name the host, vhost and user, never the password. Logs carry
 envelope ids and participant ids, never message bodies.
 
@@ -39,10 +41,12 @@ from broker.errors import (
     AccessRefused,
     BrokerUnavailable,
     ConfigError,
+    LoginRefused,
     ProvisioningError,
     PublishFailed,
     TransportError,
     TrmError,
+    VhostRefused,
 )
 from broker.faults import fault_point
 from broker.topology import EXCHANGE, QUARANTINE_EXCHANGE
@@ -164,26 +168,13 @@ def translate(error: BaseException, settings: AmqpSettings, doing: str) -> TrmEr
         return error
     if isinstance(error, pika.exceptions.ChannelClosedByBroker):
         return _channel_error(error.reply_code, error.reply_text, where, doing)
+    refused = _refusal(error)
+    if refused is not None:
+        return _refused(refused, settings, doing)
     if isinstance(error, pika.exceptions.ConnectionClosedByBroker):
-        if error.reply_code in (403, 530):
-            return AccessRefused(
-                f"RabbitMQ refused {where} while {doing} ({error.reply_code} "
-                f"{error.reply_text}): check the user's password and its permissions on the "
-                "vhost (trm broker provision)"
-            )
         return BrokerUnavailable(
             f"RabbitMQ closed the connection of {where} while {doing} "
             f"({error.reply_code} {error.reply_text}); retry when it is back"
-        )
-    if isinstance(
-        error,
-        pika.exceptions.ProbableAuthenticationError
-        | pika.exceptions.AuthenticationError
-        | pika.exceptions.ProbableAccessDeniedError,
-    ):
-        return AccessRefused(
-            f"RabbitMQ refused the login of {where} while {doing}: check the user's "
-            "password (HOME/amqp-password) and that trm broker provision created it"
         )
     if isinstance(error, pika.exceptions.AMQPError | OSError):
         kind = type(error).__name__
@@ -192,6 +183,61 @@ def translate(error: BaseException, settings: AmqpSettings, doing: str) -> TrmEr
             f"({kind}); check that it runs and TRM_AMQP_URL points at it, then retry"
         )
     return TransportError(f"unexpected {type(error).__name__} from pika while {doing} at {where}")
+
+
+_LOGIN_ERRORS = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.AuthenticationError,
+    pika.exceptions.ProbableAccessDeniedError,
+)
+
+
+def _refusal(error: BaseException) -> BaseException | None:
+    """The login or vhost refusal in ``error``, or None.
+
+    pika wraps some connection failures in an `AMQPConnectionError` whose
+    arguments hold the real cause; a refusal there must not pass for an
+    unreachable broker.
+    """
+    if isinstance(error, _LOGIN_ERRORS):
+        return error
+    if isinstance(error, pika.exceptions.ConnectionClosedByBroker):
+        return error if error.reply_code in (403, 530) else None
+    if isinstance(error, pika.exceptions.AMQPConnectionError):
+        for cause in error.args:
+            if isinstance(cause, BaseException) and cause is not error:
+                found = _refusal(cause)
+                if found is not None:
+                    return found
+    return None
+
+
+def _refused(error: BaseException, settings: AmqpSettings, doing: str) -> AccessRefused:
+    """`LoginRefused` for a wrong user or password, `VhostRefused` for the vhost."""
+    where = settings.describe()
+    text = str(error)
+    vhost_refused = isinstance(error, pika.exceptions.ProbableAccessDeniedError) or (
+        isinstance(error, pika.exceptions.ConnectionClosedByBroker) and error.reply_code == 530
+    )
+    if not vhost_refused:
+        return LoginRefused(
+            f"RabbitMQ refused the login of {where} while {doing}: wrong password, or no "
+            f"user {settings.username!r}. Give the password trm broker provision set "
+            "(a participant's HOME/amqp-password or TRM_AMQP_PASSWORD_FILE, an "
+            "administrator's in TRM_AMQP_URL), or run trm broker provision to create the user"
+        )
+    if "not found" in text:
+        return VhostRefused(
+            f"RabbitMQ accepted the login of {where} but has no vhost {settings.vhost!r} "
+            f"(while {doing}). Check TRM_AMQP_VHOST / --vhost, or run trm broker provision "
+            "to create the vhost"
+        )
+    return VhostRefused(
+        f"RabbitMQ accepted the login of {where} but user {settings.username!r} holds no "
+        f"permissions on vhost {settings.vhost!r} (while {doing}). Check TRM_AMQP_VHOST / "
+        "--vhost, or run trm broker provision for that vhost with the participant in "
+        "its directory"
+    )
 
 
 def _channel_error(code: int, text: str, where: str, doing: str) -> TrmError:

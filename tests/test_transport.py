@@ -12,7 +12,14 @@ from dataclasses import dataclass, replace
 import pika
 import pytest
 
-from broker.errors import AccessRefused, BrokerUnavailable, PublishFailed, TrmError
+from broker.errors import (
+    AccessRefused,
+    BrokerUnavailable,
+    LoginRefused,
+    PublishFailed,
+    TrmError,
+    VhostRefused,
+)
 from broker.management import ManagementClient
 from broker.topology import (
     EXCHANGE,
@@ -29,7 +36,9 @@ from broker.transport import (
     Delivery,
     Outgoing,
     Publisher,
+    open_connection,
     run_with_reconnect,
+    translate,
 )
 
 pytestmark = pytest.mark.rabbitmq
@@ -142,15 +151,50 @@ def test_unreachable_broker_is_unavailable_without_password() -> None:
     assert "hunter22" not in str(caught.value)
 
 
-def test_wrong_password_is_access_refused(net: Net) -> None:
-    """A login with a wrong password is AccessRefused, and the message omits the password."""
+def test_wrong_password_is_login_refused(net: Net) -> None:
+    """A login with a wrong password is LoginRefused naming the password file, never the
+    password."""
     settings = AmqpSettings.from_url(
         net.amqp_url, vhost=net.vhost, username=net.a, password="not-the-password"
     )
-    with pytest.raises(AccessRefused) as caught:
+    with pytest.raises(LoginRefused, match="wrong password") as caught:
         Publisher(settings, net.a)
     assert "not-the-password" not in str(caught.value)
     assert net.a in str(caught.value)
+    assert "HOME/amqp-password" in str(caught.value)
+
+
+def test_refused_login_wrapped_by_pika_is_not_unreachable() -> None:
+    """A login refusal pika hands over inside an AMQPConnectionError is LoginRefused, not an
+    unreachable broker."""
+    settings = AmqpSettings.from_url("amqp://someone:hunter22@127.0.0.1:5672/")
+    refusal = pika.exceptions.ProbableAuthenticationError("ACCESS_REFUSED - Login was refused")
+    error = translate(pika.exceptions.AMQPConnectionError(refusal), settings, "connecting")
+    assert isinstance(error, LoginRefused)
+    assert "unreachable" not in str(error)
+
+
+def test_missing_vhost_is_vhost_refused_not_a_password_problem(net: Net) -> None:
+    """A right login to a vhost that does not exist is VhostRefused naming the vhost and the
+    setting; the password is not blamed."""
+    settings = replace(net.admin, vhost=f"{net.vhost}-missing")
+    with pytest.raises(VhostRefused, match=r"has no vhost '.*-missing'.*TRM_AMQP_VHOST") as caught:
+        open_connection(settings)
+    assert "password" not in str(caught.value)
+
+
+def test_vhost_without_permissions_is_vhost_refused(net: Net) -> None:
+    """A right login to a vhost that grants the user nothing is VhostRefused naming the user
+    and the vhost; the password is not blamed."""
+    other = f"{net.vhost}-other"
+    net.management.create_vhost(other)
+    try:
+        with pytest.raises(VhostRefused, match="holds no permissions on vhost") as caught:
+            open_connection(net.settings(net.a, vhost=other))
+    finally:
+        net.management.delete_vhost(other)
+    assert net.a in str(caught.value)
+    assert "password" not in str(caught.value)
 
 
 # --- publishing ------------------------------------------------------------------
