@@ -3,25 +3,43 @@
 Users, vhosts and permissions are managed over HTTP rather than with
 ``rabbitmqctl``: the API works remotely and into containers, needs no Erlang
 cookie, answers in milliseconds, and its PUTs are idempotent (see
-docs/operations.md, "Provisioning"). Errors become `ProvisioningError` or
-`AccessRefused` naming the request path and status, never the password.
+docs/operations.md, "Provisioning"). Errors become `ProvisioningError`,
+`LoginRefused` (wrong password) or `AccessRefused` (missing tag) naming the
+request path and status, never the password.
+
+A broker that is restarting refuses connections for a few seconds, so a call
+that meets a refused or reset connection (or a 503) is tried again with
+backoff (`RETRY_DELAYS`, about 16 s in all) before it fails. Every call the
+client makes is idempotent, so trying one again is safe.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.error import HTTPError, URLError
 from urllib.parse import quote, unquote, urlsplit
 from urllib.request import Request, urlopen
 
-from broker.errors import AccessRefused, ConfigError, ProvisioningError
+from broker.errors import AccessRefused, ConfigError, LoginRefused, ProvisioningError
 
 DEFAULT_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
 MANAGEMENT_URL_ENV = "TRM_AMQP_MANAGEMENT_URL"
+RETRY_DELAYS: tuple[float, ...] = (0.25, 0.5, 1, 2, 4, 4, 4)
+"""Seconds between tries of a call the broker refused: a restart takes 5 to 10 s."""
+_TRANSIENT_STATUS = 503  # the management listener is up but the node is still booting
+_HASHES = {
+    "rabbit_password_hashing_sha256": hashlib.sha256,
+    "rabbit_password_hashing_sha512": hashlib.sha512,
+    "rabbit_password_hashing_md5": hashlib.md5,
+}
 
 
 @dataclass(frozen=True)
@@ -45,7 +63,14 @@ def _segment(name: str) -> str:
 class ManagementClient:
     """Calls the management API as the user named in its URL."""
 
-    def __init__(self, url: str | None = None, *, timeout: float = 10) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        timeout: float = 10,
+        retry_delays: Sequence[float] = RETRY_DELAYS,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         chosen = url or os.environ.get(MANAGEMENT_URL_ENV) or DEFAULT_MANAGEMENT_URL
         parts = urlsplit(chosen)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -62,6 +87,8 @@ class ManagementClient:
         token = base64.b64encode(f"{self.username}:{password}".encode()).decode("ascii")
         self._authorization = f"Basic {token}"
         self._timeout = timeout
+        self._retry_delays = tuple(retry_delays)
+        self._sleep = sleep
 
     def __repr__(self) -> str:
         return f"ManagementClient({self.base!r}, user={self.username!r})"
@@ -69,27 +96,51 @@ class ManagementClient:
     # --- the one HTTP call ---------------------------------------------------
 
     def request(self, method: str, path: str, body: Any = None, *, missing_ok: bool = False) -> Any:
-        """One API call; the parsed JSON answer, or None (or 404 with ``missing_ok``)."""
+        """One API call; the parsed JSON answer, or None (or 404 with ``missing_ok``).
+
+        Tried again after each of ``retry_delays`` while the broker refuses or
+        drops the connection (or answers 503), then `ProvisioningError`.
+        """
         data = None if body is None else json.dumps(body).encode()
         request = Request(  # noqa: S310 - the scheme is checked to be http(s) in __init__
             self.base + path, data=data, method=method
         )
         request.add_header("Authorization", self._authorization)
         request.add_header("Content-Type", "application/json")
-        try:
-            with urlopen(request, timeout=self._timeout) as response:  # noqa: S310
-                raw = response.read()
-        except HTTPError as e:
-            if e.code == 404 and missing_ok:
-                return None
-            raise self._error(method, path, e) from e
-        except (URLError, OSError) as e:
-            raise ProvisioningError(
-                f"the RabbitMQ management API at {self.base} does not answer ({method} "
-                f"{path}: {type(e).__name__}); check {MANAGEMENT_URL_ENV} and that the "
-                "rabbitmq_management plugin is enabled"
-            ) from e
-        return json.loads(raw) if raw else None
+        delays = iter(self._retry_delays)
+        while True:
+            try:
+                raw = self._send(request)
+            except HTTPError as e:
+                if e.code == 404 and missing_ok:
+                    return None
+                delay = next(delays, None) if e.code == _TRANSIENT_STATUS else None
+                if delay is None:
+                    raise self._error(method, path, e) from e
+            except (URLError, OSError) as e:
+                delay = next(delays, None) if _transient(e) else None
+                if delay is None:
+                    raise self._unanswered(method, path, e) from e
+            else:
+                return json.loads(raw) if raw else None
+            self._sleep(delay)
+
+    def _send(self, request: Request) -> bytes:
+        with urlopen(request, timeout=self._timeout) as response:  # noqa: S310
+            raw: bytes = response.read()
+        return raw
+
+    def _unanswered(self, method: str, path: str, e: OSError) -> ProvisioningError:
+        cause = e.reason if isinstance(e, URLError) else e
+        tries = ""
+        if _transient(e) and self._retry_delays:
+            waited = sum(self._retry_delays)
+            tries = f", {len(self._retry_delays) + 1} tries over {waited:g} s"
+        return ProvisioningError(
+            f"the RabbitMQ management API at {self.base} does not answer ({method} "
+            f"{path}: {type(cause).__name__}{tries}); check that RabbitMQ runs with the "
+            f"rabbitmq_management plugin enabled and {MANAGEMENT_URL_ENV} points at it"
+        )
 
     def _error(self, method: str, path: str, e: HTTPError) -> ProvisioningError | AccessRefused:
         try:
@@ -97,10 +148,24 @@ class ManagementClient:
         except (ValueError, OSError, AttributeError):
             reason = ""
         what = f"{method} {path} answered {e.code} {reason}".rstrip()
-        if e.code in (401, 403):
+        if e.code == 401 and reason.lower().startswith("not "):
+            # "Not management user", "Not administrator user": the login was right.
             return AccessRefused(
-                f"the RabbitMQ management API refused user {self.username!r}: {what}; it needs "
-                "the administrator tag"
+                f"the RabbitMQ management API refused user {self.username!r}: {what}; give it "
+                f"the administrator tag (rabbitmqctl set_user_tags {self.username} "
+                "administrator) or use an administrator in "
+                f"{MANAGEMENT_URL_ENV} / --management-url"
+            )
+        if e.code == 401:
+            return LoginRefused(
+                f"the RabbitMQ management API refused the login of user {self.username!r}: "
+                f"{what}; the password in {MANAGEMENT_URL_ENV} / --management-url is wrong "
+                "or there is no such user"
+            )
+        if e.code == 403:
+            return AccessRefused(
+                f"the RabbitMQ management API refused user {self.username!r}: {what}; it "
+                "needs the administrator tag"
             )
         return ProvisioningError(f"the RabbitMQ management API failed: {what}")
 
@@ -154,7 +219,12 @@ class ManagementClient:
 
     def list_queues(self, vhost: str) -> list[QueueInfo]:
         """Every queue on ``vhost`` with its message counts, sorted by name."""
-        found = self.request("GET", f"/queues/{_segment(vhost)}") or []
+        found = self.request("GET", f"/queues/{_segment(vhost)}", missing_ok=True)
+        if found is None:
+            raise ProvisioningError(
+                f"there is no vhost {vhost!r} on the broker at {self.base}: check --vhost / "
+                "TRM_AMQP_VHOST, or run trm broker provision to create it"
+            )
         queues = [
             QueueInfo(
                 name=str(q["name"]),
@@ -204,3 +274,26 @@ class ManagementClient:
         """The vhosts on which ``user`` holds permissions."""
         found = self.request("GET", f"/users/{_segment(user)}/permissions", missing_ok=True)
         return sorted(str(p["vhost"]) for p in found or [])
+
+
+def password_matches(user: dict[str, Any], password: str) -> bool:
+    """Whether ``password`` is the one behind a user record's ``password_hash``.
+
+    RabbitMQ stores base64(salt + H(salt + password)) with a 4-byte salt; a
+    hash it does not name, or a user without a password, never matches.
+    """
+    digest = _HASHES.get(str(user.get("hashing_algorithm", "")))
+    try:
+        stored = base64.b64decode(str(user.get("password_hash") or ""), validate=True)
+    except ValueError:
+        return False
+    if digest is None or len(stored) <= 4:
+        return False
+    salt = stored[:4]
+    return hmac.compare_digest(stored[4:], digest(salt + password.encode()).digest())
+
+
+def _transient(error: OSError) -> bool:
+    """A refused or dropped connection: what a broker that is restarting gives."""
+    cause = error.reason if isinstance(error, URLError) else error
+    return isinstance(cause, ConnectionRefusedError | ConnectionResetError)

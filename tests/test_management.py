@@ -5,13 +5,16 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pytest
 
-from broker.errors import AccessRefused, ConfigError, ProvisioningError
-from broker.management import ManagementClient
+from broker.errors import AccessRefused, ConfigError, LoginRefused, ProvisioningError
+from broker.management import ManagementClient, password_matches
 from broker.transport import AmqpSettings
 
 
@@ -42,20 +45,134 @@ def test_repr_hides_password() -> None:
 
 def test_unreachable_api_is_provisioning_error() -> None:
     """A management API that does not answer raises ProvisioningError naming the setting."""
-    client = ManagementClient("http://guest:hunter22@127.0.0.1:1/", timeout=2)
+    client = ManagementClient("http://guest:hunter22@127.0.0.1:1/", timeout=2, retry_delays=())
     with pytest.raises(ProvisioningError, match="does not answer") as caught:
         client.create_vhost("anything")
+    assert "TRM_AMQP_MANAGEMENT_URL" in str(caught.value)
     assert "hunter22" not in str(caught.value)
 
 
+class _Overview(BaseHTTPRequestHandler):
+    """Answers every GET with an empty JSON object, as /api/overview would."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the test output is for failures."""
+
+
+class _LateServer:
+    """An HTTP server bound to a port but not yet listening: connections to the port are
+    refused until `start`, as while a broker restarts."""
+
+    def __init__(self) -> None:
+        self.server = HTTPServer(("127.0.0.1", 0), _Overview, bind_and_activate=False)
+        self.server.server_bind()
+        self.url = f"http://guest:guest@127.0.0.1:{self.server.server_address[1]}/"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.server.server_activate()
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.server.shutdown()
+            self._thread.join()
+        self.server.server_close()
+
+
+@contextmanager
+def _late_server() -> Iterator[_LateServer]:
+    late = _LateServer()
+    try:
+        yield late
+    finally:
+        late.close()
+
+
+def test_restarting_broker_is_ridden_out() -> None:
+    """A refused connection is tried again after the first backoff, and the answer comes back."""
+    with _late_server() as late:
+        waits: list[float] = []
+
+        def broker_comes_back(seconds: float) -> None:
+            waits.append(seconds)
+            late.start()
+
+        client = ManagementClient(late.url, retry_delays=(0.25, 1), sleep=broker_comes_back)
+        assert client.request("GET", "/overview") == {}
+    assert waits == [0.25]
+
+
+def test_broker_that_stays_down_gives_up_after_the_retries() -> None:
+    """Refused on every try, the client waits each backoff once, then names the tries."""
+    with _late_server() as late:
+        waits: list[float] = []
+        client = ManagementClient(late.url, retry_delays=(0.25, 0.5, 1), sleep=waits.append)
+        with pytest.raises(ProvisioningError, match=r"ConnectionRefusedError, 4 tries over 1.75 s"):
+            client.request("GET", "/overview")
+    assert waits == [0.25, 0.5, 1]
+
+
 @pytest.mark.rabbitmq
-def test_wrong_password_is_access_refused(rabbitmq_urls: tuple[str, str]) -> None:
-    """A wrong password gives AccessRefused with path and status, without the password."""
+def test_wrong_password_is_login_refused(rabbitmq_urls: tuple[str, str]) -> None:
+    """A wrong password is LoginRefused naming the setting to fix, not a missing tag."""
     client = ManagementClient(_with_password(rabbitmq_urls[1], "wrong-pass-42"))
-    with pytest.raises(AccessRefused, match="401") as caught:
+    with pytest.raises(LoginRefused, match="401") as caught:
         client.vhost_exists("/")
-    assert "/vhosts/%2F" in str(caught.value)
-    assert "wrong-pass-42" not in str(caught.value)
+    message = str(caught.value)
+    assert "/vhosts/%2F" in message
+    assert "password in TRM_AMQP_MANAGEMENT_URL" in message
+    assert "administrator tag" not in message
+    assert "wrong-pass-42" not in message
+
+
+@pytest.mark.rabbitmq
+def test_user_without_administrator_tag_is_told_the_tag(rabbitmq_urls: tuple[str, str]) -> None:
+    """A right login without the administrator tag is AccessRefused naming the tag, not the
+    password."""
+    admin = ManagementClient(rabbitmq_urls[1])
+    user = f"mgmt-{uuid.uuid4().hex[:8]}"
+    admin.put_user(user, "pw-tagless", tags="management")
+    try:
+        parts = urlsplit(rabbitmq_urls[1])
+        netloc = f"{user}:pw-tagless@{parts.hostname}:{parts.port or 15672}"
+        client = ManagementClient(urlunsplit(parts._replace(netloc=netloc)))
+        with pytest.raises(AccessRefused, match="administrator tag") as caught:
+            client.create_vhost("never-made")
+        assert not isinstance(caught.value, LoginRefused)
+    finally:
+        admin.delete_user(user)
+
+
+@pytest.mark.rabbitmq
+def test_queues_of_a_missing_vhost_name_the_vhost(rabbitmq_urls: tuple[str, str]) -> None:
+    """Listing the queues of a vhost that does not exist names the vhost and the setting."""
+    client = ManagementClient(rabbitmq_urls[1])
+    with pytest.raises(ProvisioningError, match=r"no vhost 'trm-missing-\w+'.*TRM_AMQP_VHOST"):
+        client.list_queues(f"trm-missing-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.mark.rabbitmq
+def test_password_matches_the_stored_hash(rabbitmq_urls: tuple[str, str]) -> None:
+    """A user's record matches the password it was given and no other."""
+    client = ManagementClient(rabbitmq_urls[1])
+    user = f"mgmt-{uuid.uuid4().hex[:8]}"
+    client.put_user(user, "pw-right")
+    try:
+        record = client.get_user(user)
+        assert record is not None
+        assert password_matches(record, "pw-right")
+        assert not password_matches(record, "pw-wrong")
+        assert not password_matches({**record, "hashing_algorithm": "unknown"}, "pw-right")
+    finally:
+        client.delete_user(user)
 
 
 @pytest.mark.rabbitmq
