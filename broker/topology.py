@@ -19,6 +19,13 @@ Permissions of participant X on the vhost:
 
 Dead-lettering from an inbox to the quarantine is done by the broker itself
 and needs no user permission.
+
+RabbitMQ users are broker-wide and named by participant id, so one user may
+serve several vhosts (networks). Provisioning never changes a user that holds
+permissions on another vhost: it leaves one whose password is already the
+given one as it is, and refuses (`UserInUse`, naming the vhosts) to set
+another password or drop its tags, because that would lock the other
+network's participant out. Everything is checked before anything is changed.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from broker.errors import (
     KeyFileError,
     ProvisioningError,
     TrmError,
+    UserInUse,
 )
 
 if TYPE_CHECKING:
@@ -210,33 +218,98 @@ def _queue_counts(settings: AmqpSettings, queues: Sequence[str]) -> dict[str, tu
             connection.close()
 
 
-def _password(
-    participant_id: str,
-    passwords: Mapping[str, str],
-    keys_root: Path | None,
-    written: list[Path],
+@dataclass(frozen=True)
+class _UserPlan:
+    """What provisioning does to one participant's RabbitMQ user."""
+
+    participant_id: str
+    role: str
+    password: str | None
+    """The password to set, or None to leave the user as it is."""
+    created: bool
+    new_file: Path | None
+    """Where a generated password is to be written (mode 0600) before it is set."""
+
+
+def _known_password(
+    participant_id: str, passwords: Mapping[str, str], keys_root: Path | None
 ) -> str | None:
-    """The participant's password: given, else from its file, else new and written."""
+    """The participant's password given, else read from its file; None when neither."""
     if participant_id in passwords:
         return passwords[participant_id]
     if keys_root is None:
         return None
     path = keys_root / participant_id / PASSWORD_FILE
     try:
-        if path.exists():
-            secret = path.read_text(encoding="utf-8").strip()
-            if not secret:
-                raise KeyFileError(f"{path} is empty: delete it to have a new password made")
-            return secret
+        if not path.exists():
+            return None
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise KeyFileError(f"cannot read {path}: {e.strerror}") from e
+    if not secret:
+        raise KeyFileError(f"{path} is empty: delete it to have a new password made")
+    return secret
+
+
+def _write_password(path: Path, secret: str) -> None:
+    try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        secret = secrets.token_urlsafe(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(secret + "\n")
     except OSError as e:
-        raise KeyFileError(f"cannot read or write {path}: {e.strerror}") from e
-    written.append(path)
-    return secret
+        raise KeyFileError(f"cannot write {path}: {e.strerror}") from e
+
+
+def _unchanged(user: Mapping[str, object], password: str) -> bool:
+    """Whether putting ``password`` and no tags would leave ``user`` exactly as it is."""
+    from broker.management import password_matches
+
+    return user.get("tags") in ("", []) and password_matches(dict(user), password)
+
+
+def _plan_user(
+    management: ManagementClient,
+    vhost: str,
+    participant: tuple[str, str],
+    passwords: Mapping[str, str],
+    keys_root: Path | None,
+) -> _UserPlan:
+    participant_id, role = participant
+    user = management.get_user(participant_id)
+    secret = _known_password(participant_id, passwords, keys_root)
+    new_file = None
+    if secret is None and keys_root is not None:
+        secret = secrets.token_urlsafe(32)
+        new_file = keys_root / participant_id / PASSWORD_FILE
+    if user is None:
+        if secret is None:
+            raise ConfigError(
+                f"no password for new RabbitMQ user {participant_id!r}: give --keys-root "
+                f"or --password {participant_id}=SECRET"
+            )
+        return _UserPlan(participant_id, role, secret, True, new_file)
+    if secret is None or _unchanged(user, secret):
+        return _UserPlan(participant_id, role, None, False, None)
+    _refuse_if_shared(management, vhost, participant_id)
+    return _UserPlan(participant_id, role, secret, False, new_file)
+
+
+def _refuse_if_shared(management: ManagementClient, vhost: str, participant_id: str) -> None:
+    others = tuple(v for v in management.user_vhosts(participant_id) if v != vhost)
+    if not others:
+        return
+    names = ", ".join(repr(v) for v in others)
+    raise UserInUse(
+        f"RabbitMQ user {participant_id!r} also holds permissions on vhost {names}: "
+        f"provisioning vhost {vhost!r} would change its password (or tags) and lock that "
+        f"network's {participant_id!r} out. Nothing was changed. Give the password that "
+        f"user has (--password {participant_id}=SECRET or "
+        f"KEYS_ROOT/{participant_id}/{PASSWORD_FILE}), or give this network other "
+        "participant ids; RabbitMQ users are broker-wide",
+        participant_id,
+        others,
+    )
 
 
 def provision(
@@ -254,36 +327,24 @@ def provision(
     ``participants`` are (id, role) pairs. A password comes from
     ``passwords``, else ``keys_root/<id>/amqp-password``, else is generated
     and written there (mode 0600). An existing user whose password is known
-    from neither is left as it is. Idempotent.
+    from neither, or already is the one known, is left as it is. A user that
+    would change while it holds permissions on another vhost is refused with
+    `UserInUse` before anything is created. Idempotent.
     """
     from broker.transport import AmqpSettings
 
     _check_ids(participants)
     admin = AmqpSettings.from_url(amqp_url, vhost=vhost)
+    plans = [
+        _plan_user(management, vhost, participant, passwords or {}, keys_root)
+        for participant in participants
+    ]
     management.create_vhost(vhost)
     management.set_permissions(vhost, admin.username, configure=".*", write=".*", read=".*")
-    created: list[str] = []
-    written: list[Path] = []
-    for participant_id, role in participants:
-        existed = management.get_user(participant_id) is not None
-        secret = _password(participant_id, passwords or {}, keys_root, written)
-        if secret is None and not existed:
-            raise ConfigError(
-                f"no password for new RabbitMQ user {participant_id!r}: give --keys-root "
-                f"or --password {participant_id}=SECRET"
-            )
-        if secret is not None:
-            management.put_user(participant_id, secret)
-        if not existed:
-            created.append(participant_id)
-        allowed = permissions_for(participant_id, role)
-        management.set_permissions(
-            vhost,
-            participant_id,
-            configure=allowed.configure,
-            write=allowed.write,
-            read=allowed.read,
-        )
+    for plan in plans:
+        _apply(management, vhost, plan)
+    created = [plan.participant_id for plan in plans if plan.created]
+    written = [plan.new_file for plan in plans if plan.new_file is not None]
     try:
         queues = declare(admin, participants, delivery_limit=delivery_limit)
     except TrmError:
@@ -291,3 +352,19 @@ def provision(
         raise
     _log.info("provisioned", vhost=vhost, users_created=created, queues=len(queues))
     return ProvisionResult(users_created=created, queues=queues, passwords_written=written)
+
+
+def _apply(management: ManagementClient, vhost: str, plan: _UserPlan) -> None:
+    """Write the plan's new password file, put the user if it changes, set its permissions."""
+    if plan.password is not None:
+        if plan.new_file is not None:
+            _write_password(plan.new_file, plan.password)
+        management.put_user(plan.participant_id, plan.password)
+    allowed = permissions_for(plan.participant_id, plan.role)
+    management.set_permissions(
+        vhost,
+        plan.participant_id,
+        configure=allowed.configure,
+        write=allowed.write,
+        read=allowed.read,
+    )

@@ -7,6 +7,7 @@ import json
 import re
 import stat
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 
 from broker import _crypto
 from broker.directory import DirectoryBody, KeyUse, Participant, PublicKey, Role, sign_directory
-from broker.errors import ConfigError, ProvisioningError
+from broker.errors import ConfigError, LoginRefused, ProvisioningError, UserInUse
 from broker.keys import init_authority, load_authority
 from broker.management import ManagementClient
 from broker.topology import (
@@ -172,6 +173,94 @@ def test_conflicting_queue_arguments_refused(rabbitmq_urls: tuple[str, str], vho
     queue = management.get_queue(vhost, inbox_queue(a))
     assert queue is not None
     assert queue["arguments"]["x-delivery-limit"] == DELIVERY_LIMIT
+
+
+# --- users shared between vhosts -------------------------------------------------------
+
+
+@pytest.fixture
+def other_vhost(rabbitmq_urls: tuple[str, str]) -> Iterator[str]:
+    """A second fresh vhost, for another network on the same broker; deleted afterwards."""
+    client = ManagementClient(rabbitmq_urls[1])
+    name = f"trm-test-{uuid.uuid4().hex[:12]}"
+    try:
+        yield name
+    finally:
+        users = client.vhost_users(name)
+        client.delete_vhost(name)
+        for user in users:
+            if user != client.username and not client.user_vhosts(user):
+                client.delete_user(user)
+
+
+def _logs_in(amqp_url: str, vhost: str, user: str, password: str) -> bool:
+    settings = AmqpSettings.from_url(amqp_url, vhost=vhost, username=user, password=password)
+    try:
+        open_connection(settings).close()
+    except LoginRefused:
+        return False
+    return True
+
+
+@pytest.mark.rabbitmq
+def test_another_network_cannot_change_a_shared_users_password(
+    rabbitmq_urls: tuple[str, str], vhost: str, other_vhost: str
+) -> None:
+    """A network whose id is another vhost's user and whose password differs is refused with
+    that vhost named, before anything is created; the first network keeps its login."""
+    amqp_url, management_url = rabbitmq_urls
+    management = ManagementClient(management_url)
+    shared, fresh = f"routing-{uuid.uuid4().hex[:8]}", f"auditor-{uuid.uuid4().hex[:8]}"
+    provision(management, amqp_url, vhost, [(shared, "routing")], passwords={shared: "first"})
+    with pytest.raises(UserInUse, match=rf"vhost '{vhost}'") as caught:
+        provision(
+            management,
+            amqp_url,
+            other_vhost,
+            [(fresh, "auditor"), (shared, "routing")],
+            passwords={fresh: "x", shared: "second"},
+        )
+    assert (caught.value.user, caught.value.vhosts) == (shared, (vhost,))
+    assert "second" not in str(caught.value)
+    assert _logs_in(amqp_url, vhost, shared, "first")
+    assert management.get_user(fresh) is None
+    assert not management.vhost_exists(other_vhost)
+
+
+@pytest.mark.rabbitmq
+def test_another_network_with_the_same_password_shares_the_user_untouched(
+    rabbitmq_urls: tuple[str, str], vhost: str, other_vhost: str
+) -> None:
+    """A second network giving a shared user the password it has gets permissions on its own
+    vhost and leaves the user itself as it was (as trm.localnet's derived passwords rely on)."""
+    amqp_url, management_url = rabbitmq_urls
+    management = ManagementClient(management_url)
+    shared = f"routing-{uuid.uuid4().hex[:8]}"
+    provision(management, amqp_url, vhost, [(shared, "routing")], passwords={shared: "same"})
+    before = management.get_user(shared)
+    second = provision(
+        management, amqp_url, other_vhost, [(shared, "routing")], passwords={shared: "same"}
+    )
+    assert second.users_created == []
+    # RabbitMQ salts every password it is given anew: an equal hash means no change.
+    assert management.get_user(shared) == before
+    assert management.user_vhosts(shared) == sorted([vhost, other_vhost])
+    assert _logs_in(amqp_url, other_vhost, shared, "same")
+
+
+@pytest.mark.rabbitmq
+def test_no_password_rotation_for_a_user_another_vhost_uses(
+    rabbitmq_urls: tuple[str, str], vhost: str, other_vhost: str, tmp_path: Path
+) -> None:
+    """A new password file is not made for a user another vhost uses: refused, no file left."""
+    amqp_url, management_url = rabbitmq_urls
+    management = ManagementClient(management_url)
+    shared = f"kz-{uuid.uuid4().hex[:8]}"
+    provision(management, amqp_url, vhost, [(shared, "mission")], passwords={shared: "first"})
+    with pytest.raises(UserInUse, match="--password"):
+        provision(management, amqp_url, other_vhost, [(shared, "mission")], keys_root=tmp_path)
+    assert not (tmp_path / shared / "amqp-password").exists()
+    assert _logs_in(amqp_url, vhost, shared, "first")
 
 
 # --- the command line ------------------------------------------------------------------
