@@ -14,10 +14,11 @@ whoever happened to write.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 from uuid import UUID
 
 import sqlalchemy as sa
@@ -37,10 +38,13 @@ from broker.outbox import Outbox
 from schemas.base import Message, MessageKind
 from schemas.control import ConsentWithdrawn
 from schemas.person import StaffMember
+from schemas.referrals import ServiceCompleted, ServiceStarted
 from schemas.registry import MESSAGE_TYPES, decode_payload
 from schemas.returns import ReceptionConfirmed
+from schemas.vocabulary import ConsentPurpose, ReferralService, ServiceNotDoneReason
 
 log = structlog.get_logger(__name__)
+M = TypeVar("M", bound=Message)
 
 RETURN_KINDS = frozenset(
     {
@@ -264,17 +268,140 @@ def confirm_reception(
 def _reception(
     place: str | None, note: str | None, staff_role: str, received_at: datetime | None
 ) -> ReceptionConfirmed:
-    from pydantic import ValidationError
-
-    try:
-        return ReceptionConfirmed(
+    return _validated(
+        "the reception confirmation",
+        lambda: ReceptionConfirmed(
             received_at=received_at or datetime.now(UTC),
             place=place or "not stated",
             received_by=StaffMember(role=staff_role),
             condition_notes=note,
+        ),
+    )
+
+
+def withdraw_consent(
+    home: Home,
+    case: str,
+    *,
+    delete_data: bool,
+    purposes: Sequence[str] = (),
+    staff_role: str = "case manager",
+    note: str | None = None,
+    engine: Engine | None = None,
+) -> SealedEnvelope:
+    """Record the person's withdrawal of consent and send it to every other party of `case`.
+
+    `purposes` default to every purpose the case's consent covered (all
+    purposes where this home never saw the consent). The case is halted
+    here in the same transaction; with `delete_data` its payloads here are
+    erased too, and every recipient erases its own and confirms.
+    """
+    own_engine = engine is None
+    db = home.open_database() if engine is None else engine
+    try:
+        view = case_parties(home, db, case)
+        chosen = tuple(purposes) or _purposes_of(view)
+        message = _validated(
+            "the consent withdrawal",
+            lambda: ConsentWithdrawn(
+                withdrawn_at=datetime.now(UTC),
+                recorded_by=StaffMember(role=staff_role),
+                purposes=tuple(ConsentPurpose(p) for p in chosen),
+                delete_data=delete_data,
+                notes=note,
+            ),
         )
+        return send_to_parties(home, message, case, engine=db)
+    finally:
+        if own_engine:
+            db.dispose()
+
+
+def _purposes_of(view: CaseView) -> tuple[str, ...]:
+    if view.consent is not None:
+        return tuple(sorted(view.consent.purposes))
+    return tuple(p.value for p in ConsentPurpose)
+
+
+def report_service(
+    home: Home,
+    case: str,
+    *,
+    completed: bool,
+    services: Sequence[str] = (),
+    not_done_reason: str | None = None,
+    note: str | None = None,
+    engine: Engine | None = None,
+) -> SealedEnvelope:
+    """Tell every other party of a referral that its services started, or ended (done or not)."""
+    now = datetime.now(UTC)
+    message: Message
+    if completed:
+        message = _validated(
+            "the service completion",
+            lambda: ServiceCompleted(
+                completed_at=now,
+                done=not_done_reason is None,
+                not_done_reason=None
+                if not_done_reason is None
+                else ServiceNotDoneReason(not_done_reason),
+                notes=note,
+            ),
+        )
+    else:
+        message = _validated(
+            "the service start",
+            lambda: ServiceStarted(
+                started_at=now, services=tuple(ReferralService(s) for s in services), notes=note
+            ),
+        )
+    return send_to_parties(home, message, case, engine=engine)
+
+
+def _validated(what: str, build: Callable[[], M]) -> M:
+    """`build()`, with a model's or vocabulary's refusal as SchemaViolation naming the fields."""
+    from pydantic import ValidationError
+
+    try:
+        return build()
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
         )
-        raise SchemaViolation(f"the reception confirmation is not valid: {problems}") from e
+        raise SchemaViolation(f"{what} is not valid: {problems}") from e
+    except ValueError as e:
+        raise SchemaViolation(f"{what} is not valid: {e}") from e
+
+
+def case_summary(home: Home, case: str) -> dict[str, Any]:
+    """The case as this home knows it, for `trm case show`: metadata only, no payload."""
+    from adapters.erasure import Erasures
+
+    engine = home.open_database()
+    try:
+        view = case_parties(home, engine, case)
+        erasures = Erasures(
+            engine, home.case_system(), sender=home.sender, directory=home.directory
+        ).status(case)
+    finally:
+        engine.dispose()
+    consent = view.consent
+    return {
+        "case": view.case,
+        "owner": view.owner,
+        "stage": None if view.stage is None else str(view.stage),
+        "parties": sorted(view.parties),
+        "share_with": None if consent is None else sorted(consent.share_with),
+        "purposes": None if consent is None else sorted(consent.purposes),
+        "halted_by": view.halted_by,
+        "erasures": [
+            {
+                "withdrawal": e.withdrawal_id,
+                "erased_payloads": e.erased_payloads,
+                "confirmed_to": e.confirmed_to,
+                "attempts": e.attempts,
+                "last_error": e.last_error,
+            }
+            for e in erasures
+        ],
+    }
