@@ -50,13 +50,18 @@ def start_routing(net: Any, url: str, *extra: str) -> Any:
 def test_full_return_through_the_routing_process(
     local_network: Callable[..., Any],
     network_databases: Callable[[list[str]], dict[str, str]],
-    rabbitmq_urls: tuple[str, str],
     tmp_path: Path,
 ) -> None:
-    """KZ -> UZ -> UZ NGO over RabbitMQ: all logged, every stage timed, the replay matches."""
+    """KZ -> UZ -> UZ NGO over RabbitMQ: all logged, every stage timed, the replay matches.
+
+    Each participant runs its adapter, so that every recipient has taken an
+    envelope (and knows the case) before it answers; the adapters' delivery
+    receipts are logged and tracked beside the handoffs.
+    """
     net = local_network(database_urls=network_databases([ROUTING]))
     url = net.database_url(ROUTING)
     proc = start_routing(net, url)
+    adapters = [net.start_adapter(p) for p in sorted({s for _, s, _, _ in FULL_RETURN})]
     engine = open_database(url)
     try:
         store = CaseStore(engine)
@@ -66,13 +71,23 @@ def test_full_return_through_the_routing_process(
             sealed = net.send(sender, kind, to=list(recipients), case=CASE, reply_to=previous)
             previous = sealed.id
             sent.append(str(sealed.id))
-            assert publish_outbox(net, rabbitmq_urls[0], sender) == 1
 
             def reached(want: Any = stage) -> bool:
                 state = store.get(CASE)
                 return state is not None and state.stage == want
 
+            def taken(envelope: str = str(sealed.id), by: Any = recipients) -> bool:
+                return all(envelope in net.inbox_ids(r) for r in by)
+
             net.wait_for(reached, 30, f"case at stage {stage}")
+            net.wait_for(taken, 30, f"{kind} taken by {', '.join(recipients)}")
+
+        def receipted() -> bool:
+            state = store.get(CASE)
+            return state is not None and not state.pending_receipts
+
+        net.wait_for(receipted, 30, "every recipient's delivery receipt logged")
+        assert [net.stop(a) for a in adapters] == [0] * len(adapters)
         assert net.stop(proc) == 0
     finally:
         engine.dispose()
@@ -81,9 +96,13 @@ def test_full_return_through_the_routing_process(
                     "--database-url", url, "--json")  # fmt: skip
     assert code == 0, out
     timeline = json.loads(out)["timeline"]
-    assert [t["envelope_id"] for t in timeline] == sent
-    assert [t["stage_after"] for t in timeline] == [str(s) for *_, s in FULL_RETURN]
+    handoffs = [t for t in timeline if t["kind"] != MessageKind.DELIVERY_RECEIPT]
+    assert [t["envelope_id"] for t in handoffs] == sent
+    assert [t["stage_after"] for t in handoffs] == [str(s) for *_, s in FULL_RETURN]
     assert all(t["received_at"] for t in timeline)
+    assert all(t["anomaly"] is None for t in timeline)
+    receipts = len(timeline) - len(handoffs)
+    assert receipts == sum(len(recipients) for _, _, recipients, _ in FULL_RETURN)
 
     engine = open_database(url)
     try:
@@ -95,8 +114,8 @@ def test_full_return_through_the_routing_process(
         latest = log.latest_checkpoint()
     finally:
         engine.dispose()
-    assert sorted(logged) == sorted((i, "ok") for i in sent)
-    assert latest is not None and latest[0] == len(sent)  # the shutdown checkpoint covers all
+    assert sorted(logged) == sorted((t["envelope_id"], "ok") for t in timeline)
+    assert latest is not None and latest[0] == len(logged)  # the shutdown checkpoint covers all
 
     export = tmp_path / "export.jsonl"
     code, out = trm("audit", "export", "--home", str(net.home(ROUTING)), "--database-url", url,
@@ -107,7 +126,8 @@ def test_full_return_through_the_routing_process(
     assert code == 0 and "no difference" in out
 
     lines = [json.loads(line) for line in (net.root / "routing.jsonl").read_text().splitlines()]
-    assert {x["envelope_id"] for x in lines if x.get("event") == "envelope logged"} == set(sent)
+    logged_ids = {x["envelope_id"] for x in lines if x.get("event") == "envelope logged"}
+    assert logged_ids == {t["envelope_id"] for t in timeline}
     assert EXAMPLE_PERSON_NAME not in json.dumps(lines)
 
 
