@@ -12,8 +12,9 @@ restarted with backoff while the broker is unreachable (`run_with_reconnect`):
 - the relay publishes the outbox with windowed confirms and marks envelopes
   sent only once confirmed.
 - the eraser does the erasures consent withdrawals asked for (`Erasures`):
-  at once when the inbox committed one, and again every `erasure_retry`
-  seconds while one has failed (a read-only case folder, say).
+  at once when the inbox committed one, and every `erasure_retry` seconds
+  for one that failed (a read-only case folder, say) or that another
+  process recorded.
 
 Deliveries that have already arrived (within the prefetch window) are
 applied together: `Inbox.handle_batch` opens each, then applies them all and
@@ -226,16 +227,17 @@ class Adapter:
         stop: threading.Event,
         wake: threading.Event,
     ) -> None:
-        retry_at: float | None = time.monotonic()  # erase what a previous run left at once
+        retry_at = time.monotonic()  # erase what a previous run left at once
         while not stop.is_set():
-            due = retry_at is not None and time.monotonic() >= retry_at
+            due = time.monotonic() >= retry_at
             if not (wanted.wait(ERASER_TICK_SECONDS) or due):
                 continue
             wanted.clear()
             try:
-                left = erasures.run()
+                erasures.run()
             except StorageError as e:
                 self._log.warning("erasure.retrying", reason=e.reason, error=str(e))
-                left = 1
             wake.set()  # confirmations may be waiting in the outbox
-            retry_at = time.monotonic() + self.erasure_retry if left else None
+            # Also looks again after a quiet spell: `trm withdraw` in another process
+            # records erasures that this inbox never sees committed.
+            retry_at = time.monotonic() + self.erasure_retry

@@ -77,6 +77,10 @@ class Erasures:
         self.outbox = Outbox(engine)
         self.clock = clock or (lambda: datetime.now(UTC))
 
+    def erase(self, withdrawal_id: str, case: str) -> bool:
+        """Do one erasure now (`trm withdraw` erasing at home); False if it failed."""
+        return self._erase(withdrawal_id, case)
+
     def run(self) -> int:
         """Do every pending erasure and confirmation; return how many steps are still pending."""
         with storage_errors("reading the pending erasures"), self.engine.connect() as conn:
@@ -115,12 +119,15 @@ class Erasures:
                     seq=self.outbox.next_seq(conn, sender.participant, row.case_ref),
                     reply_to=UUID(row.withdrawal_id),
                 )
-                self.outbox.add(conn, sealed)
-                conn.execute(
+                claimed = conn.execute(
                     erasures_table.update()
-                    .where(_e.withdrawal_id == row.withdrawal_id)
+                    .where(_e.withdrawal_id == row.withdrawal_id, _e.confirmation_id.is_(None))
                     .values(confirmation_id=str(sealed.id))
-                )
+                ).rowcount
+                if not claimed:
+                    conn.rollback()  # another process confirmed it first
+                    return True
+                self.outbox.add(conn, sealed)
         except TrmError as e:
             return self._failed(row.withdrawal_id, row.case_ref, e)
         log.info(

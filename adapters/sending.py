@@ -311,10 +311,21 @@ def withdraw_consent(
                 notes=note,
             ),
         )
-        return send_to_parties(home, message, case, engine=db)
+        sealed = send_to_parties(home, message, case, engine=db)
+        if delete_data:
+            _erase_here(home, db, sealed)
+        return sealed
     finally:
         if own_engine:
             db.dispose()
+
+
+def _erase_here(home: Home, engine: Engine, withdrawal: SealedEnvelope) -> None:
+    """Erase the case's payloads in this home now; if that fails the adapter retries it."""
+    from adapters.erasure import Erasures
+
+    erasures = Erasures(engine, home.case_system(), sender=home.sender, directory=home.directory)
+    erasures.erase(str(withdrawal.id), withdrawal.header.case)
 
 
 def _purposes_of(view: CaseView) -> tuple[str, ...]:

@@ -57,7 +57,7 @@ from broker.errors import (
 from broker.faults import fault_point
 from broker.outbox import Outbox
 from broker.transport import Delivery
-from schemas.control import DeliveryReceipt
+from schemas.control import ConsentWithdrawn, DeliveryReceipt
 
 if TYPE_CHECKING:
     from adapters.casesystem import CaseSystem
@@ -430,7 +430,8 @@ class Inbox:
             writes.receipts.append((opened, opened.message, received_at))
             return received_at
         try:
-            self.case_system.deliver(opened)
+            if not _asks_erasure(opened):
+                self.case_system.deliver(opened)
         except TrmError:
             raise
         except Exception as e:
@@ -575,6 +576,16 @@ def _receipt(
         reply_to=header.id,
         now=applied_at,
     )
+
+
+def _asks_erasure(opened: OpenedEnvelope) -> bool:
+    """A withdrawal asking deletion is recorded, never written where it would be erased.
+
+    So that it is taken even when the case folder cannot be written, and the
+    erasure it asks for is what waits and is retried.
+    """
+    message = opened.message
+    return isinstance(message, ConsentWithdrawn) and message.delete_data
 
 
 def _unverified_origin(body: bytes) -> tuple[str | None, str | None]:
