@@ -155,7 +155,7 @@ def test_replay_prints_the_case(world: World, routing_db: str, tmp_path: Path) -
     code, output = run("audit", "replay", str(out), *authority_key(world), "--case", CASE, "--json")
     assert code == 0 and json.loads(output)[CASE]["stage"] == "received"
     code, output = run(
-        "audit", "replay", str(out), *authority_key(world), "--case", "KZ-0000-none"
+        "audit", "replay", str(out), *authority_key(world), "--case", "iom-kz.KZ-0000-none"
     )
     assert code == 1 and "does not appear" in output
 

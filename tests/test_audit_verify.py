@@ -29,7 +29,7 @@ from services.cases import Stage
 from services.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from services.merkle import MerkleTree
 
-CASES = ("KZ-2026-0101", "KZ-2026-0102", "KZ-2026-0103")
+CASES = ("iom-kz.KZ-2026-0101", "iom-kz.KZ-2026-0102", "iom-kz.KZ-2026-0103")
 CHECKPOINT_AFTER = (4, 8)  # and a final one after the last entry
 
 
