@@ -12,7 +12,16 @@ from click.testing import CliRunner
 from broker.errors import ConfigError
 from broker.management import ManagementClient
 from schemas.examples import EXAMPLE_PERSON_NAME
-from trm.demo import DEMO_VHOST, NGO, STEPS, UZ, prepare_workdir, run_demo
+from trm.demo import (
+    DEMO_VHOST,
+    NGO,
+    NGO_KZ,
+    REFERRAL_CASE,
+    STEPS,
+    UZ,
+    prepare_workdir,
+    run_demo,
+)
 from trm.reference import render
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
@@ -76,6 +85,25 @@ def test_export_verifies_with_the_demo_directory(demo_run) -> None:
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["intact"] is True
     assert report["entries"] >= len(STEPS)
+
+
+def test_referral_story_halts_erases_and_refuses(demo_run) -> None:
+    """The referral is walked to its service; after the withdrawal each party prints its halt
+    and erasure, no payload of the referral is left in any case folder, and a later send is
+    refused with consent_withdrawn."""
+    output, workdir, _ = demo_run
+    lines = output.splitlines()
+    for stage in ("referral_requested", "referral_accepted", "service_started", "halted"):
+        assert any(x.startswith("[referral]") and f"routing stage {stage}" in x for x in lines)
+    for party, erased in ((NGO_KZ, 2), (NGO, 1)):
+        [line] = [x for x in lines if x.startswith(f"[referral] {party} ")]
+        assert "case halted by" in line and f"{erased} delivered payload(s) erased" in line
+    assert any("is refused: consent_withdrawn" in x for x in lines)
+    for folder in workdir.glob("*/inbox"):
+        for path in folder.glob("*.json"):
+            document = json.loads(path.read_text())
+            if document["case"] == REFERRAL_CASE:
+                assert document["kind"] == "erasure_confirmed", path
 
 
 def test_victim_name_only_in_delivered_payloads(demo_run) -> None:

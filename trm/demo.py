@@ -2,8 +2,12 @@
 
 One return case goes from the Kazakhstan mission to the Uzbekistan mission
 and its NGO through every stage, each handoff sent by a real adapter process
-and watched by the routing service; then the audit log is exported,
-verified and replayed as an auditor would, and the case timeline printed.
+and watched by the routing service. Then a referral: a Kazakh NGO refers a
+person to the Uzbek NGO, which accepts and starts the service, until the
+person withdraws consent and asks for their data to be deleted: every party
+halts the case and erases its payloads, and a later send on it is refused.
+Last, the audit log is exported, verified and replayed as an auditor would,
+and the return's timeline printed.
 """
 
 from __future__ import annotations
@@ -19,19 +23,23 @@ from typing import TextIO, TypeVar
 
 import sqlalchemy as sa
 
-from adapters.sending import confirm_reception
-from broker.database import receipts_table, storage_errors
+from adapters.sending import confirm_reception, report_service, withdraw_consent
+from broker.database import erasures_table, receipts_table, storage_errors
 from broker.envelope import SealedEnvelope
-from broker.errors import ConfigError, TrmError
+from broker.errors import ConfigError, ProtocolViolation, TrmError
 from broker.topology import ROUTING_QUEUE, inbox_queue, queue_consumers
 from broker.transport import AmqpSettings
 from schemas.base import MessageKind
-from schemas.examples import EXAMPLE_CASE
+from schemas.examples import EXAMPLE_CASE, example, sharing_with
 from services.casestore import CaseStore
 from trm import logs
 from trm.localnet import DEMO_PARTICIPANTS, LocalNetwork, create_network
 
 KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
+NGO_KZ = "ngo-kz-rodnik"
+ADAPTERS = (KZ, UZ, NGO, NGO_KZ)
+REFERRAL_CASE = f"{NGO_KZ}.REF-2026-0031"
+"""The referral's case reference, owned by the referring NGO."""
 DEMO_VHOST = "trm-demo"
 MARKER = ".trm-demo"
 """Left in the work folder so a later run knows the folder is the demo's to wipe."""
@@ -123,6 +131,7 @@ class Demo:
                 label = f"[{number}/{len(STEPS)}] {step.kind}"
                 self._step(label, partial(self._handoff, net, step, label))
             self._step("receipts", lambda: self._receipts(net))
+            self._step("referral", lambda: Referral(self, net).run())
             self._step("shutdown", lambda: self._shutdown(net))
             self._step("audit", lambda: self._audit(net))
         finally:
@@ -151,11 +160,11 @@ class Demo:
 
     def _start(self, net: LocalNetwork) -> None:
         started = time.monotonic()
-        for participant in (KZ, UZ, NGO):
+        for participant in ADAPTERS:
             net.start_adapter(participant)
         net.start_process(["routing", "run", "--home", str(net.home(ROUTING))], ROUTING)
         admin = AmqpSettings.from_url(self.amqp_url, vhost=net.vhost)
-        queues = [inbox_queue(p) for p in (KZ, UZ, NGO)] + [ROUTING_QUEUE]
+        queues = [inbox_queue(p) for p in ADAPTERS] + [ROUTING_QUEUE]
         net.wait_for(
             lambda: all(queue_consumers(admin, queues).values()),
             STEP_TIMEOUT,
@@ -163,7 +172,7 @@ class Demo:
         )
         took = time.monotonic() - started
         self.say(
-            f"[start] adapters {KZ}, {UZ}, {NGO} and the routing service, "
+            f"[start] adapters {', '.join(ADAPTERS)} and the routing service, "
             f"each its own process, consuming after {took:.1f} s"
         )
 
@@ -186,16 +195,20 @@ class Demo:
                 STEP_TIMEOUT,
                 f"{recipient} to apply {step.kind}",
             )
-        net.wait_for(
-            lambda: _routing_stage(net, self.case) == step.stage,
-            STEP_TIMEOUT,
-            f"the routing service to record stage {step.stage}",
-        )
+        self.wait_stage(net, self.case, step.stage)
         to = ", ".join(sealed.header.recipients)
         took = time.monotonic() - started
         self.say(
             f"{label:<28} {step.sender} -> {to}: {step.story}; "
             f"applied by all in {took:.2f} s; routing stage {step.stage}"
+        )
+
+    def wait_stage(self, net: LocalNetwork, case: str, stage: str) -> None:
+        """Wait until the routing service records `stage` for `case`."""
+        net.wait_for(
+            lambda: _routing_stage(net, case) == stage,
+            STEP_TIMEOUT,
+            f"the routing service to record stage {stage} of {case}",
         )
 
     def _receipts(self, net: LocalNetwork) -> None:
@@ -257,6 +270,102 @@ class Demo:
             )
 
 
+class Referral:
+    """The second story: a cross-border referral, then consent withdrawn with deletion."""
+
+    def __init__(self, demo: Demo, net: LocalNetwork) -> None:
+        self.demo = demo
+        self.net = net
+        self.case = REFERRAL_CASE
+
+    def run(self) -> None:
+        """Refer, accept, start the service, withdraw consent; show halts, erasures, a refusal."""
+        self.demo.say("")
+        request = sharing_with(example(MessageKind.REFERRAL_REQUEST), (NGO_KZ, NGO))
+        self._handoff(
+            "referral_request",
+            NGO_KZ,
+            lambda: self.net.send(
+                NGO_KZ, MessageKind.REFERRAL_REQUEST, to=[NGO], case=self.case, message=request
+            ),
+            "refers a person for shelter and medical care (trm refer)",
+            "referral_requested",
+        )
+        self._handoff(
+            "referral_accepted",
+            NGO,
+            lambda: self.net.send(NGO, MessageKind.REFERRAL_ACCEPTED, to=[NGO_KZ], case=self.case),
+            "accepts",
+            "referral_accepted",
+        )
+        self._handoff(
+            "service_started", NGO, lambda: report_service(
+                self.net.settings(NGO), self.case, completed=False,
+                services=["temporary_shelter", "medical"], engine=self.net.engine(NGO),
+            ), "the shelter stay begins (trm service started)", "service_started"
+        )  # fmt: skip
+        self._withdraw()
+        self._refused()
+
+    def _handoff(
+        self, label: str, sender: str, send: Callable[[], SealedEnvelope], story: str, stage: str
+    ) -> SealedEnvelope:
+        started = time.monotonic()
+        sealed = send()
+        self._await(sealed)
+        self.demo.wait_stage(self.net, self.case, stage)
+        to = ", ".join(sealed.header.recipients)
+        took = time.monotonic() - started
+        self.demo.say(
+            f"[referral] {label:<19} {sender} -> {to}: {story}; "
+            f"applied in {took:.2f} s; routing stage {stage}"
+        )
+        return sealed
+
+    def _await(self, sealed: SealedEnvelope) -> None:
+        for recipient in sealed.header.recipients:
+            self.net.wait_for(
+                partial(_applied, self.net, recipient, str(sealed.id)),
+                STEP_TIMEOUT,
+                f"{recipient} to apply {sealed.header.kind}",
+            )
+
+    def _withdraw(self) -> None:
+        withdrawal = self._handoff(
+            "consent_withdrawn",
+            NGO_KZ,
+            lambda: withdraw_consent(
+                self.net.settings(NGO_KZ),
+                self.case,
+                delete_data=True,
+                engine=self.net.engine(NGO_KZ),
+            ),
+            "the person withdraws consent and asks for deletion (trm withdraw)",
+            "halted",
+        )
+        for party in (NGO_KZ, *withdrawal.header.recipients):
+            self.net.wait_for(
+                partial(_has_erased, self.net, party, self.case),
+                STEP_TIMEOUT,
+                f"{party} to erase case {self.case}",
+            )
+            erased = _erased(self.net, party, self.case)
+            self.demo.say(
+                f"[referral] {party:<24} case halted by {withdrawal.id}; "
+                f"{erased} delivered payload(s) erased"
+            )
+
+    def _refused(self) -> None:
+        try:
+            report_service(
+                self.net.settings(NGO), self.case, completed=True, engine=self.net.engine(NGO)
+            )
+        except ProtocolViolation as e:
+            self.demo.say(f"[referral] a later `trm service completed` is refused: {e.reason}: {e}")
+            return
+        raise ConfigError(f"a send on the halted case {self.case} was not refused")
+
+
 class _AppendingFile:
     """A file opened for each line, so the work folder may be wiped and remade meanwhile."""
 
@@ -288,6 +397,19 @@ def prepare_workdir(workdir: Path) -> None:
 
 def _applied(net: LocalNetwork, participant: str, envelope_id: str) -> bool:
     return envelope_id in net.inbox_ids(participant)
+
+
+def _erased(net: LocalNetwork, participant: str, case: str) -> int | None:
+    """How many payloads `participant` erased of `case`, once it has, else None."""
+    e = erasures_table.c
+    query = sa.select(e.erased_payloads).where(e.case_ref == case, e.erased_at.is_not(None))
+    with storage_errors("reading the erasures"), net.engine(participant).connect() as conn:
+        found = conn.execute(query).scalar()
+    return None if found is None else int(found)
+
+
+def _has_erased(net: LocalNetwork, participant: str, case: str) -> bool:
+    return _erased(net, participant, case) is not None
 
 
 def _routing_stage(net: LocalNetwork, case: str) -> str | None:

@@ -63,10 +63,11 @@ DEMO_PARTICIPANTS: tuple[tuple[str, Role, str, str | None], ...] = (
     ("iom-kz", Role.MISSION, "KZ", None),
     ("iom-uz", Role.MISSION, "UZ", None),
     ("ngo-uz-istiqbolli-avlod", Role.NGO, "UZ", "iom-uz"),
+    ("ngo-kz-rodnik", Role.NGO, "KZ", "iom-kz"),
     ("routing", Role.ROUTING, "AT", None),
     ("auditor", Role.AUDITOR, "AT", None),
 )
-"""(id, role, country, parent) of the Kazakhstan-to-Uzbekistan story."""
+"""(id, role, country, parent) of the Kazakhstan-to-Uzbekistan return and referral stories."""
 
 POLL_SECONDS = 0.05
 _ENV_CLEARED = (

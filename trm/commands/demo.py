@@ -29,12 +29,15 @@ from trm.demo import run_demo
     help="RabbitMQ management API, used to create the demo's vhost, users and permissions.",
 )
 def demo(workdir: Path, amqp_url: str, management_url: str) -> None:
-    """Walk one return case KZ -> UZ -> NGO through every stage, then audit it.
+    """Walk a return KZ -> UZ -> NGO and a referral to its withdrawal, then audit them.
 
     Creates the directory authority and the participants iom-kz, iom-uz,
-    ngo-uz-istiqbolli-avlod, routing and auditor on the vhost trm-demo;
-    starts the three adapters and the routing service as separate processes;
-    sends each handoff; exports, verifies and replays the audit log; prints
-    the case timeline. Exits non-zero naming the step that failed.
+    ngo-uz-istiqbolli-avlod, ngo-kz-rodnik, routing and auditor on the vhost
+    trm-demo; starts the four adapters and the routing service as separate
+    processes; sends each handoff of the return; refers a person from the
+    Kazakh NGO to the Uzbek one until consent is withdrawn with deletion,
+    showing each party halt and erase and a later send refused; exports,
+    verifies and replays the audit log; prints the return's timeline. Exits
+    non-zero naming the step that failed.
     """
     run_demo(workdir.resolve(), sys.stdout, amqp_url=amqp_url, management_url=management_url)
