@@ -107,20 +107,19 @@ S = Stage
 CASE_ROLES = frozenset({Role.MISSION, Role.NGO, Role.STATE_SERVICE})
 """Roles that take part in cases."""
 
-OPEN_STAGES = frozenset(
-    {
-        S.REQUESTED,
-        S.ACCEPTED,
-        S.TRAVEL_ARRANGED,
-        S.DEPARTED,
-        S.RECEIVED,
-        S.REINTEGRATION,
-        S.REFERRAL_REQUESTED,
-        S.REFERRAL_ACCEPTED,
-        S.SERVICE_STARTED,
-        S.SERVICE_COMPLETED,
-    }
+_OPEN = (
+    S.REQUESTED,
+    S.ACCEPTED,
+    S.TRAVEL_ARRANGED,
+    S.DEPARTED,
+    S.RECEIVED,
+    S.REINTEGRATION,
+    S.REFERRAL_REQUESTED,
+    S.REFERRAL_ACCEPTED,
+    S.SERVICE_STARTED,
+    S.SERVICE_COMPLETED,
 )
+OPEN_STAGES = frozenset(_OPEN)
 """Stages at which consent can still be withdrawn."""
 
 _CLOSABLE = (
@@ -223,10 +222,8 @@ RULES: Mapping[MessageKind, Rule] = MappingProxyType(
         K.CASE_CLOSED: Rule(
             _PARTIES, Who.PARTY, dict.fromkeys(_CLOSABLE, S.CLOSED), after_halt=True
         ),
-        K.CONSENT_WITHDRAWN: Rule(_PARTIES, Who.PARTY, dict.fromkeys(OPEN_STAGES, S.HALTED)),
-        K.REQUEST_WITHDRAWN: Rule(
-            _PARTIES, Who.OWNER, dict.fromkeys(_WITHDRAWABLE, S.WITHDRAWN), after_halt=True
-        ),
+        K.CONSENT_WITHDRAWN: Rule(_PARTIES, Who.PARTY, dict.fromkeys(_OPEN, S.HALTED)),
+        K.REQUEST_WITHDRAWN: Rule(_PARTIES, Who.OWNER, dict.fromkeys(_WITHDRAWABLE, S.WITHDRAWN)),
         K.DELIVERY_RECEIPT: Rule(frozenset(Role), Who.RECIPIENT, after_halt=True),
         K.ERASURE_CONFIRMED: Rule(_PARTIES, Who.PARTY, after_halt=True),
         K.REMINDER: Rule(frozenset({Role.ROUTING}), Who.ROUTING, after_halt=True),
@@ -551,3 +548,30 @@ def _next_stage(stage: Stage | None, rule: Rule) -> Stage | None:
 
 AFTER_HALT_KINDS = frozenset(kind for kind, rule in RULES.items() if rule.after_halt)
 """Kinds still sent and taken on a halted case."""
+
+
+def rules_table() -> str:
+    """`RULES` as the Markdown table of docs/security.md (a test keeps the two equal)."""
+    lines = [
+        "| kind | sent by | who on the case | opens | stage before -> after "
+        "| consent purpose | after a withdrawal |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind, rule in RULES.items():
+        moves = "; ".join(
+            f"{' / '.join(str(b or '(none)') for b in befores)} -> {after}"
+            for after, befores in _befores(rule).items()
+        )
+        lines.append(
+            f"| `{kind}` | {', '.join(sorted(rule.roles))} | {rule.who} "
+            f"| {'yes' if rule.opens else ''} | {moves or 'never moves'} "
+            f"| {rule.purpose or '-'} | {'allowed' if rule.after_halt else 'refused'} |"
+        )
+    return "\n".join(lines)
+
+
+def _befores(rule: Rule) -> dict[Stage, list[Stage | None]]:
+    grouped: dict[Stage, list[Stage | None]] = {}
+    for before, after in rule.follows.items():
+        grouped.setdefault(after, []).append(before)
+    return grouped
