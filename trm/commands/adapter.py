@@ -164,7 +164,12 @@ def run(
 @click.argument("kind")
 @_home_options
 @click.option("--to", "to", required=True, help="Recipient ids, comma-separated.")
-@click.option("--case", "case", required=True, help="The pseudonymous case reference.")
+@click.option(
+    "--case",
+    "case",
+    required=True,
+    help="The case reference, <owner>.<reference>; a new case's owner is the sender.",
+)
 @click.option(
     "--payload",
     required=True,
@@ -234,7 +239,7 @@ def ack(
     note: str | None,
     as_json: bool,
 ) -> None:
-    """Confirm reception of a returnee to every mission taking part in the case."""
+    """Confirm reception of a returnee to every mission that is a party to the case."""
     from adapters.sending import confirm_reception
 
     sealed = confirm_reception(
