@@ -62,7 +62,8 @@ def _rabbitmqctl(*args):
 
 def test_broker_restart_in_a_run_of_1000_loses_nothing(local_network, network_databases):
     """1,000 messages with RabbitMQ stopped and started in the middle (and `trm send` called
-    while it is down): every one applied once, none lost, none applied twice."""
+    while it is down, on a case opened meanwhile): every one applied once, none lost, none
+    applied twice."""
     net = _pair(local_network, network_databases)
     net.start_adapter(KZ)
     net.start_adapter(UZ)
@@ -84,7 +85,7 @@ def test_broker_restart_in_a_run_of_1000_loses_nothing(local_network, network_da
                 "--to",
                 UZ,
                 "--case",
-                "iom-kz.KZ-DOWN-0001",
+                "iom-kz.KZ-RESTARTED-0001",
                 "--payload",
                 str(payload),
             ],
