@@ -99,6 +99,8 @@ class FileCaseSystem:
             "sender": header.sender,
             "recipients": list(header.recipients),
             "sent_at": header.sent_at.isoformat(),
+            "seq": header.seq,
+            "reply_to": None if header.reply_to is None else str(header.reply_to),
             "payload": opened.message.model_dump(mode="json"),
         }
         data = json.dumps(document, ensure_ascii=False, indent=2).encode() + b"\n"

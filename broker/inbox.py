@@ -265,7 +265,8 @@ class Inbox:
             "inbox.duplicate",
             envelope_id=envelope_id,
             case=header.case,
-            participant=header.sender,
+            participant=self.recipient.participant,
+            sender=header.sender,
             kind=str(header.kind),
         )
         return Result(Outcome.DUPLICATE, envelope_id, None)
@@ -324,7 +325,10 @@ class Inbox:
         done = [r for r in results if r is not None]
         for result in done:
             log.info(
-                f"inbox.{result.outcome}", envelope_id=result.envelope_id, reason=result.reason
+                f"inbox.{result.outcome}",
+                envelope_id=result.envelope_id,
+                participant=self.recipient.participant,
+                reason=result.reason,
             )
         return done
 
@@ -340,7 +344,8 @@ class Inbox:
             f"inbox.{result.outcome}",
             envelope_id=envelope_id,
             case=header.case,
-            participant=header.sender,
+            participant=self.recipient.participant,
+            sender=header.sender,
             kind=str(header.kind),
             reason=result.reason,
         )
@@ -504,7 +509,8 @@ class Inbox:
         log.warning(
             "inbox.quarantined",
             envelope_id=envelope_id,
-            participant=sender,
+            participant=self.recipient.participant,
+            sender=sender,
             reason=error.reason,
         )
         return Result(Outcome.QUARANTINED, envelope_id, error.reason, _detail(error))

@@ -554,3 +554,32 @@ def test_file_case_system_never_follows_a_link_at_its_temporary_name(
         FileCaseSystem(folder).deliver(opened)
     assert target.read_bytes() == b"untouched"
     assert not (folder / name).exists()
+
+
+def test_logs_name_our_participant_and_files_carry_seq_and_reply_to(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """In every inbox log line `participant` is the inbox's own, the sender is `sender`; the
+    delivered file records the envelope's seq and reply_to."""
+    from structlog.testing import capture_logs
+
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    envelope = request(network)
+    answer = seal(
+        example(MessageKind.TRAVEL_ARRANGED),
+        case=CASE,
+        sender=network.sender(KZ),
+        recipients=[UZ],
+        directory=network.directory,
+        seq=2,
+        reply_to=envelope.id,
+    )
+    with capture_logs() as logged:
+        inbox.handle(envelope.raw, KZ)
+        inbox.handle(answer.raw, KZ)
+        inbox.handle(answer.raw, KZ, redelivered=True)
+    lines = [e for e in logged if e["event"].startswith("inbox.")]
+    assert {e["event"] for e in lines} == {"inbox.applied", "inbox.duplicate"}
+    assert all(e["participant"] == UZ and e["sender"] == KZ for e in lines)
+    document = json.loads((tmp_path / "inbox" / f"{answer.id}.json").read_text())
+    assert (document["seq"], document["reply_to"]) == (2, str(envelope.id))

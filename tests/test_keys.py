@@ -276,3 +276,20 @@ def test_rotate_command(tmp_path: Path) -> None:
     refused = CliRunner().invoke(cli, ["rotate", "--home", str(home), "--overlap-days", "400"])
     assert refused.exit_code != 0
     assert "overlap" in refused.output
+
+
+def test_init_of_a_routing_service_without_country_names_the_missing_flag(tmp_path: Path) -> None:
+    """`--help` marks --country as needed by routing and auditors too; leaving it out says so."""
+    from click.testing import CliRunner
+
+    from trm.cli import cli
+
+    runner = CliRunner()
+    shown = " ".join(runner.invoke(cli, ["init", "--help"]).output.split())
+    assert "required for every participant, routing and auditor included" in shown
+    result = runner.invoke(
+        cli, ["init", "--id", "routing", "--role", "routing", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "--country required for a routing" in result.output
+    assert not (tmp_path / "r").exists()

@@ -16,14 +16,20 @@ SUITES = {"mlkem768x25519": Suite.MLKEM768_X25519, "x25519": Suite.X25519}
 
 
 @click.command()
-@click.option("--id", "participant_id", help="Participant id, e.g. iom-kz.")
+@click.option(
+    "--id", "participant_id", help="Participant id, e.g. iom-kz (required but for 'authority')."
+)
 @click.option(
     "--role",
     required=True,
     type=click.Choice([*(str(r) for r in Role), AUTHORITY]),
     help="The participant's role; 'authority' makes a directory authority folder.",
 )
-@click.option("--country", help="ISO 3166-1 alpha-2 country code, e.g. KZ.")
+@click.option(
+    "--country",
+    help="ISO 3166-1 alpha-2 country code, e.g. KZ; required for every participant, "
+    "routing and auditor included (where it runs).",
+)
 @click.option(
     "--out",
     required=True,
@@ -57,7 +63,11 @@ def init(
             click.echo(f"authority key created in {out}; give {out / 'authority.pub'} to everyone")
             return
         if participant_id is None or country is None:
-            raise click.UsageError("--id and --country are required for a participant")
+            missing = [f for f, v in (("--id", participant_id), ("--country", country)) if not v]
+            raise click.UsageError(
+                f"{' and '.join(missing)} required for a {role} (every role but 'authority'): "
+                "e.g. --id routing --country AT for a routing service run from Austria"
+            )
         card = init_participant(
             out,
             participant_id=participant_id,
