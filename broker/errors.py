@@ -130,6 +130,12 @@ class SenderMismatch(EnvelopeError):
     reason = "sender_mismatch"
 
 
+class ClassicalDowngrade(EnvelopeError):
+    """Sealing would wrap one content key for hybrid and classical-only recipients alike."""
+
+    reason = "classical_downgrade"
+
+
 # --- the trust directory ---------------------------------------------------
 
 
@@ -155,6 +161,12 @@ class DirectoryRollback(DirectoryError):
     """The directory's serial is lower than the one already held."""
 
     reason = "directory_rollback"
+
+
+class CardChangeRefused(DirectoryError):
+    """A replacement card changes a participant's role, parent or country unasked."""
+
+    reason = "card_change_refused"
 
 
 class DuplicateParticipant(DirectoryError):
