@@ -10,11 +10,13 @@ elsewhere, so that a home can be mounted read-only (docker/compose.yml):
 | database | ``--database-url`` | ``TRM_DATABASE_URL`` | ``sqlite:///HOME/trm.db`` |
 | database password | | ``TRM_DATABASE_PASSWORD_FILE`` | none (merged into the URL) |
 | RabbitMQ | ``--amqp-url`` | ``TRM_AMQP_URL`` | ``amqp://127.0.0.1:5672/`` |
-| vhost | ``--vhost`` | ``TRM_AMQP_VHOST`` | from the URL, else ``/`` |
+| vhost | ``--vhost`` | ``TRM_AMQP_VHOST`` | ``HOME/amqp-vhost``, else the URL's, else ``/`` |
 | RabbitMQ password | | ``TRM_AMQP_PASSWORD_FILE`` | ``HOME/amqp-password`` (required) |
 | case folder | ``--case-dir`` | ``TRM_CASE_DIR`` | ``HOME/inbox`` |
 | case system | ``--case-system`` | ``TRM_CASE_SYSTEM`` | one JSON file per message |
 
+``HOME/amqp-vhost`` is written by `trm broker provision --keys-root`, so that
+once provisioned a home knows its vhost and no command repeats it.
 The RabbitMQ user is always the participant id; credentials in the AMQP URL
 are ignored, so a process never logs in as ``guest`` by accident.
 """
@@ -33,11 +35,11 @@ from sqlalchemy.engine import Engine
 
 from adapters.casesystem import INBOX_DIR, CaseSystem, FileCaseSystem, load_case_system
 from broker.database import home_database_url, open_database, storage_errors
-from broker.directory import DIRECTORY_FILE, Directory, load_home_directory
+from broker.directory import DIRECTORY_FILE, Directory, reload_home_directory
 from broker.envelope import Recipient
 from broker.errors import ConfigError, TrmError
 from broker.keys import ParticipantKeys, Sender, load_keys
-from broker.topology import PASSWORD_FILE
+from broker.topology import PASSWORD_FILE, read_vhost
 from broker.transport import AmqpSettings
 
 DEFAULT_AMQP_URL = "amqp://127.0.0.1:5672/"
@@ -69,7 +71,8 @@ class Home:
 
     Keys are loaded once; the directory is reloaded whenever
     ``HOME/directory.json`` changes on disk, so a directory with a new serial
-    (installed with ``trm directory install``) takes effect without a restart.
+    (installed with ``trm directory install``) takes effect without a restart,
+    and one with a lower serial is refused.
     """
 
     path: Path
@@ -107,7 +110,7 @@ class Home:
             path=home,
             database_url=home_database_url(home, database_url, env),
             amqp_url=amqp_url or env.get(ENV_AMQP_URL) or DEFAULT_AMQP_URL,
-            vhost=vhost or env.get(ENV_VHOST) or None,
+            vhost=vhost or env.get(ENV_VHOST) or read_vhost(home),
             amqp_password_file=Path(password_file) if password_file else home / PASSWORD_FILE,
             case_dir=chosen_case_dir or home / INBOX_DIR,
             case_system_spec=case_system or env.get(ENV_CASE_SYSTEM) or None,
@@ -136,7 +139,11 @@ class Home:
         return Recipient(self.participant_id, self.keys().decryption)
 
     def directory(self) -> Directory:
-        """The installed directory, reloaded (and verified again) when its file changed."""
+        """The installed directory, reloaded (and verified again) when its file changed.
+
+        A file older than the directory held, or than the home's serial floor,
+        is refused: a running process keeps the directory it holds.
+        """
         target = self.path / DIRECTORY_FILE
         try:
             status = target.stat()
@@ -148,7 +155,7 @@ class Home:
         stamp = (status.st_ino, status.st_mtime_ns, status.st_size)
         with self._lock:
             if self._directory is None or stamp != self._directory_stamp:
-                self._directory = load_home_directory(self.path)
+                self._directory = reload_home_directory(self.path, self._directory)
                 self._directory_stamp = stamp
             return self._directory
 

@@ -69,6 +69,8 @@ moved 100 valid receipts to the quarantine while their adapter crash-looped.
 """
 ROUTING_ROLE = "routing"
 PASSWORD_FILE = "amqp-password"  # noqa: S105 - a file name, not a secret
+VHOST_FILE = "amqp-vhost"
+"""The vhost a home was provisioned on, so that no command has to repeat it."""
 
 _PARTICIPANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 _log = structlog.get_logger(__name__)
@@ -251,6 +253,28 @@ def _known_password(
     return secret
 
 
+def write_vhost(home: Path, vhost: str) -> None:
+    """Record in `home` the vhost it is provisioned on (replaced atomically)."""
+    path = home / VHOST_FILE
+    tmp = home / f".{VHOST_FILE}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(vhost + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        raise KeyFileError(f"cannot write {path}: {e.strerror}") from e
+
+
+def read_vhost(home: Path) -> str | None:
+    """The vhost `home` was provisioned on, if recorded."""
+    try:
+        recorded = (home / VHOST_FILE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise KeyFileError(f"cannot read {home / VHOST_FILE}: {e.strerror}") from e
+    return recorded or None
+
+
 def _write_password(path: Path, secret: str) -> None:
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -345,6 +369,10 @@ def provision(
         _apply(management, vhost, plan)
     created = [plan.participant_id for plan in plans if plan.created]
     written = [plan.new_file for plan in plans if plan.new_file is not None]
+    if keys_root is not None:
+        for participant_id, _role in participants:
+            if (keys_root / participant_id).is_dir():
+                write_vhost(keys_root / participant_id, vhost)
     try:
         queues = declare(admin, participants, delivery_limit=delivery_limit)
     except TrmError:

@@ -293,3 +293,22 @@ def test_init_of_a_routing_service_without_country_names_the_missing_flag(tmp_pa
     assert result.exit_code == 2
     assert "--country required for a routing" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_init_pins_the_authority_key_given(tmp_path: Path) -> None:
+    """`trm init --authority-key` pins authority.pub in the new home, the same bytes' key."""
+    from click.testing import CliRunner
+
+    from broker.keys import read_pinned_authority
+    from trm.cli import cli
+
+    runner = CliRunner()
+    made = runner.invoke(cli, ["init", "--role", "authority", "--out", str(tmp_path / "auth")])
+    assert made.exit_code == 0, made.output
+    pub = tmp_path / "auth" / "authority.pub"
+    home = tmp_path / "kz"
+    args = ["init", "--id", "iom-kz", "--role", "mission", "--country", "KZ", "--out", str(home)]
+    result = runner.invoke(cli, [*args, "--authority-key", str(pub)])
+    assert result.exit_code == 0, result.output
+    assert "authority key pinned" in result.output
+    assert read_pinned_authority(home / "authority.pub") == read_pinned_authority(pub)

@@ -371,3 +371,25 @@ def test_cli_password_file_must_exist(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0
     assert "--password-file" in result.output
+
+
+@pytest.mark.rabbitmq
+def test_a_provisioned_home_knows_its_vhost(
+    rabbitmq_urls: tuple[str, str], vhost: str, tmp_path: Path
+) -> None:
+    """Provisioning with --keys-root records the vhost in each home; a home resolved with no
+    --vhost and no TRM_AMQP_VHOST then logs in there; a flag still wins."""
+    from adapters.home import Home
+    from broker.transport import AmqpSettings, Publisher
+
+    amqp_url, management_url = rabbitmq_urls
+    a, _, _ = _ids()
+    provision(
+        ManagementClient(management_url), amqp_url, vhost, [(a, "mission")], keys_root=tmp_path
+    )
+    home = Home.resolve(tmp_path / a, amqp_url=amqp_url, environ={})
+    assert home.vhost == vhost
+    password = (tmp_path / a / "amqp-password").read_text().strip()
+    login = AmqpSettings.from_url(amqp_url, vhost=home.vhost, username=a, password=password)
+    Publisher(login, a).close()  # the recorded vhost is one the user may use
+    assert Home.resolve(tmp_path / a, vhost="other", environ={}).vhost == "other"

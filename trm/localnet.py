@@ -54,7 +54,7 @@ from broker.errors import ConfigError
 from broker.keys import init_authority, init_participant, load_authority, pin_authority
 from broker.management import DEFAULT_MANAGEMENT_URL, ManagementClient
 from broker.outbox import Outbox
-from broker.topology import PASSWORD_FILE, provision
+from broker.topology import PASSWORD_FILE, provision, write_vhost
 from broker.transport import DEFAULT_AMQP_URL
 from schemas.base import Message, MessageKind
 from schemas.examples import example
@@ -372,6 +372,7 @@ def create_network(
     )
     for participant_id, home in homes.items():
         _write_password(home / PASSWORD_FILE, passwords[participant_id])
+        write_vhost(home, chosen_vhost)
     return LocalNetwork(
         root=root,
         vhost=chosen_vhost,

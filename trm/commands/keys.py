@@ -9,7 +9,7 @@ import click
 from broker._crypto import Suite
 from broker.directory import Role
 from broker.errors import TrmError
-from broker.keys import CARD_FILE, init_authority, init_participant, rotate_keys
+from broker.keys import CARD_FILE, init_authority, init_participant, pin_authority, rotate_keys
 
 AUTHORITY = "authority"
 SUITES = {"mlkem768x25519": Suite.MLKEM768_X25519, "x25519": Suite.X25519}
@@ -46,6 +46,14 @@ SUITES = {"mlkem768x25519": Suite.MLKEM768_X25519, "x25519": Suite.X25519}
     help="HPKE suite of the encryption key.",
 )
 @click.option("--valid-days", type=click.IntRange(min=1), default=365, show_default=True)
+@click.option(
+    "--authority-key",
+    "authority_key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The directory authority's authority.pub, received out of band: pinned in the new "
+    "home, which then trusts only directories it signed.",
+)
 def init(
     participant_id: str | None,
     role: str,
@@ -55,6 +63,7 @@ def init(
     name: str | None,
     suite: str,
     valid_days: int,
+    authority_key: Path | None,
 ) -> None:
     """Create a key folder: private keys (mode 0600) and the public card."""
     try:
@@ -78,9 +87,13 @@ def init(
             suite=SUITES[suite],
             valid_days=valid_days,
         )
+        if authority_key is not None:
+            pin_authority(out, authority_key)
     except TrmError as e:
         raise click.ClickException(f"{e.reason}: {e}") from e
     click.echo(f"keys for {card.id} created in {out}")
+    if authority_key is not None:
+        click.echo(f"authority key pinned in {out / 'authority.pub'}")
     for key in card.keys:
         click.echo(f"  {key.use:<7} {key.kid}  {key.alg}  until {key.not_after.isoformat()}")
     click.echo(f"give {out / CARD_FILE} to the directory authority")
