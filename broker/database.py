@@ -154,6 +154,18 @@ receipts_table = sa.Table(
 )
 """Delivery receipts for our envelopes: one per (our envelope, recipient)."""
 
+awaiting_receipts_table = sa.Table(
+    "awaiting_receipts",
+    metadata,
+    sa.Column("envelope_id", sa.String(ENVELOPE_ID), primary_key=True),
+    sa.Column("recipient", sa.String(PARTICIPANT), primary_key=True),
+    sa.Column("tries", sa.Integer(), nullable=False),
+    sa.Column("next_resend_at", UTCDateTime(), nullable=False),
+    sa.Column("flagged_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_awaiting_receipts_flagged_at_next_resend_at", "flagged_at", "next_resend_at"),
+)
+"""Our envelopes confirmed by the broker whose recipient's receipt has not come back."""
+
 
 case_views_table = sa.Table(
     "case_views",
