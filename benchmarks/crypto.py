@@ -81,10 +81,13 @@ def build_world(root: Path) -> World:
     return World({pid: load_keys(root / pid) for pid in PARTICIPANTS}, directory)
 
 
-def message_of_size(size: int) -> Message:
-    """A return request whose encoded payload is exactly `size` bytes."""
-    base = example(MessageKind.RETURN_REQUEST)
-    notes = str(getattr(base, "notes", ""))
+def message_of_size(size: int, base: Message | None = None) -> Message:
+    """`base` (default: the example return request) padded to an encoded payload of `size` bytes.
+
+    The padding goes into the free-text ``notes``, so `base` must be a kind that has them.
+    """
+    base = example(MessageKind.RETURN_REQUEST) if base is None else base
+    notes = getattr(base, "notes", None) or ""
     missing = size - len(encode_payload(base))
     return base.model_copy(update={"notes": notes + " " * max(missing, 0)})
 

@@ -6,13 +6,15 @@ with its own home folder and SQLite database, provisioned on RabbitMQ as in
 production (own users, quorum inboxes, ``trm.routing`` bound with ``#``).
 Both missions run ``trm adapter run`` as separate processes.
 
-Throughput: a loader process seals N messages (2 KiB payloads) into the
-sender's outbox, 100 to a transaction; the clock starts before the first seal.
-The sender's adapter relays them, the recipient's adapter opens, applies and
-answers each with a signed delivery receipt, and the sender's adapter records
-the receipts. Two figures: N over the time until the last envelope was applied
-at the recipient (the newest ``inbox.applied_at``), and N over the time until
-the last receipt was recorded at the sender.
+Throughput: a loader process seals N messages (2 KiB payloads; a return
+request opening each of the sender's cases, then travel arrangements on them,
+`CaseMix`) into the sender's outbox, 100 to a transaction; the clock starts
+before the first seal. The sender's adapter relays them, the recipient's
+adapter opens, applies and answers each with a signed delivery receipt, and
+the sender's adapter records the receipts. Two figures: N over the time until
+the last envelope was applied at the recipient (the newest
+``inbox.applied_at``), and N over the time until the last receipt was recorded
+at the sender.
 
 Latency: the loader sends one message per transaction (as ``trm send`` does)
 at a fixed offered rate; each envelope's latency is its ``applied_at`` at the
@@ -43,13 +45,21 @@ import sqlalchemy as sa
 
 from benchmarks.crypto import message_of_size
 from benchmarks.raw import BenchmarkFailed, latency_of, scratch_vhost
-from broker.database import inbox_table, open_database, outbox_table, receipts_table
+from broker.database import (
+    inbox_table,
+    open_database,
+    outbox_table,
+    quarantine_table,
+    receipts_table,
+)
 from broker.directory import DirectoryBody, Role, install_directory, sign_directory
 from broker.envelope import SealedEnvelope, seal
 from broker.keys import init_authority, init_participant, load_authority, load_keys, pin_authority
 from broker.management import ManagementClient
 from broker.outbox import Outbox
 from broker.topology import inbox_queue, provision
+from schemas.base import Message, MessageKind
+from schemas.examples import example, sharing_with
 
 ROLES: dict[str, tuple[Role, str]] = {
     "sender": (Role.MISSION, "KZ"),
@@ -62,6 +72,40 @@ LOAD_BATCH = 100
 CASES = 500
 """Distinct case references the messages are spread over."""
 WAIT_SECONDS = 900.0
+
+
+@dataclass(frozen=True)
+class CaseMix:
+    """The messages of a run, on `CASES` cases of the sender's, every payload of one size.
+
+    Message i < `CASES` opens case i with a return request whose consent
+    shares with the recipient; every later message is a travel arrangement
+    on its case, a kind the case protocol lets a party send again (travel
+    re-arranged). Each envelope costs the same crypto as before: one
+    signature, one payload encryption, one key wrap for the one recipient.
+    """
+
+    owner: str
+    opening: Message
+    follow_up: Message
+
+    def case(self, i: int) -> str:
+        """The case of message i, named by its owner."""
+        return f"{self.owner}.KZ-2026-{i % CASES:04d}"
+
+    def message(self, i: int) -> Message:
+        """Message i: its case's opening request, or a travel arrangement on it."""
+        return self.opening if i < CASES else self.follow_up
+
+
+def case_mix(sender: str, recipient: str, payload_bytes: int) -> CaseMix:
+    """The messages `sender` sends `recipient`, padded to `payload_bytes` (see `CaseMix`)."""
+    opening = sharing_with(example(MessageKind.RETURN_REQUEST), [sender, recipient])
+    return CaseMix(
+        sender,
+        message_of_size(payload_bytes, opening),
+        message_of_size(payload_bytes, example(MessageKind.TRAVEL_ARRANGED)),
+    )
 
 
 def rabbitmq_version(management_url: str) -> str:
@@ -222,6 +266,25 @@ def consuming(net: Network, queue: str) -> Callable[[], bool]:
     return check
 
 
+def all_applied(net: Network, messages: int) -> Callable[[], bool]:
+    """Whether the recipient applied `messages` envelopes; `BenchmarkFailed` once it refuses one.
+
+    A refused envelope is never applied, so waiting on would only end in the time-out.
+    """
+    url = net.database_url(net.recipient)
+    applied, refused = count_rows(url, inbox_table), count_rows(url, quarantine_table)
+
+    def check() -> bool:
+        if found := refused():
+            raise BenchmarkFailed(
+                f"{net.recipient} quarantined {found} envelope(s) (see the reason column of its "
+                "quarantine table): the benchmark's messages must keep to the case protocol"
+            )
+        return applied() >= messages
+
+    return check
+
+
 def count_rows(url: str, table: sa.Table) -> Callable[[], int]:
     """A counter of the rows of `table` in the database at `url`."""
     engine = sa.create_engine(url)
@@ -271,15 +334,15 @@ def load(
     directory = load_home_directory(home)
     engine = open_database(database_url)
     outbox = Outbox(engine)
-    message = message_of_size(payload_bytes)
     me = keys.card.id
+    mix = case_mix(me, recipient, payload_bytes)
     started = time.time()
     sizes: list[int] = []
 
     def sealed_for(i: int, seq: int) -> SealedEnvelope:
         return seal(
-            message,
-            case=f"iom-kz.KZ-2026-{i % CASES:04d}",
+            mix.message(i),
+            case=mix.case(i),
             sender=keys.sender(),
             recipients=(recipient,),
             directory=directory,
@@ -292,9 +355,8 @@ def load(
                 delay = started + i / rate - time.time()
                 if delay > 0:
                     time.sleep(delay)
-                case = f"iom-kz.KZ-2026-{i % CASES:04d}"
                 with engine.begin() as conn:
-                    sealed = sealed_for(i, outbox.next_seq(conn, me, case))
+                    sealed = sealed_for(i, outbox.next_seq(conn, me, mix.case(i)))
                     outbox.add(conn, sealed)
                 sizes.append(len(sealed.raw))
         else:
@@ -375,10 +437,9 @@ def throughput(
         # Open (and migrate) both databases before the clock starts.
         for pid in (net.sender, net.recipient):
             open_database(net.database_url(pid)).dispose()
-        applied = count_rows(net.database_url(net.recipient), inbox_table)
         receipts = count_rows(net.database_url(net.sender), receipts_table)
         process, results = _spawn_loader(net, messages, payload_bytes, None)
-        wait_for(lambda: applied() >= messages, "all envelopes applied", processes, poll=0.25)
+        wait_for(all_applied(net, messages), "all envelopes applied", processes, poll=0.25)
         wait_for(lambda: receipts() >= messages, "all receipts back", processes, poll=0.25)
         loaded = _loader_result(process, results)
         applied_end = latest(net.database_url(net.recipient), inbox_table.c.applied_at)
@@ -409,9 +470,8 @@ def latency(
     """Send-to-applied percentiles at `rate` messages per second, one send per transaction."""
     del prefetch  # the adapters use their configured prefetch; recorded by the caller
     with network(root, amqp_url, management_url) as net, _two_adapters(net) as processes:
-        applied = count_rows(net.database_url(net.recipient), inbox_table)
         process, results = _spawn_loader(net, messages, payload_bytes, rate)
-        wait_for(lambda: applied() >= messages, "all envelopes applied", processes, poll=0.25)
+        wait_for(all_applied(net, messages), "all envelopes applied", processes, poll=0.25)
         loaded = _loader_result(process, results)
         samples = _latencies(net)
     seconds = max(loaded["finished"] - loaded["started"], 1e-9)

@@ -1,12 +1,13 @@
 """Routing ingest: envelopes per second the routing service verifies, logs and tracks.
 
-On a scratch network (see `benchmarks.e2e`), N envelopes (2 KiB payloads)
-are sealed by the sending mission and published as that mission, with
-confirms, so that ``trm.routing`` holds all N before the service starts (each
-envelope also lands in the recipient's inbox, which nobody reads here). Then
-``trm routing run`` starts and drains the queue: each envelope is verified,
-appended to the hash-chained audit log and folded into its case's state, one
-transaction and one multiple-ack per batch of the deliveries waiting.
+On a scratch network (see `benchmarks.e2e`), N envelopes (2 KiB payloads, the
+messages of `benchmarks.e2e.CaseMix`) are sealed by the sending mission and
+published as that mission, with confirms, so that ``trm.routing`` holds all N
+before the service starts (each envelope also lands in the recipient's inbox,
+which nobody reads here). Then ``trm routing run`` starts and drains the
+queue: each envelope is verified, appended to the hash-chained audit log and
+folded into its case's state, one transaction and one multiple-ack per batch
+of the deliveries waiting.
 
 The rate is N over the time from the first log entry's receive time to the
 last one's, the same span as the raw baseline's drain (first delivery to last
@@ -22,8 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from benchmarks.crypto import message_of_size
-from benchmarks.e2e import CASES, Network, count_rows, network, running, wait_for
+from benchmarks.e2e import CASES, Network, case_mix, count_rows, network, running, wait_for
 from broker.database import open_database
 from broker.directory import load_home_directory
 from broker.envelope import seal
@@ -40,7 +40,7 @@ def preload(net: Network, count: int, payload_bytes: int) -> int:
     home = net.home(net.sender)
     keys = load_keys(home)
     directory = load_home_directory(home)
-    message = message_of_size(payload_bytes)
+    mix = case_mix(net.sender, net.recipient, payload_bytes)
     password = (home / "amqp-password").read_text().strip()
     settings = AmqpSettings.from_url(
         net.amqp_url, vhost=net.vhost, username=net.sender, password=password
@@ -53,8 +53,8 @@ def preload(net: Network, count: int, payload_bytes: int) -> int:
             batch = []
             for i in range(first, min(first + PUBLISH_BATCH, count)):
                 sealed = seal(
-                    message,
-                    case=f"iom-kz.KZ-2026-{i % CASES:04d}",
+                    mix.message(i),
+                    case=mix.case(i),
                     sender=sender,
                     recipients=(net.recipient,),
                     directory=directory,
