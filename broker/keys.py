@@ -41,7 +41,7 @@ from broker.directory import (
     authority_key_id,
     write_atomically,
 )
-from broker.errors import ConfigError, KeyFileError, KeyNotValid, TrmError
+from broker.errors import ConfigError, KeyFileError, KeyNotValid, TrmError, UnknownParticipant
 
 CARD_FILE = "participant.json"
 KEYS_DIR = "keys"
@@ -102,8 +102,12 @@ def _listed_signing_keys(
         return None
     try:
         card = published.participant(participant_id)
-    except TrmError:
-        return set()
+    except UnknownParticipant as e:
+        raise UnknownParticipant(
+            f"{participant_id!r} is not in the installed directory (serial {published.serial}): "
+            "send HOME/participant.json to the directory authority and install the directory "
+            "it signs with `trm directory install`"
+        ) from e
     return {k.kid for k in card.keys if k.use is KeyUse.SIGN and k.valid_at(at)}
 
 

@@ -312,3 +312,16 @@ def test_init_pins_the_authority_key_given(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "authority key pinned" in result.output
     assert read_pinned_authority(home / "authority.pub") == read_pinned_authority(pub)
+
+
+def test_a_sender_missing_from_the_directory_is_told_so(tmp_path: Path) -> None:
+    """A home whose participant the installed directory does not list is told exactly that
+    (not that its keys are invalid), with the step that fixes it."""
+    from broker.errors import UnknownParticipant
+
+    home = _mission(tmp_path)
+    authority = _crypto.new_signing_key()
+    empty = DirectoryBody(serial=3, issued_at=T0, participants=())
+    directory = load_directory(sign_directory(empty, authority), authority=authority.public_key())
+    with pytest.raises(UnknownParticipant, match=r"not in the installed directory \(serial 3\)"):
+        load_keys(home).sender(T0 + DAY, published=directory)
