@@ -22,7 +22,9 @@ from broker.database import erasures_table, outbox_table, select_in
 from broker.directory import Directory
 from broker.envelope import OpenedEnvelope
 from broker.errors import UnknownParticipant
+from schemas.base import Message
 from schemas.control import ConsentWithdrawn, DeliveryReceipt
+from schemas.person import ConsentAttestation
 
 _o = outbox_table.c
 _SENT = sa.select(_o.envelope_id, _o.digest, _o.recipients).where(
@@ -38,13 +40,12 @@ def as_message(opened: OpenedEnvelope) -> casepolicy.CaseMessage:
     )
 
 
-def consent_of(opened: OpenedEnvelope | object) -> Consent | None:
+def consent_of(message: Message) -> Consent | None:
     """The consent scope an opening request carries, else None."""
-    message = opened.message if isinstance(opened, OpenedEnvelope) else opened
     attestation = getattr(message, "consent", None)
-    scope = getattr(attestation, "scope", None)
-    if scope is None:
+    if not isinstance(attestation, ConsentAttestation):
         return None
+    scope = attestation.scope
     return Consent(frozenset(scope.share_with), frozenset(str(p) for p in scope.purposes))
 
 
@@ -93,13 +94,15 @@ class CaseGate:
             as_message(opened),
             self._role(opened.header.sender),
             vouchers=self.vouchers,
-            consent=consent_of(opened),
+            consent=consent_of(opened.message),
         )
 
     def take(self, opened: OpenedEnvelope, at: datetime) -> None:
         """Fold an applied envelope into its case's view; note the erasure a withdrawal asks."""
         case = opened.header.case
-        after = casepolicy.advance(self.views.get(case), as_message(opened), consent_of(opened))
+        after = casepolicy.advance(
+            self.views.get(case), as_message(opened), consent_of(opened.message)
+        )
         if after is not None:
             self.views[case] = after
             self._changed.add(case)

@@ -410,10 +410,10 @@ def _check_consent(view: CaseView, message: CaseMessage, rule: Rule) -> Refusal 
             f"the person's consent on case {message.case} does not cover purpose "
             f"{rule.purpose} ({message.kind}); it covers {', '.join(sorted(consent.purposes))}",
         )
-    return check_recipients_consent(view, message)
+    return _check_recipients_consent(view, message)
 
 
-def check_recipients_consent(view: CaseView, message: CaseMessage) -> Refusal | None:
+def _check_recipients_consent(view: CaseView, message: CaseMessage) -> Refusal | None:
     """A refusal naming the first recipient the consent does not share with, if any."""
     consent = view.consent
     if consent is None:
@@ -537,7 +537,13 @@ def _first_view(message: CaseMessage, consent: Consent | None) -> CaseView:
 
 
 def _next_stage(stage: Stage | None, rule: Rule) -> Stage | None:
-    """The stage after a kind; where this participant missed the stage before, its target."""
+    """The stage after a kind.
+
+    An adapter sees only the messages addressed to it, so it may have missed
+    the stage before; then a kind with a single target (reception moves to
+    received from wherever) still moves the view, and one with several
+    leaves it where it was.
+    """
     if not rule.follows:
         return stage
     if stage in rule.follows:
