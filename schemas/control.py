@@ -40,7 +40,7 @@ class ConsentWithdrawn(Message):
 
     withdrawn_at: AwareDatetime
     recorded_by: StaffMember
-    purposes: Annotated[tuple[ConsentPurpose, ...], Distinct, Field(min_length=1, max_length=16)]
+    purposes: Annotated[tuple[ConsentPurpose, ...], Field(min_length=1, max_length=16), Distinct]
     """The purposes the person no longer consents to."""
     delete_data: bool
     """Whether the person asked for their data to be deleted."""

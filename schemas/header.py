@@ -46,7 +46,9 @@ class EnvelopeHeader(Strict):
     sender: ParticipantId
     sender_key: KeyId
     """The key id of the sender's Ed25519 key that signed this envelope."""
-    recipients: tuple[ParticipantId, ...] = Field(min_length=1, max_length=MAX_RECIPIENTS)
+    recipients: tuple[ParticipantId, ...] = Field(
+        min_length=1, max_length=MAX_RECIPIENTS, json_schema_extra={"uniqueItems": True}
+    )
     sent_at: UtcDatetime
     seq: int = Field(ge=1, le=2**53)
     """Per sender, per case: 1 for the sender's first message on the case."""

@@ -41,15 +41,15 @@ class Person(Strict):
     sex: Sex
     nationality: CountryCode
     identity_document: DocumentStatus
-    languages: Annotated[tuple[LanguageCode, ...], Distinct, Field(max_length=8)] = ()
+    languages: Annotated[tuple[LanguageCode, ...], Field(max_length=8), Distinct] = ()
 
 
 class ConsentScope(Strict):
     """Which of the person's data may go to whom, for which purposes."""
 
-    data: Annotated[tuple[DataCategory, ...], Distinct, Field(min_length=1, max_length=16)]
-    share_with: Annotated[tuple[ParticipantId, ...], Distinct, Field(min_length=1, max_length=32)]
-    purposes: Annotated[tuple[ConsentPurpose, ...], Distinct, Field(min_length=1, max_length=16)]
+    data: Annotated[tuple[DataCategory, ...], Field(min_length=1, max_length=16), Distinct]
+    share_with: Annotated[tuple[ParticipantId, ...], Field(min_length=1, max_length=32), Distinct]
+    purposes: Annotated[tuple[ConsentPurpose, ...], Field(min_length=1, max_length=16), Distinct]
 
 
 class ConsentAttestation(Strict):

@@ -38,7 +38,7 @@ class ReferralRequest(Message):
     referrer_type: ReferrerType
     """Who first identified and referred the person."""
     services_needed: Annotated[
-        tuple[ReferralService, ...], Distinct, Field(min_length=1, max_length=16)
+        tuple[ReferralService, ...], Field(min_length=1, max_length=16), Distinct
     ]
     service_country: CountryCode
     """Where the services are needed."""
@@ -56,7 +56,7 @@ class ReferralAccepted(Message):
     KIND: ClassVar[MessageKind] = MessageKind.REFERRAL_ACCEPTED
 
     services_offered: Annotated[
-        tuple[ReferralService, ...], Distinct, Field(min_length=1, max_length=16)
+        tuple[ReferralService, ...], Field(min_length=1, max_length=16), Distinct
     ]
     conditions: Annotated[tuple[ShortText, ...], Field(max_length=MAX_ITEMS)] = ()
     notes: Note | None = None
@@ -85,7 +85,7 @@ class ServiceStarted(Message):
     KIND: ClassVar[MessageKind] = MessageKind.SERVICE_STARTED
 
     started_at: AwareDatetime
-    services: Annotated[tuple[ReferralService, ...], Distinct, Field(min_length=1, max_length=16)]
+    services: Annotated[tuple[ReferralService, ...], Field(min_length=1, max_length=16), Distinct]
     notes: Note | None = None
 
 

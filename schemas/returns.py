@@ -50,7 +50,7 @@ class TravelWindow(Strict):
 class EscortNeed(Strict):
     """Where on the journey the person needs an escort, and why."""
 
-    stages: Annotated[tuple[JourneyStage, ...], Distinct, Field(min_length=1, max_length=4)]
+    stages: Annotated[tuple[JourneyStage, ...], Field(min_length=1, max_length=4), Distinct]
     note: Note | None = None
 
 
@@ -72,10 +72,10 @@ class ReturnRequest(Message):
     origin_country: CountryCode
     """Where the person returns to."""
     assistance_before_departure: Annotated[
-        tuple[PreDepartureAssistance, ...], Distinct, Field(max_length=16)
+        tuple[PreDepartureAssistance, ...], Field(max_length=16), Distinct
     ] = ()
-    transport_needs: Annotated[tuple[TransportAssistance, ...], Distinct, Field(max_length=16)] = ()
-    reception_needs: Annotated[tuple[ReceptionAssistance, ...], Distinct, Field(max_length=16)] = ()
+    transport_needs: Annotated[tuple[TransportAssistance, ...], Field(max_length=16), Distinct] = ()
+    reception_needs: Annotated[tuple[ReceptionAssistance, ...], Field(max_length=16), Distinct] = ()
     travel_documents: DocumentStatus
     escort: EscortNeed | None = None
     """None when no escort is needed."""
@@ -221,7 +221,7 @@ class ReintegrationUpdate(Message):
     KIND: ClassVar[MessageKind] = MessageKind.REINTEGRATION_UPDATE
 
     services_delivered: Annotated[
-        tuple[ReintegrationService, ...], Distinct, Field(max_length=16)
+        tuple[ReintegrationService, ...], Field(max_length=16), Distinct
     ] = ()
     status: ReintegrationStatus
     next_review: date | None = None

@@ -8,9 +8,11 @@ added, so that old messages keep their meaning.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, TypeVar
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, StringConstraints
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler, StringConstraints
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 # No control characters in one-line text: they have no place in a name or a
 # place and could forge lines in whatever a case system prints them into.
@@ -31,17 +33,35 @@ Note = Annotated[
 MAX_ITEMS = 32
 """The most entries any list in a payload may hold (enumerations are smaller)."""
 
-_T = TypeVar("_T")
+
+class _Distinct:
+    """Refuses a list naming the same entry twice; says ``uniqueItems`` in the JSON Schema.
+
+    Put it after the ``Field`` that bounds the list: pydantic applies a
+    length bound written after a validator as a generic check, which it
+    exports as ``minLength``/``maxLength`` (string keywords that JSON Schema
+    ignores on arrays) instead of ``minItems``/``maxItems``.
+    """
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(_distinct, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {**handler(schema), "uniqueItems": True}
 
 
-def _distinct(values: tuple[_T, ...]) -> tuple[_T, ...]:
+def _distinct(values: tuple[Any, ...]) -> tuple[Any, ...]:
     if len(set(values)) != len(values):
         raise ValueError("entries must be distinct")
     return values
 
 
-Distinct = AfterValidator(_distinct)
-"""Refuses a list naming the same entry twice."""
+Distinct = _Distinct()
+"""Refuses a list naming the same entry twice (after its ``Field``, see `_Distinct`)."""
 
 
 class PreDepartureAssistance(StrEnum):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import date, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
 from broker.errors import SchemaViolation
@@ -23,6 +26,12 @@ from schemas.registry import (
     encode_payload,
 )
 from schemas.returns import ReturnRequest, TravelArranged, TravelWindow
+from trm.commands.schemas import (
+    KINDS_END,
+    KINDS_START,
+    kinds_table,
+    schema_documents,
+)
 from trm.commands.schemas import schemas as schemas_command
 
 ALL_KINDS = list(MessageKind)
@@ -357,3 +366,199 @@ def test_export_to_unwritable_place_fails_with_a_reason(tmp_path: Path) -> None:
     result = CliRunner().invoke(schemas_command, ["export", str(target / "sub")])
     assert result.exit_code != 0
     assert "cannot write schemas" in str(result.exception)
+
+
+# --- the exported schemas, read by a standard Draft 2020-12 validator -----------------
+
+Mutation = Callable[[dict[str, Any]], None]
+
+
+def _set(path: str, value: object) -> Mutation:
+    """A mutation putting `value` at the dotted `path` (list indexes as numbers)."""
+    *parents, last = path.split(".")
+
+    def mutate(document: dict[str, Any]) -> None:
+        node: Any = document
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+
+    return mutate
+
+
+def _drop(field: str) -> Mutation:
+    return lambda document: document.pop(field) and None
+
+
+K = MessageKind
+INVALID: list[tuple[str, MessageKind, Mutation]] = [
+    ("too many items", K.RETURN_ACCEPTED, _set("conditions", [f"c{i}" for i in range(33)])),
+    (
+        "too many items, all distinct",
+        K.RETURN_REQUEST,
+        _set("consent.scope.share_with", [f"ngo-{i:02d}" for i in range(33)]),
+    ),
+    ("duplicate enum entries", K.RETURN_REQUEST, _set("transport_needs", ["escort", "escort"])),
+    ("duplicate strings", K.RETURN_REQUEST, _set("person.languages", ["ru", "ru"])),
+    ("duplicate purposes", K.CONSENT_WITHDRAWN, _set("purposes", ["referral", "referral"])),
+    ("empty where at least one", K.RETURN_REQUEST, _set("consent.scope.purposes", [])),
+    ("empty services", K.SERVICE_STARTED, _set("services", [])),
+    ("empty legs", K.TRAVEL_ARRANGED, _set("legs", [])),
+    ("escort stages beyond four", K.RETURN_REQUEST, _set("escort", {"stages": ["arrival"] * 5})),
+    ("wrong enum value", K.RETURN_REQUEST, _set("travel_documents", "stolen")),
+    ("wrong enum value in a list", K.REFERRAL_REQUEST, _set("services_needed", ["massage"])),
+    ("extra field", K.RETURN_DECLINED, _set("nickname", "x")),
+    ("extra nested field", K.RETURN_REQUEST, _set("person.nickname", "x")),
+    ("string too long", K.RETURN_REQUEST, _set("person.full_name", "a" * 201)),
+    ("note too long", K.CASE_CLOSED, _set("notes", "a" * 4001)),
+    ("empty string", K.RETURN_REQUEST, _set("person.full_name", "")),
+    ("control character", K.RETURN_REQUEST, _set("person.full_name", "a\x01b")),
+    ("bad country code", K.RETURN_REQUEST, _set("origin_country", "uz")),
+    ("bad participant id", K.RETURN_REQUEST, _set("receiving_ngo", "NGO UZ")),
+    ("number above its maximum", K.RETURN_REQUEST, _set("accompanying_children", 21)),
+    ("negative number", K.ERASURE_CONFIRMED, _set("erased_payloads", -1)),
+    ("number as a string", K.RETURN_REQUEST, _set("accompanying_children", "2")),
+    ("boolean as a string", K.REMINDER, _set("overdue", "true")),
+    ("null where required", K.RETURN_REQUEST, _set("person", None)),
+    ("missing required field", K.RETURN_REQUEST, _drop("consent")),
+    ("missing machine field", K.DELIVERY_RECEIPT, _drop("digest")),
+    ("naive date-time", K.REMINDER, _set("deadline", "2026-03-05T07:00:00")),
+    ("impossible date", K.RETURN_REQUEST, _set("travel_window.earliest", "2026-02-30")),
+    ("not a uuid", K.REMINDER, _set("about_envelope", "not-a-uuid")),
+    ("list where an object", K.RETURN_REQUEST, _set("travel_window", [])),
+]
+"""Payloads trm refuses, each a kind's example with one thing wrong."""
+
+CROSS_FIELD: list[tuple[str, MessageKind, Mutation]] = [
+    ("window out of order", K.RETURN_REQUEST, _set("travel_window.latest", "2000-01-01")),
+    ("no border crossed", K.RETURN_REQUEST, _set("origin_country", "KZ")),
+]
+"""Rules across fields: trm checks them, JSON Schema cannot say them (README says so)."""
+
+
+def _document(kind: MessageKind) -> dict[str, Any]:
+    document: dict[str, Any] = example(kind).model_dump(mode="json")
+    return document
+
+
+def _validator(kind: MessageKind) -> Draft202012Validator:
+    model = MESSAGE_TYPES[kind]
+    schema = schema_documents()[f"{kind.value}.v{model.VERSION}.schema.json"]
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def _trm_accepts(kind: MessageKind, document: dict[str, Any]) -> bool:
+    try:
+        decode_payload(kind, MESSAGE_TYPES[kind].VERSION, json.dumps(document).encode())
+    except SchemaViolation:
+        return False
+    return True
+
+
+def test_every_exported_schema_is_a_valid_draft_2020_12_schema() -> None:
+    """Every exported document is itself valid against the Draft 2020-12 metaschema."""
+    for name, schema in schema_documents().items():
+        assert schema["$schema"] == Draft202012Validator.META_SCHEMA["$id"], name
+        Draft202012Validator.check_schema(schema)
+
+
+def test_no_array_carries_a_string_length_keyword() -> None:
+    """Arrays are bounded with minItems/maxItems (minLength means nothing to an array) and
+    every distinct list says uniqueItems."""
+    seen: list[str] = []
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "array":
+                assert not {"minLength", "maxLength"} & node.keys(), where
+                if node.get("uniqueItems"):
+                    seen.append(where)
+            for key, value in node.items():
+                walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}/{index}")
+
+    for name, schema in schema_documents().items():
+        walk(schema, name)
+    assert "return_request.v1.schema.json/$defs/EscortNeed/properties/stages" in seen
+    assert "envelope_header.v1.schema.json/properties/recipients" in seen
+
+
+@pytest.mark.parametrize("kind", list(MessageKind))
+def test_every_example_validates_against_its_exported_schema(kind: MessageKind) -> None:
+    """The example of every kind is valid for the standard validator and for trm alike."""
+    document = _document(kind)
+    assert not list(_validator(kind).iter_errors(document))
+    assert _trm_accepts(kind, document)
+
+
+@pytest.mark.parametrize(("label", "kind", "mutate"), INVALID, ids=[i[0] for i in INVALID])
+def test_the_schema_refuses_what_trm_refuses(
+    label: str, kind: MessageKind, mutate: Mutation
+) -> None:
+    """For each invalid payload the standard validator and decode_payload agree: refused."""
+    document = _document(kind)
+    mutate(document)
+    errors = list(_validator(kind).iter_errors(document))
+    assert not _trm_accepts(kind, document), label
+    assert errors, f"the exported schema accepts a payload trm refuses: {label}"
+
+
+@pytest.mark.parametrize(("label", "kind", "mutate"), CROSS_FIELD, ids=[i[0] for i in CROSS_FIELD])
+def test_rules_across_fields_are_trms_alone(
+    label: str, kind: MessageKind, mutate: Mutation
+) -> None:
+    """A rule across fields is refused by trm while the schema, which cannot say it, accepts."""
+    document = _document(kind)
+    mutate(document)
+    assert not list(_validator(kind).iter_errors(document)), label
+    assert not _trm_accepts(kind, document), label
+
+
+def test_envelope_header_schema_refuses_repeated_recipients() -> None:
+    """The header's recipients are distinct in its exported schema, as EnvelopeHeader says."""
+    schema = schema_documents()["envelope_header.v1.schema.json"]
+    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    header = {
+        "id": "0195a3c2-7d10-7c4e-9b2a-5f0e8d1c2b3a",
+        "kind": "return_request",
+        "schema_version": 1,
+        "case": "iom-kz.KZ-2026-0417",
+        "sender": "iom-kz",
+        "sender_key": "iom-kz-1",
+        "recipients": ["iom-uz"],
+        "sent_at": "2026-03-02T07:00:00Z",
+        "seq": 1,
+    }
+    assert not list(validator.iter_errors(header))
+    assert list(validator.iter_errors({**header, "recipients": ["iom-uz", "iom-uz"]}))
+
+
+@pytest.mark.parametrize("kind", list(MessageKind))
+def test_schemas_example_prints_a_valid_payload(kind: MessageKind) -> None:
+    """`trm schemas example KIND` prints JSON that the schema and decode_payload accept."""
+    result = CliRunner().invoke(schemas_command, ["example", kind.value])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert not list(_validator(kind).iter_errors(document))
+    assert _trm_accepts(kind, document)
+
+
+def test_schemas_example_refuses_an_unknown_kind() -> None:
+    """An unknown kind is refused with the list of kinds."""
+    result = CliRunner().invoke(schemas_command, ["example", "gossip"])
+    assert result.exit_code != 0
+    assert "return_request" in result.output
+
+
+def test_readme_lists_every_kind() -> None:
+    """The README's table of message kinds is `kinds_table()`: every kind, one line each."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split(KINDS_START, 1)[1].split(KINDS_END, 1)[0]
+    assert block.strip() == kinds_table(), "paste kinds_table() into README.md"
+    for kind in MessageKind:
+        assert block.count(f"| `{kind.value}` |") == 1

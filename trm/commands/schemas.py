@@ -9,10 +9,14 @@ from typing import Any
 import click
 
 from broker.errors import ConfigError
+from schemas.base import MessageKind
+from schemas.examples import example
 from schemas.header import EnvelopeHeader
 from schemas.registry import MESSAGE_TYPES
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+KINDS_START = "<!-- message-kinds:start -->"
+KINDS_END = "<!-- message-kinds:end -->"
 
 
 def schema_documents() -> dict[str, dict[str, Any]]:
@@ -26,6 +30,18 @@ def schema_documents() -> dict[str, dict[str, Any]]:
     header = {"$schema": JSON_SCHEMA_DIALECT, **EnvelopeHeader.model_json_schema()}
     documents["envelope_header.v1.schema.json"] = header
     return documents
+
+
+def kinds_table() -> str:
+    """Every message kind, who may send it and what it says: the README's table."""
+    from broker.casepolicy import RULES
+
+    lines = ["| kind | sent by | what it says |", "| --- | --- | --- |"]
+    for kind, model in MESSAGE_TYPES.items():
+        summary = (model.__doc__ or "").strip().splitlines()[0]
+        senders = ", ".join(sorted(RULES[kind].roles)) if kind in RULES else "-"
+        lines.append(f"| `{kind.value}` | {senders} | {summary} |")
+    return "\n".join(lines)
 
 
 @click.group()
@@ -47,3 +63,10 @@ def export(directory: Path) -> None:
         raise ConfigError(
             f"cannot write schemas to {directory}: {e.strerror}; choose a writable folder"
         ) from e
+
+
+@schemas.command("example")
+@click.argument("kind", metavar="KIND", type=click.Choice([kind.value for kind in MessageKind]))
+def example_command(kind: str) -> None:
+    """Print a valid, fictional KIND payload as JSON (a start for `trm send --payload`)."""
+    click.echo(json.dumps(example(MessageKind(kind)).model_dump(mode="json"), indent=2))
