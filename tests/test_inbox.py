@@ -341,6 +341,8 @@ def test_file_case_system_writes_private_files(network: Network, tmp_path: Path)
         "sender",
         "recipients",
         "sent_at",
+        "seq",
+        "reply_to",
         "payload",
     }
     assert (document["envelope_id"], document["sender"]) == (str(envelope.id), KZ)
