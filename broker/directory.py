@@ -25,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import AwareDatetime, Field, ValidationError
 
@@ -49,7 +50,11 @@ from schemas.base import CountryCode, KeyId, ParticipantId, Strict
 PAYLOAD_TYPE = "application/vnd.trm.directory+json"
 SIGN_ALG = "ed25519"
 DIRECTORY_FILE = "directory.json"
+SERIAL_FLOOR_FILE = "directory.serial"
+"""Beside the directory: the highest serial the home has verified, only ever raised."""
 AUTHORITY_PUB_FILE = "authority.pub"
+
+log = structlog.get_logger(__name__)
 
 
 class Role(StrEnum):
@@ -285,31 +290,96 @@ def read_directory(path: Path, *, authority: Ed25519PublicKey, min_serial: int =
 def install_directory(data: bytes, home: Path) -> Directory:
     """Verify `data` with HOME's pinned authority key and make it HOME's directory.
 
-    Refuses a serial lower than the installed one, and a different directory
-    under the same serial; the file is replaced atomically.
+    Refuses a serial lower than the installed one or than HOME's serial floor,
+    and a different directory under the same serial; the file is replaced
+    atomically, then the floor raised to the new serial.
     """
     from broker.keys import read_pinned_authority  # keys builds on this module
 
     authority = read_pinned_authority(home / AUTHORITY_PUB_FILE)
     target = home / DIRECTORY_FILE
     with _locked(home):
+        floor = read_serial_floor(home)
         held = read_directory(target, authority=authority) if target.exists() else None
-        new = load_directory(data, authority=authority, min_serial=held.serial if held else 0)
+        held_serial = held.serial if held is not None else 0
+        new = load_directory(data, authority=authority, min_serial=max(floor, held_serial))
         if held is not None and new.serial == held.serial and new.body != held.body:
             raise DirectoryRollback(
                 f"a different directory with the same serial {new.serial} is installed; "
                 "the authority must bump the serial"
             )
         write_atomically(target, new.raw, mode=0o644)
+        # After the file: a crash in between leaves a floor readers can still raise.
+        if new.serial > floor:
+            _write_floor(home, new.serial)
     return new
 
 
-def load_home_directory(home: Path) -> Directory:
-    """HOME's installed directory, verified with HOME's pinned authority key."""
+def load_home_directory(home: Path, *, held: int = 0) -> Directory:
+    """HOME's installed directory, verified with HOME's pinned authority key.
+
+    Refuses a serial lower than HOME's serial floor (the highest this home has
+    verified) or than `held`, the serial the caller already holds, and raises
+    the floor when the directory is newer, unless the home is read-only.
+    """
     from broker.keys import read_pinned_authority  # keys builds on this module
 
     authority = read_pinned_authority(home / AUTHORITY_PUB_FILE)
-    return read_directory(home / DIRECTORY_FILE, authority=authority)
+    target = home / DIRECTORY_FILE
+    recorded = read_serial_floor(home)
+    floor = max(recorded, held)
+    directory = read_directory(target, authority=authority)
+    if directory.serial < floor:
+        raise DirectoryRollback(
+            f"{target} is serial {directory.serial}, older than serial {floor} this home "
+            "has already verified: an older directory was put in its place; install the "
+            f"current one with `trm directory install FILE --home {home}`"
+        )
+    if directory.serial > recorded and os.access(home, os.W_OK):
+        _raise_floor(home, directory.serial)
+    return directory
+
+
+def reload_home_directory(home: Path, held: Directory | None) -> Directory:
+    """HOME's directory again after its file changed, or `held` if the file is older.
+
+    For a running process: a directory with a lower serial than the one it
+    holds is refused and logged, and the process keeps what it holds.
+    """
+    try:
+        return load_home_directory(home, held=held.serial if held is not None else 0)
+    except DirectoryRollback as e:
+        if held is None:
+            raise
+        log.error("directory.rollback_refused", reason=e.reason, detail=str(e), serial=held.serial)
+        return held
+
+
+def read_serial_floor(home: Path) -> int:
+    """The highest directory serial HOME has verified (``HOME/directory.serial``), else 0."""
+    path = home / SERIAL_FLOOR_FILE
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return 0
+    except (OSError, UnicodeDecodeError) as e:
+        raise DirectoryError(f"cannot read {path}: {e}; check the home folder") from e
+    if not text.strip().isdigit():
+        raise MalformedDirectory(
+            f"{path} does not hold a directory serial; restore it, or remove it to trust "
+            "the installed directory's serial again"
+        )
+    return int(text)
+
+
+def _raise_floor(home: Path, serial: int) -> None:
+    with _locked(home):
+        if serial > read_serial_floor(home):
+            _write_floor(home, serial)
+
+
+def _write_floor(home: Path, serial: int) -> None:
+    write_atomically(home / SERIAL_FLOOR_FILE, f"{serial}\n".encode(), mode=0o600)
 
 
 def write_atomically(path: Path, data: bytes, *, mode: int) -> None:

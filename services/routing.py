@@ -42,7 +42,7 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 
 from broker.database import storage_errors
-from broker.directory import DIRECTORY_FILE, Directory, load_home_directory
+from broker.directory import DIRECTORY_FILE, Directory, reload_home_directory
 from broker.envelope import MAX_AGE, EnvelopeVerifier, SealedEnvelope, read_header, seal
 from broker.errors import ConfigError, ReplayedEnvelope, TransportError, TrmError
 from broker.keys import ParticipantKeys, load_keys
@@ -155,7 +155,7 @@ class HomeDirectory:
         self._lock = threading.Lock()
 
     def __call__(self) -> Directory:
-        """The newest verified directory (load_home_directory refuses a rollback)."""
+        """The newest verified directory; an older file is refused and the held one kept."""
         path = self.home / DIRECTORY_FILE
         try:
             info = path.stat()
@@ -167,9 +167,7 @@ class HomeDirectory:
         stamp = (info.st_mtime_ns, info.st_size)
         with self._lock:
             if self._directory is None or stamp != self._stamp:
-                fresh = load_home_directory(self.home)
-                if self._directory is None or fresh.serial >= self._directory.serial:
-                    self._directory = fresh
+                self._directory = reload_home_directory(self.home, self._directory)
                 self._stamp = stamp
             return self._directory
 

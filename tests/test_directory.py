@@ -11,8 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapters.home import Home
 from broker import _crypto
 from broker.directory import (
+    SERIAL_FLOOR_FILE,
     Directory,
     DirectoryBody,
     KeyUse,
@@ -24,6 +26,7 @@ from broker.directory import (
     install_directory,
     load_directory,
     load_home_directory,
+    read_serial_floor,
     revoke_key,
     sign_directory,
     sign_payload,
@@ -44,6 +47,7 @@ from broker.errors import (
     UnknownSender,
 )
 from broker.keys import init_authority, load_authority, pin_authority
+from broker.testing import capture_logs
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -471,3 +475,104 @@ def test_install_refuses_other_authority(tmp_path: Path) -> None:
     with pytest.raises(DirectorySignatureInvalid):
         install_directory(sign_directory(_standard(), OTHER), home)
     assert not (home / "directory.json").exists()
+
+
+# --- the serial floor: an older directory copied over the installed one ------------------
+
+
+def _revoking_pair(authority: Path) -> tuple[bytes, bytes]:
+    """Serial 1, and serial 2 that revokes iom-kz's signing key from T0 on."""
+    key = load_authority(authority)
+    first = _standard(serial=1)
+    second = revoke_key(first, "iom-kz", "iom-kz-s-1", at=T0, now=T0)
+    return sign_directory(first, key), sign_directory(second, key)
+
+
+def _copy_over(home: Path, data: bytes) -> None:
+    """Put `data` in place of HOME/directory.json as `cp` then `mv` would (a new inode)."""
+    copied = home / "copied.json"
+    copied.write_bytes(data)
+    copied.replace(home / "directory.json")
+
+
+def test_install_writes_the_serial_floor(tmp_path: Path) -> None:
+    """Installing records the serial in HOME/directory.serial, mode 0600, only ever upward."""
+    authority, home = _home(tmp_path)
+    first, second = _revoking_pair(authority)
+    install_directory(first, home)
+    install_directory(second, home)
+    floor = home / SERIAL_FLOOR_FILE
+    assert floor.read_text() == "2\n"
+    assert floor.stat().st_mode & 0o777 == 0o600
+    assert read_serial_floor(home) == 2
+
+
+def test_home_refuses_an_older_directory_copied_over(tmp_path: Path) -> None:
+    """A lower serial copied over directory.json is refused, naming both serials."""
+    authority, home = _home(tmp_path)
+    first, second = _revoking_pair(authority)
+    install_directory(first, home)
+    install_directory(second, home)
+    _copy_over(home, first)
+    with pytest.raises(DirectoryRollback, match=r"serial 1, older than serial 2"):
+        load_home_directory(home)
+    assert read_serial_floor(home) == 2
+
+
+def test_install_refuses_a_serial_below_the_floor(tmp_path: Path) -> None:
+    """Once serial 2 was verified, installing serial 1 fails even if directory.json holds 1."""
+    authority, home = _home(tmp_path)
+    first, second = _revoking_pair(authority)
+    install_directory(first, home)
+    install_directory(second, home)
+    _copy_over(home, first)
+    with pytest.raises(DirectoryRollback, match=r"serial 1 is older than serial 2"):
+        install_directory(first, home)
+    assert install_directory(second, home).serial == 2
+    assert load_home_directory(home).serial == 2
+
+
+def test_reading_a_newer_directory_raises_the_floor(tmp_path: Path) -> None:
+    """A directory put in place by hand at a higher serial raises the floor when first read."""
+    authority, home = _home(tmp_path)
+    first, second = _revoking_pair(authority)
+    install_directory(first, home)
+    _copy_over(home, second)
+    assert load_home_directory(home).serial == 2
+    assert read_serial_floor(home) == 2
+    _copy_over(home, first)
+    with pytest.raises(DirectoryRollback):
+        load_home_directory(home)
+
+
+def test_a_mangled_floor_is_refused(tmp_path: Path) -> None:
+    """A serial floor file that holds no number is an error naming the file, not floor 0."""
+    authority, home = _home(tmp_path)
+    install_directory(_revoking_pair(authority)[1], home)
+    (home / SERIAL_FLOOR_FILE).write_text("two\n")
+    with pytest.raises(MalformedDirectory, match=SERIAL_FLOOR_FILE):
+        load_home_directory(home)
+
+
+def test_running_home_keeps_its_directory_and_the_revocation(tmp_path: Path) -> None:
+    """A running home refuses an older directory copied over, logs why, keeps serial 2."""
+    authority, home = _home(tmp_path)
+    first, second = _revoking_pair(authority)
+    install_directory(first, home)
+    install_directory(second, home)
+    running = Home.resolve(home, environ={})
+    assert running.directory().serial == 2
+    _copy_over(home, first)
+    with capture_logs() as logs:
+        held = running.directory()
+    assert held.serial == 2
+    with pytest.raises(RevokedKey):
+        held.signing_key("iom-kz", "iom-kz-s-1", used_at=T0 + DAY)
+    refusals = [e for e in logs if e["event"] == "directory.rollback_refused"]
+    assert len(refusals) == 1
+    assert "serial 1, older than serial 2" in refusals[0]["detail"]
+    with pytest.raises(DirectoryRollback):
+        Home.resolve(home, environ={}).directory()
+    key = load_authority(authority)
+    install_directory(sign_directory(_standard(serial=3), key), home)
+    assert running.directory().serial == 3

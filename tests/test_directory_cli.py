@@ -113,6 +113,20 @@ def test_install_refuses_rollback(world: dict[str, Path]) -> None:
     assert load_home_directory(home).serial == 5
 
 
+def test_install_refuses_a_serial_below_the_homes_floor(world: dict[str, Path]) -> None:
+    """After serial 5, an older directory copied over directory.json and installed is refused."""
+    home = world["iom-uz"]
+    pin_authority(home, world["auth"] / "authority.pub")
+    old = world["dir"].read_bytes()
+    _ok("directory", "sign", world["dir"], "--authority", world["auth"])
+    _ok("directory", "install", world["dir"], "--home", home)
+    (home / "directory.json").write_bytes(old)
+    (world["dir"].parent / "old.json").write_bytes(old)
+    out = _fails("directory", "install", world["dir"].parent / "old.json", "--home", home)
+    assert "directory_rollback" in out and "serial 4 is older than serial 5" in out
+    assert "installed serial 5" in _ok("directory", "install", world["dir"], "--home", home)
+
+
 def test_verify_refusals(world: dict[str, Path], tmp_path: Path) -> None:
     """verify names the reason: min serial, another authority, tampering."""
     auth_pub = world["auth"] / "authority.pub"
