@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -31,6 +31,7 @@ from pydantic import AwareDatetime, Field, ValidationError
 
 from broker import _crypto
 from broker.errors import (
+    CardChangeRefused,
     DirectoryError,
     DirectoryRollback,
     DirectorySignatureInvalid,
@@ -403,22 +404,64 @@ def write_atomically(path: Path, data: bytes, *, mode: int) -> None:
 # --- editing (the authority's side) ---------------------------------------------------
 
 
-def add_participant(body: DirectoryBody, card: Participant, *, now: datetime) -> DirectoryBody:
+class CardField(StrEnum):
+    """A field of a card that a replacement changes only when asked to."""
+
+    ROLE = "role"
+    PARENT = "parent"
+    COUNTRY = "country"
+
+
+def add_participant(
+    body: DirectoryBody,
+    card: Participant,
+    *,
+    now: datetime,
+    allow_change: Collection[CardField] = (),
+) -> DirectoryBody:
     """The next body with `card` added, or replacing the card with the same id.
 
-    A replaced card may add keys and shorten windows, but may not change an
-    existing key's public value, and never undoes a revocation.
+    A replacement keeps every key the old card listed, with its revocation;
+    it may add keys and change windows, but not an existing key's public
+    value, and changes role, parent or country only if `allow_change` names
+    them (CardChangeRefused otherwise).
     """
     old = next((p for p in body.participants if p.id == card.id), None)
-    if old is not None:
-        card = _merge_card(old, card)
-    others = tuple(p for p in body.participants if p.id != card.id)
     if old is None:
-        participants = (*body.participants, card)
-    else:
-        position = body.participants.index(old)
-        participants = (*others[:position], card, *others[position:])
+        return next_body(body, (*body.participants, card), now=now)
+    merged = _merge_card(old, card, allow_change)
+    participants = tuple(merged if p.id == card.id else p for p in body.participants)
     return next_body(body, participants, now=now)
+
+
+def card_changes(old: Participant, new: Participant) -> tuple[str, ...]:
+    """What replacing card `old` by `new` changes, one line each, for the operator."""
+    lines = [
+        f"{name}: {_shown(getattr(old, name))} -> {_shown(getattr(new, name))}"
+        for name in (*CardField, "name")
+        if getattr(old, name) != getattr(new, name)
+    ]
+    for key in new.keys:
+        lines += _key_changes(old.key(key.kid), key)
+    for key in old.keys:
+        if new.key(key.kid) is None:
+            revoked = f", revoked {key.revoked_at.isoformat()}" if key.revoked_at else ""
+            lines.append(f"key {key.kid} kept ({key.use}{revoked}): not on the new card")
+    return tuple(lines)
+
+
+def _key_changes(before: PublicKey | None, key: PublicKey) -> list[str]:
+    if before is None:
+        return [f"key {key.kid} added ({key.use}, {key.alg})"]
+    lines = []
+    if (before.not_before, before.not_after) != (key.not_before, key.not_after):
+        lines.append(f"key {key.kid} valid {_window(before)} -> {_window(key)}")
+    held, offered = before.revoked_at, key.revoked_at
+    if offered is not None and (held is None or offered < held):
+        lines.append(f"key {key.kid} revoked from {offered.isoformat()}")
+    elif held is not None and offered != held:
+        lines.append(f"key {key.kid} stays revoked from {held.isoformat()}")
+    return lines
 
 
 def revoke_key(
@@ -449,20 +492,54 @@ def next_body(
     return DirectoryBody(serial=body.serial + 1, issued_at=now, participants=participants)
 
 
-def _merge_card(old: Participant, new: Participant) -> Participant:
-    keys = []
-    for key in new.keys:
-        before = old.key(key.kid)
-        if before is None:
-            keys.append(key)
-            continue
-        if (before.use, before.alg, before.public) != (key.use, key.alg, key.public):
-            raise DirectoryError(
-                f"card for {new.id!r} changes key {key.kid!r}; a new key needs a new key id"
-            )
-        revocations = [t for t in (before.revoked_at, key.revoked_at) if t is not None]
-        keys.append(key.model_copy(update={"revoked_at": min(revocations, default=None)}))
+def _merge_card(
+    old: Participant, new: Participant, allow_change: Collection[CardField]
+) -> Participant:
+    _check_identity(old, new, allow_change)
+    keys = [_merge_key(new.id, old.key(key.kid), key) for key in new.keys]
+    # A key the new card leaves out stays, revocation and all: an auditor still
+    # needs it for what it signed, and a later card listing it again must find
+    # it revoked rather than new.
+    keys += [key for key in old.keys if new.key(key.kid) is None]
     return new.model_copy(update={"keys": tuple(keys)})
+
+
+def _check_identity(
+    old: Participant, new: Participant, allow_change: Collection[CardField]
+) -> None:
+    refused = [
+        name
+        for name in CardField
+        if getattr(old, name) != getattr(new, name) and name not in allow_change
+    ]
+    if refused:
+        changes = ", ".join(
+            f"{name} {_shown(getattr(old, name))} -> {_shown(getattr(new, name))}"
+            for name in refused
+        )
+        raise CardChangeRefused(
+            f"the card for {new.id!r} changes {changes}; if that is intended, allow it "
+            f"explicitly (`trm directory add --allow-change {','.join(refused)}`)"
+        )
+
+
+def _merge_key(participant_id: str, before: PublicKey | None, key: PublicKey) -> PublicKey:
+    if before is None:
+        return key
+    if (before.use, before.alg, before.public) != (key.use, key.alg, key.public):
+        raise DirectoryError(
+            f"card for {participant_id!r} changes key {key.kid!r}; a new key needs a new key id"
+        )
+    revocations = [t for t in (before.revoked_at, key.revoked_at) if t is not None]
+    return key.model_copy(update={"revoked_at": min(revocations, default=None)})
+
+
+def _shown(value: object) -> str:
+    return "none" if value is None else str(value)
+
+
+def _window(key: PublicKey) -> str:
+    return f"{key.not_before.isoformat()} .. {key.not_after.isoformat()}"
 
 
 # --- checks ------------------------------------------------------------------------

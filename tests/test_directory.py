@@ -15,6 +15,7 @@ from adapters.home import Home
 from broker import _crypto
 from broker.directory import (
     SERIAL_FLOOR_FILE,
+    CardField,
     Directory,
     DirectoryBody,
     KeyUse,
@@ -23,6 +24,7 @@ from broker.directory import (
     Role,
     add_participant,
     canonical_body,
+    card_changes,
     install_directory,
     load_directory,
     load_home_directory,
@@ -32,6 +34,7 @@ from broker.directory import (
     sign_payload,
 )
 from broker.errors import (
+    CardChangeRefused,
     DirectoryRollback,
     DirectorySignatureInvalid,
     DirectoryUnsigned,
@@ -422,6 +425,76 @@ def test_add_replaces_card_but_keeps_revocation() -> None:
     assert body.serial == 4
     assert len(body.participants) == 1
     assert body.participants[0].keys[0].revoked_at == T0 + DAY
+
+
+def test_replacement_keeps_every_key_it_leaves_out_with_its_revocation() -> None:
+    """A card without an old (revoked) key keeps that key; listing it again does not unrevoke it."""
+    card = _participant("iom-kz")
+    body = add_participant(_body(), card, now=T0)
+    body = revoke_key(body, "iom-kz", "iom-kz-s-1", at=T0 + DAY, now=T0)
+    rotated = card.model_copy(
+        update={"keys": (_sign_key("iom-kz-s-2"), _encrypt_key("iom-kz-e-2"))}
+    )
+    body = add_participant(body, rotated, now=T0)
+    kept = body.participants[0]
+    assert [k.kid for k in kept.keys] == ["iom-kz-s-2", "iom-kz-e-2", "iom-kz-s-1", "iom-kz-e-1"]
+    assert kept.key("iom-kz-s-1").revoked_at == T0 + DAY  # type: ignore[union-attr]
+    body = add_participant(body, card, now=T0)
+    assert body.participants[0].key("iom-kz-s-1").revoked_at == T0 + DAY  # type: ignore[union-attr]
+    with pytest.raises(RevokedKey):
+        Directory(body, b"").signing_key("iom-kz", "iom-kz-s-1", used_at=T0 + 2 * DAY)
+
+
+@pytest.mark.parametrize(
+    ("update", "named"),
+    [
+        ({"role": Role.NGO, "parent": "iom-kz"}, "role mission -> ngo, parent none -> iom-kz"),
+        ({"country": "KZ"}, "country UZ -> KZ"),
+    ],
+)
+def test_replacement_refuses_a_change_of_role_parent_or_country(
+    update: dict[str, object], named: str
+) -> None:
+    """Changing role, parent or country is refused, naming each change, unless allowed."""
+    body = add_participant(_body(), _participant("iom-kz"), now=T0)
+    body = add_participant(body, _participant("iom-uz"), now=T0)
+    changed = body.participants[1].model_copy(update=update)
+    with pytest.raises(CardChangeRefused, match=named):
+        add_participant(body, changed, now=T0)
+    allowed = [CardField(name) for name in update]
+    after = add_participant(body, changed, now=T0, allow_change=allowed)
+    assert after.participants[1] == changed
+
+
+def test_allowing_one_change_does_not_allow_another() -> None:
+    """--allow-change role does not let the same card change the country too."""
+    body = add_participant(_body(), _participant("iom-uz"), now=T0)
+    changed = body.participants[0].model_copy(update={"role": Role.AUDITOR, "country": "KZ"})
+    with pytest.raises(
+        CardChangeRefused, match=r"changes country UZ -> KZ; .*--allow-change country`"
+    ):
+        add_participant(body, changed, now=T0, allow_change=[CardField.ROLE])
+
+
+def test_card_changes_name_each_difference() -> None:
+    """card_changes lists fields changed, keys added, windows moved and keys left out."""
+    old = _participant("ngo-uz-a", Role.NGO, parent="iom-uz", name="A")
+    old = old.model_copy(
+        update={"keys": (old.keys[0].model_copy(update={"revoked_at": T0}), old.keys[1])}
+    )
+    shorter = old.keys[1].model_copy(update={"not_after": T0 + 30 * DAY})
+    new = old.model_copy(
+        update={"parent": "iom-kz", "name": "B", "keys": (shorter, _sign_key("ngo-uz-a-s-2"))}
+    )
+    assert card_changes(old, new) == (
+        "parent: iom-uz -> iom-kz",
+        "name: A -> B",
+        "key ngo-uz-a-e-1 valid 2026-01-01T00:00:00+00:00 .. 2027-01-01T00:00:00+00:00 -> "
+        "2026-01-01T00:00:00+00:00 .. 2026-01-31T00:00:00+00:00",
+        "key ngo-uz-a-s-2 added (sign, ed25519)",
+        "key ngo-uz-a-s-1 kept (sign, revoked 2026-01-01T00:00:00+00:00): not on the new card",
+    )
+    assert card_changes(old, old) == ()
 
 
 def test_add_refuses_changed_public_key() -> None:

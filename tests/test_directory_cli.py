@@ -127,6 +127,59 @@ def test_install_refuses_a_serial_below_the_homes_floor(world: dict[str, Path]) 
     assert "installed serial 5" in _ok("directory", "install", world["dir"], "--home", home)
 
 
+def _card(world: dict[str, Path], pid: str, **update: object) -> tuple[Path, dict[str, object]]:
+    """`pid`'s card with `update` applied, written beside the directory."""
+    card: dict[str, object] = json.loads((world[pid] / "participant.json").read_text())
+    card.update(update)
+    path = world["dir"].parent / f"{pid}-new.json"
+    path.write_text(json.dumps(card))
+    return path, card
+
+
+def test_add_keeps_a_revoked_key_the_new_card_leaves_out(world: dict[str, Path]) -> None:
+    """A replacement card without a revoked key keeps it revoked and says so."""
+    old_keys: list[dict[str, str]] = json.loads((world["iom-kz"] / "participant.json").read_text())[
+        "keys"
+    ]
+    kid = old_keys[0]["kid"]
+    _ok("directory", "revoke", world["dir"], "--id", "iom-kz", "--key", kid,
+        "--at", "2026-01-01T00:00:00Z", "--authority", world["auth"])  # fmt: skip
+    card, _ = _card(world, "iom-kz", keys=old_keys[1:])
+    out = _ok("directory", "add", world["dir"], "--card", card, "--authority", world["auth"])
+    assert "updated iom-kz, serial 6" in out
+    assert f"key {kid} kept (sign, revoked 2026-01-01T00:00:00+00:00): not on the new card" in out
+    listed = json.loads(_ok("directory", "show", world["dir"], "--json"))
+    keys = {k["kid"]: k for k in listed["participants"][0]["keys"]}
+    assert keys[kid]["revoked_at"] == "2026-01-01T00:00:00Z"
+
+
+def test_add_refuses_a_change_of_role_and_parent_unless_allowed(world: dict[str, Path]) -> None:
+    """An NGO's card turned into a mission's is refused; --allow-change role,parent allows it."""
+    pid = "ngo-uz-istiqbolli-avlod"
+    card, _ = _card(world, pid, role="mission", parent=None)
+    before = world["dir"].read_bytes()
+    add = ("directory", "add", world["dir"], "--card", card, "--authority", world["auth"])
+    out = _fails(*add)
+    assert "card_change_refused" in out
+    assert "role ngo -> mission, parent iom-uz -> none" in out
+    assert world["dir"].read_bytes() == before
+    assert "card_change_refused" in _fails(*add, "--allow-change", "role")
+    out = _ok(*add, "--allow-change", "role,parent")
+    assert "role: ngo -> mission" in out and "parent: iom-uz -> none" in out
+    listed = json.loads(_ok("directory", "show", world["dir"], "--json"))
+    assert listed["participants"][2]["role"] == "mission"
+
+
+def test_add_names_no_change_and_refuses_unknown_fields(world: dict[str, Path]) -> None:
+    """Re-adding the same card prints that nothing changed; --allow-change takes known names."""
+    card = world["iom-uz"] / "participant.json"
+    add = ("directory", "add", world["dir"], "--card", card, "--authority", world["auth"])
+    assert "no change to the card" in _ok(*add)
+    result = _run(*add, "--allow-change", "role,keys")
+    assert result.exit_code == 2
+    assert "name some of role, parent, country" in result.output
+
+
 def test_verify_refusals(world: dict[str, Path], tmp_path: Path) -> None:
     """verify names the reason: min serial, another authority, tampering."""
     auth_pub = world["auth"] / "authority.pub"

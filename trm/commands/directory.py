@@ -19,11 +19,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from broker.directory import (
+    CardField,
     Directory,
     DirectoryBody,
     Participant,
     PublicKey,
     add_participant,
+    card_changes,
     install_directory,
     load_directory,
     next_body,
@@ -96,17 +98,32 @@ def new(authority_dir: Path, out: Path) -> None:
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="A participant.json card made by `trm init`.",
 )
+@click.option(
+    "--allow-change",
+    "allow_change",
+    default="",
+    callback=lambda _context, _option, value: _card_fields(value),
+    help="Let a replacement card change these, comma-separated: role, parent, country.",
+)
 @AUTHORITY_DIR
 @_reasons
-def add(file: Path, card: Path, authority_dir: Path) -> None:
-    """Add a participant's card (or replace it, keeping revocations); bump the serial."""
+def add(file: Path, card: Path, allow_change: frozenset[CardField], authority_dir: Path) -> None:
+    """Add a participant's card, or replace it keeping every key and revocation; bump the serial.
+
+    A replacement that changes role, parent or country is refused unless
+    --allow-change names them; every change is printed.
+    """
     key, current = _current(file, authority_dir)
     participant = _read_card(card)
-    replaced = any(p.id == participant.id for p in current.participants())
-    body = add_participant(current.body, participant, now=_now())
+    old = next((p for p in current.participants() if p.id == participant.id), None)
+    body = add_participant(current.body, participant, now=_now(), allow_change=allow_change)
     _write(file, body, key)
-    verb = "updated" if replaced else "added"
+    verb = "updated" if old is not None else "added"
     click.echo(f"{file}: {verb} {participant.id}, serial {body.serial}")
+    if old is not None:
+        changes = card_changes(old, participant) or ("no change to the card",)
+        for line in changes:
+            click.echo(f"  {line}")
 
 
 @directory.command()
@@ -254,6 +271,15 @@ def _read_card(path: Path) -> Participant:
         raise KeyFileError(f"cannot read card {path}: {e.strerror}") from e
     except ValidationError as e:
         raise KeyFileError(f"{path} is not a participant card: {e.errors()[0]['msg']}") from e
+
+
+def _card_fields(text: str) -> frozenset[CardField]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    try:
+        return frozenset(CardField(name) for name in names)
+    except ValueError as e:
+        known = ", ".join(CardField)
+        raise click.BadParameter(f"{text!r}: name some of {known}, comma-separated") from e
 
 
 def _parse_time(text: str) -> datetime:
