@@ -123,6 +123,10 @@ class DirectoryBody(Strict):
     serial: int = Field(ge=1, le=2**53)
     issued_at: AwareDatetime
     participants: tuple[Participant, ...]
+    witnesses: tuple[ParticipantId, ...] = ()
+    """Missions and auditors whose cosignatures of the routing log's checkpoints count."""
+    quorum: int = Field(default=0, ge=0)
+    """How many witnesses must have cosigned the newest checkpoint an auditor accepts."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,10 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 def canonical_body(body: DirectoryBody) -> bytes:
     """The body's signed encoding: sorted keys, no spaces, UTF-8."""
     data = body.model_dump(mode="json")
+    # Absent when unset, so that directories signed before witnesses existed keep their bytes.
+    for name in ("witnesses", "quorum"):
+        if not data[name]:
+            del data[name]
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -489,7 +497,23 @@ def next_body(
 ) -> DirectoryBody:
     """A body with the next serial, issued `now`, listing `participants`."""
     _require_aware(now)
-    return DirectoryBody(serial=body.serial + 1, issued_at=now, participants=participants)
+    return DirectoryBody(
+        serial=body.serial + 1,
+        issued_at=now,
+        participants=participants,
+        witnesses=body.witnesses,
+        quorum=body.quorum,
+    )
+
+
+def set_witnesses(
+    body: DirectoryBody, witnesses: tuple[str, ...], quorum: int, *, now: datetime
+) -> DirectoryBody:
+    """The next body naming `witnesses` (missions or auditors) and the `quorum` they form."""
+    changed = next_body(body, body.participants, now=now)
+    updated = changed.model_copy(update={"witnesses": tuple(witnesses), "quorum": quorum})
+    check_body(updated)
+    return updated
 
 
 def _merge_card(
@@ -555,6 +579,21 @@ def check_body(body: DirectoryBody) -> None:
     for participant in body.participants:
         _check_parent(participant, roles)
         _check_keys(participant)
+    _check_witnesses(body, roles)
+
+
+def _check_witnesses(body: DirectoryBody, roles: Mapping[str, Role]) -> None:
+    if len(set(body.witnesses)) != len(body.witnesses):
+        raise MalformedDirectory("a witness is listed twice")
+    for witness in body.witnesses:
+        if roles.get(witness) not in (Role.MISSION, Role.AUDITOR):
+            raise MalformedDirectory(
+                f"witness {witness!r} is not a mission or an auditor in this directory"
+            )
+    if body.quorum > len(body.witnesses):
+        raise MalformedDirectory(
+            f"the quorum is {body.quorum} but only {len(body.witnesses)} witnesses are listed"
+        )
 
 
 def _check_parent(participant: Participant, roles: Mapping[str, Role]) -> None:
