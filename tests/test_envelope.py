@@ -14,7 +14,7 @@ from uuid import UUID
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker import _crypto
+from broker import _crypto, envelope
 from broker.directory import (
     Directory,
     DirectoryBody,
@@ -27,6 +27,7 @@ from broker.envelope import (
     MAX_AGE,
     MAX_CLOCK_SKEW,
     MAX_ENVELOPE_BYTES,
+    EnvelopeVerifier,
     Recipient,
     SealedEnvelope,
     new_envelope_id,
@@ -55,6 +56,7 @@ from broker.errors import (
 from broker.keys import ParticipantKeys, Sender, init_participant, load_keys
 from schemas.base import MessageKind
 from schemas.examples import example
+from schemas.header import MAX_RECIPIENTS
 from schemas.registry import encode_payload
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -448,6 +450,42 @@ def test_oversized_is_refused_first(world: World) -> None:
         _open(world, b"TRM1" + bytes(MAX_ENVELOPE_BYTES))
     with pytest.raises(EnvelopeTooLarge):
         read_header(bytes(MAX_ENVELOPE_BYTES + 1))
+
+
+@pytest.mark.parametrize("count", [0, MAX_RECIPIENTS + 1, 0xFFFF])
+def test_key_entry_count_outside_the_recipient_cap_is_refused_before_any_entry(
+    world: World, sealed: SealedEnvelope, monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    """A count of key entries over 32 (or none) is malformed before a single entry is read."""
+    r = regions(sealed.raw)
+    # The smallest key entries there are (empty ids, empty key): 4 bytes each.
+    entries = struct.pack(">H", count) + bytes(4 * count)
+    raw = sealed.raw[: r.header.stop] + entries + sealed.raw[r.ciphertext.start - 4 :]
+    read: list[int] = []
+    read_entry = envelope._read_entry
+
+    def counting(raw: bytes, pos: int, index: int) -> tuple[Any, int]:
+        read.append(index)
+        return read_entry(raw, pos, index)
+
+    monkeypatch.setattr(envelope, "_read_entry", counting)
+    with pytest.raises(MalformedEnvelope, match=f"{count} key entries"):
+        read_header(raw)
+    assert read == []
+
+
+def test_check_reports_what_verify_raises_from_one_parse(
+    world: World, sealed: SealedEnvelope
+) -> None:
+    """`EnvelopeVerifier.check` gives the header and error `verify` would, and the digest."""
+    verifier = EnvelopeVerifier(world.directory)
+    good = verifier.check(sealed.raw, at=NOW)
+    assert (good.header, good.error) == (sealed.header, None)
+    assert good.sha256.hex() == sealed.digest
+    forged = verifier.check(_flip(sealed.raw, len(sealed.raw) - 1), at=NOW)
+    assert forged.header == sealed.header and isinstance(forged.error, BadSignature)
+    junk = verifier.check(b"TRM2")
+    assert junk.header is None and isinstance(junk.error, MalformedEnvelope)
 
 
 # --- who signed -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import json
 import struct
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -230,6 +231,18 @@ def forge(
     return body + _crypto.sign(key, b"trm/v1 envelope\x00" + body)
 
 
+def with_entry_count(raw: bytes, count: int) -> bytes:
+    """`raw` with its key entries cut and the count in their place saying `count`."""
+    (header_len,) = struct.unpack_from(">I", raw, 4)
+    start = 8 + header_len
+    pos = start + 2
+    for _ in range(struct.unpack_from(">H", raw, start)[0]):
+        pos += raw[pos] + 1
+        pos += raw[pos] + 1
+        pos += 2 + struct.unpack_from(">H", raw, pos)[0]
+    return raw[:start] + struct.pack(">H", count) + raw[pos:]
+
+
 def flip(data: bytes, index: int) -> bytes:
     """`data` with the lowest bit of byte `index` inverted."""
     return data[:index] + bytes([data[index] ^ 1]) + data[index + 1 :]
@@ -306,6 +319,13 @@ INVALID: dict[str, tuple[str, Callable[[], bytes], str, str | None, str]] = {
     "trailing-bytes": (
         "one zero byte after the signature",
         lambda: _BASE + b"\x00",
+        UZ,
+        None,
+        "MalformedEnvelope",
+    ),
+    "key-entry-count-huge": (
+        "a key entry count of 65535, over the 32-recipient cap, where the entries were",
+        lambda: with_entry_count(_BASE, 0xFFFF),
         UZ,
         None,
         "MalformedEnvelope",
@@ -490,12 +510,18 @@ def _write(name: str, document: dict[str, Any]) -> None:
     (HERE / name).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
-def main() -> None:
-    """Write keys.json, directory.json and every vector, checking each as it goes."""
+def main(only: set[str] | None = None) -> None:
+    """Write keys.json, directory.json and every vector (or those named), checking each.
+
+    Naming vectors (``generate.py key-entry-count-huge``) writes only those,
+    so that adding one leaves the committed bytes of the others as they are.
+    """
     _write("keys.json", keys_document())
     (HERE / "directory.json").write_bytes(directory_json())
     directory = load_directory(directory_json(), authority=AUTHORITY.public_key())
     for name, (description, make, openers) in VALID.items():
+        if only is not None and name not in only:
+            continue
         raw = make()
         opened = [
             open_envelope(raw, recipient=_recipient(p), directory=directory, now=NOW)
@@ -515,6 +541,8 @@ def main() -> None:
             },
         )
     for name, (description, make, opener, amqp_user_id, error) in INVALID.items():
+        if only is not None and name not in only:
+            continue
         raw = make()
         try:
             open_envelope(
@@ -545,4 +573,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(set(sys.argv[1:]) or None)
