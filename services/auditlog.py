@@ -16,6 +16,7 @@ and proofs cost O(log n).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import struct
@@ -71,14 +72,22 @@ log_entries_table = sa.Table(
     "log_entries",
     metadata,
     sa.Column("idx", sa.BigInteger(), primary_key=True, autoincrement=False),
-    sa.Column("envelope_id", sa.String(ENVELOPE_ID), nullable=True, index=True),
+    sa.Column("envelope_id", sa.String(ENVELOPE_ID), nullable=True),
     sa.Column("received_at", UTCDateTime(), nullable=False),
     sa.Column("verification", sa.String(80), nullable=False),
     sa.Column("prev_hash", sa.LargeBinary(HASH_BYTES), nullable=False),
     sa.Column("leaf_hash", sa.LargeBinary(HASH_BYTES), nullable=False),
     sa.Column("body", sa.LargeBinary(), nullable=False),
+    sa.Column("body_sha256", sa.LargeBinary(HASH_BYTES), nullable=False, index=True),
+    sa.Index("ix_log_entries_envelope_id_verification", "envelope_id", "verification"),
 )
-"""One row per envelope received, in arrival order; `body` is the sealed envelope."""
+"""One row per envelope received, in arrival order; `body` is the sealed envelope.
+
+`body_sha256` lets the routing service tell a redelivery from another envelope
+under the same id by digest, never reading back an earlier body; the index on
+(envelope_id, verification) finds the verified entry of an id among any number
+of refused ones.
+"""
 
 log_checkpoints_table = sa.Table(
     "log_checkpoints",
@@ -211,23 +220,39 @@ class Appender:
         self._prev = prev
         self._rows: list[dict[str, Any]] = []
 
-    def append(self, raw: bytes, *, received_at: datetime, verification: str) -> int:
-        """Number and chain one entry; it is written by the next `flush`."""
+    def append(
+        self,
+        raw: bytes,
+        *,
+        received_at: datetime,
+        verification: str,
+        envelope_id: str | None = None,
+        sha256: bytes | None = None,
+    ) -> int:
+        """Number and chain one entry; it is written by the next `flush`.
+
+        `envelope_id` and `sha256` are the header's id (None if the bytes do
+        not frame) and the SHA-256 of `raw`, as a caller that already parsed
+        the envelope knows them; without `sha256` both are read here.
+        """
         check_verification(verification)
         if not isinstance(raw, bytes):
             raise AuditError(f"an envelope must be bytes, not {type(raw).__name__}")
+        if sha256 is None:
+            envelope_id, sha256 = _envelope_id(raw), hashlib.sha256(raw).digest()
         when = format_time(received_at)
         entry = LogEntry(self._index, when, verification, self._prev, raw)
         leaf = entry.leaf_hash()
         self._rows.append(
             {
                 "idx": self._index,
-                "envelope_id": _envelope_id(raw),
+                "envelope_id": envelope_id,
                 "received_at": parse_time(when),
                 "verification": verification,
                 "prev_hash": self._prev,
                 "leaf_hash": leaf,
                 "body": raw,
+                "body_sha256": sha256,
             }
         )
         self._index, self._prev = self._index + 1, leaf

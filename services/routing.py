@@ -6,9 +6,9 @@ bound with ``#``), checks each one's signature against the trust directory,
 and then, for every delivery already waiting (up to a batch), in arrival order
 and in one database transaction
 
-1. skips it if the same bytes are already logged as verified, or as rejected
-   and failing again (a redelivery); a different envelope under an id already
-   verified is logged as ``rejected:replayed``,
+1. skips it if the same bytes (by SHA-256) are already logged as verified,
+   or as rejected and failing again (a redelivery); a different envelope
+   under an id already verified is logged as ``rejected:replayed``,
 2. appends it to the audit log with its receive time and verification result
    (``ok`` or ``rejected:<reason>``),
 3. for a verified envelope, folds its header into the case's state
@@ -43,7 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from broker.database import storage_errors
 from broker.directory import DIRECTORY_FILE, Directory, reload_home_directory
-from broker.envelope import MAX_AGE, EnvelopeVerifier, SealedEnvelope, read_header, seal
+from broker.envelope import MAX_AGE, CheckedEnvelope, EnvelopeVerifier, SealedEnvelope, seal
 from broker.errors import ConfigError, ReplayedEnvelope, TransportError, TrmError
 from broker.keys import ParticipantKeys, load_keys
 from broker.outbox import Outbox, Relay
@@ -243,22 +243,24 @@ class RoutingService:
         if not arrivals:
             return []
         directory = self.directory()
+        verifier = self._verifier_for(directory)
         checked = []
         for raw, user_id in arrivals:
             at = self.clock()
-            header, verification = self._verify(raw, directory, at, user_id)
-            checked.append((raw, at, header, verification))
+            found = verifier.check(raw, at=at, amqp_user_id=user_id, max_age=self.max_age)
+            checked.append((found, at))
         with storage_errors("recording envelopes"), self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_ROUTING_LOCK)))
-            logged = _logged(conn, {None if h is None else str(h.id) for _, _, h, _ in checked})
+            logged = Logged.read(conn, [c for c, _ in checked])
             writes = _Writes(conn, self.auditlog.appender(conn), CaseBatch(conn, self._cases))
-            writes.cases.read(h.case for _, _, h, v in checked if h is not None and v == VERIFIED)
+            writes.cases.read(h.case for h in (_verified(c) for c, _ in checked) if h is not None)
             outcomes = [self._record(writes, directory, logged, *item) for item in checked]
             writes.log.flush()
             writes.cases.save()
         writes.cases.committed()
-        for outcome, (_, _, header, _) in zip(outcomes, checked, strict=True):
+        for outcome, (found, _) in zip(outcomes, checked, strict=True):
+            header = found.header
             if outcome.duplicate:
                 self._log.info("envelope already logged", envelope_id=outcome.envelope_id)
             else:
@@ -270,46 +272,37 @@ class RoutingService:
         self,
         writes: _Writes,
         directory: Directory,
-        logged: dict[str | None, list[tuple[bytes, str]]],
-        raw: bytes,
+        logged: Logged,
+        found: CheckedEnvelope,
         at: datetime,
-        header: EnvelopeHeader | None,
-        verification: str,
     ) -> Outcome:
         """Log one verified (or rejected) envelope inside the batch's transaction.
 
-        `logged` holds what the log has under each id of the batch; the
+        `logged` holds what the log has for the batch's digests and ids; the
         entries this batch appends are added to it, so a batch holding the
         same bytes twice logs them once.
         """
+        header = found.header
         envelope_id = None if header is None else str(header.id)
-        seen = logged.setdefault(envelope_id, [])
+        verification = VERIFIED if found.error is None else REJECTED + found.error.reason
+        before = logged.verdicts.get(found.sha256, set())
         # Bytes logged ok, or logged at all and still failing: a redelivery. Bytes
         # rejected before (say, under another AMQP user) that now verify are logged.
-        if (raw, VERIFIED) in seen or (verification != VERIFIED and raw in dict(seen)):
+        if VERIFIED in before or (verification != VERIFIED and before):
             return Outcome(envelope_id, "duplicate", None)
-        if verification == VERIFIED and any(v == VERIFIED for _, v in seen):
+        if verification == VERIFIED and envelope_id in logged.verified_ids:
             verification = REJECTED + ReplayedEnvelope.reason
-        index = writes.log.append(raw, received_at=at, verification=verification)
-        seen.append((raw, verification))
+        index = writes.log.append(
+            found.raw,
+            received_at=at,
+            verification=verification,
+            envelope_id=envelope_id,
+            sha256=found.sha256,
+        )
+        logged.add(found.sha256, envelope_id, verification)
         if verification == VERIFIED and header is not None:
             return self._track(writes, header, at, directory, index)
         return Outcome(envelope_id, verification, index)
-
-    def _verify(
-        self, raw: bytes, directory: Directory, at: datetime, user_id: str | None
-    ) -> tuple[EnvelopeHeader | None, str]:
-        try:
-            verified = self._verifier_for(directory).verify(
-                raw, at=at, amqp_user_id=user_id, max_age=self.max_age
-            )
-        except TrmError as e:
-            try:
-                header: EnvelopeHeader | None = read_header(raw)
-            except TrmError:
-                header = None
-            return header, REJECTED + e.reason
-        return verified.header, VERIFIED
 
     def _verifier_for(self, directory: Directory) -> EnvelopeVerifier:
         """`verify_envelope` with this directory's keys parsed once, until a new one comes."""
@@ -556,18 +549,53 @@ class LazyPublisher:
             self._publisher = None
 
 
-def _logged(
-    conn: Connection, envelope_ids: set[str | None]
-) -> dict[str | None, list[tuple[bytes, str]]]:
-    """(body, verification) of the entries logged under each id (None: under no id)."""
-    t = log_entries_table.c
-    found: dict[str | None, list[tuple[bytes, str]]] = {i: [] for i in envelope_ids}
-    ids = sorted(i for i in envelope_ids if i is not None)
-    matches = [t.envelope_id.in_(ids[n : n + _ID_CHUNK]) for n in range(0, len(ids), _ID_CHUNK)]
-    if None in envelope_ids:
-        matches.append(t.envelope_id.is_(None))
-    for match in matches:
-        query = sa.select(t.envelope_id, t.body, t.verification).where(match).order_by(t.idx)
-        for row in conn.execute(query):
-            found[row.envelope_id].append((bytes(row.body), row.verification))
-    return found
+def _verified(found: CheckedEnvelope) -> EnvelopeHeader | None:
+    """The header of a verified envelope, None for a refused one."""
+    return found.header if found.error is None else None
+
+
+_t = log_entries_table.c
+_SAME_BYTES = sa.select(_t.body_sha256, _t.verification).where(
+    _t.body_sha256.in_(sa.bindparam("b_ids", expanding=True))
+)
+_VERIFIED_IDS = sa.select(_t.envelope_id).where(
+    _t.envelope_id.in_(sa.bindparam("b_ids", expanding=True)), _t.verification == VERIFIED
+)
+
+
+@dataclass
+class Logged:
+    """What the log holds that bears on one batch: never a body, only digests and ids.
+
+    Both lookups go through an index and return at most a few rows per
+    envelope of the batch (the same bytes are logged at most once verified
+    and once refused), however many other entries share its id.
+    """
+
+    verdicts: dict[bytes, set[str]]
+    """SHA-256 of a body -> the verifications it was logged with."""
+    verified_ids: set[str]
+    """The batch's envelope ids already logged verified."""
+
+    @classmethod
+    def read(cls, conn: Connection, batch: Sequence[CheckedEnvelope]) -> Logged:
+        """The entries with the bytes of an envelope of `batch`, and its ids logged verified."""
+        digests = sorted({c.sha256 for c in batch})
+        ids = sorted({str(h.id) for h in map(_verified, batch) if h is not None})
+        verdicts: dict[bytes, set[str]] = {}
+        for n in range(0, len(digests), _ID_CHUNK):
+            chunk = digests[n : n + _ID_CHUNK]
+            for digest, verification in conn.execute(_SAME_BYTES, {"b_ids": chunk}):
+                verdicts.setdefault(bytes(digest), set()).add(verification)
+        verified: set[str] = set()
+        for n in range(0, len(ids), _ID_CHUNK):
+            verified.update(
+                conn.execute(_VERIFIED_IDS, {"b_ids": ids[n : n + _ID_CHUNK]}).scalars()
+            )
+        return cls(verdicts, verified)
+
+    def add(self, sha256: bytes, envelope_id: str | None, verification: str) -> None:
+        """Count an entry this batch appends."""
+        self.verdicts.setdefault(sha256, set()).add(verification)
+        if verification == VERIFIED and envelope_id is not None:
+            self.verified_ids.add(envelope_id)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,10 +17,12 @@ from uuid import UUID
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.database import open_database
+from broker import envelope
+from broker.database import alembic_config, migrate, open_database
 from broker.directory import (
     Directory,
     DirectoryBody,
@@ -26,7 +31,7 @@ from broker.directory import (
     revoke_key,
     sign_directory,
 )
-from broker.envelope import Recipient, open_envelope, read_header, seal
+from broker.envelope import EnvelopeVerifier, Recipient, open_envelope, read_header, seal
 from broker.errors import StorageError
 from broker.keys import (
     ParticipantKeys,
@@ -48,7 +53,7 @@ from services.cases import CaseState, Stage
 from services.casestore import CaseStore, CaseWrite
 from services.checkpoint import origin_for
 from services.deadlines import Status
-from services.routing import HomeDirectory, Outcome, RoutingService, Timers
+from services.routing import HomeDirectory, Logged, Outcome, RoutingService, Timers
 from trm.cli import cli
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
@@ -557,6 +562,121 @@ def test_batch_is_logged_in_arrival_order_and_absorbed_when_redelivered(
     assert CaseStore(engine).anomalies() == []
     again = svc.receive_batch([(d.body, d.user_id) for d in batch])
     assert all(o.duplicate for o in again)
+
+
+def _forged(raw: bytes, n: int) -> bytes:
+    """`raw` with byte `n` of its ciphertext changed: the same header, a bad signature."""
+    at = len(raw) - 65 - n
+    return raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1 :]
+
+
+@contextmanager
+def _statements(engine: sa.Engine) -> Iterator[list[str]]:
+    """Every statement run on `engine` while the block runs."""
+    seen: list[str] = []
+
+    def note(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
+
+
+def test_redelivery_check_reads_no_body_however_many_share_the_id(
+    world: World, engine: sa.Engine
+) -> None:
+    """Junk under one verified id: each check reads digests of its own bytes, never a body."""
+    svc = service(world, engine, Clock(T0))
+    request = world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0)
+    svc.receive(request, user_id=KZ)
+    junk = [_forged(request, n) for n in range(1, 31)]
+    for raw in junk[:-1]:
+        assert svc.receive(raw, user_id=KZ).verification == "rejected:bad_signature"
+    with _statements(engine) as statements:
+        last = svc.receive(junk[-1], user_id=KZ)
+        again = svc.receive(junk[0], user_id=KZ)
+    assert last.verification == "rejected:bad_signature" and again.duplicate
+    assert not [s for s in statements if re.search(r"\blog_entries\.body\b", s)]
+    with engine.connect() as conn:
+        checked = [EnvelopeVerifier(world.directory).check(raw, at=T0) for raw in junk[:3]]
+        logged = Logged.read(conn, checked)
+    # One row per envelope asked about, whatever else is logged under the id.
+    assert len(logged.verdicts) == 3 and logged.verified_ids == set()
+    assert {v for found in logged.verdicts.values() for v in found} == {"rejected:bad_signature"}
+
+
+def test_each_envelope_is_parsed_once(
+    world: World, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verifying, naming and logging an envelope, refused or not, frames its bytes once."""
+    svc = service(world, engine, Clock(T0))
+    request = world.seal(K.RETURN_REQUEST, KZ, (UZ, NGO), seq=1, at=T0)
+    request_id = str(read_header(request).id)
+    parses: list[bytes] = []
+    parse = envelope._parse
+
+    def counting(raw: bytes) -> object:
+        parses.append(raw)
+        return parse(raw)
+
+    monkeypatch.setattr(envelope, "_parse", counting)
+    outcomes = svc.receive_batch([(request, KZ), (_forged(request, 1), KZ), (b"junk", KZ)])
+    assert [o.verification for o in outcomes] == [
+        "ok",
+        "rejected:bad_signature",
+        "rejected:malformed",
+    ]
+    assert [o.envelope_id for o in outcomes[:2]] == [request_id] * 2
+    assert len(parses) == 3
+
+
+def test_migration_gives_every_logged_entry_its_digest(database_url: str) -> None:
+    """Entries logged before 0008 get the SHA-256 of their body; 0007 again drops it."""
+    engine = sa.create_engine(database_url)
+    old = sa.table(
+        "log_entries",
+        *(sa.column(c.name, c.type) for c in log_entries_table.c if c.name != "body_sha256"),
+    )
+    bodies = [b"first envelope", b"second envelope"]
+    try:
+        migrate(engine, "0007")
+        with engine.begin() as conn:
+            conn.execute(
+                old.insert(),
+                [
+                    {
+                        "idx": i,
+                        "envelope_id": None,
+                        "received_at": T0,
+                        "verification": "ok",
+                        "prev_hash": bytes(32),
+                        "leaf_hash": bytes(32),
+                        "body": body,
+                    }
+                    for i, body in enumerate(bodies)
+                ],
+            )
+        migrate(engine)
+        with engine.connect() as conn:
+            query = sa.select(log_entries_table.c.body_sha256).order_by(log_entries_table.c.idx)
+            stored = [bytes(d) for d in conn.execute(query).scalars()]
+        assert stored == [hashlib.sha256(body).digest() for body in bodies]
+        migrate_down(engine, "0007")
+        columns = {c["name"] for c in sa.inspect(engine).get_columns("log_entries")}
+        assert "body_sha256" not in columns and "body" in columns
+    finally:
+        engine.dispose()
+
+
+def migrate_down(engine: sa.Engine, revision: str) -> None:
+    """Run the migrations down to `revision`."""
+    with engine.begin() as conn:
+        config = alembic_config()
+        config.attributes["connection"] = conn
+        command.downgrade(config, revision)
 
 
 def test_batch_failing_before_commit_leaves_nothing_and_is_applied_once_later(
