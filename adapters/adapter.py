@@ -10,7 +10,10 @@ restarted with backoff while the broker is unreachable (`run_with_reconnect`):
   (on the consumer's own publisher) and then acked, so it never blocks the
   queue behind it.
 - the relay publishes the outbox with windowed confirms and marks envelopes
-  sent only once confirmed.
+  sent only once confirmed; it then awaits each recipient's delivery receipt
+  and resends the same bytes to those whose receipt is overdue
+  (`broker.reception`), every `resend_after` seconds doubled after each try,
+  until `resend_tries` tries are flagged.
 - the eraser does the erasures consent withdrawals asked for (`Erasures`):
   at once when the inbox committed one, and every `erasure_retry` seconds
   for one that failed (a read-only case folder, say) or that another
@@ -41,6 +44,7 @@ from adapters.home import Home
 from broker.errors import StorageError, TrmError
 from broker.inbox import Inbox, Outcome
 from broker.outbox import Outbox, Relay
+from broker.reception import RESEND_AFTER, RESEND_TRIES, ReceptionPolicy
 from broker.topology import inbox_queue
 from broker.transport import AmqpSettings, Consumer, Delivery, Publisher, run_with_reconnect
 
@@ -84,16 +88,21 @@ class Adapter:
         relay_batch: int = 500,
         apply_batch: int = 100,
         erasure_retry: float = 30.0,
+        resend_after: float = RESEND_AFTER,
+        resend_tries: int = RESEND_TRIES,
     ) -> None:
         """Run for `home`; settings are checked here, before any thread starts.
 
         Up to `apply_batch` deliveries already waiting are applied in one
-        inbox transaction and acked with one multiple-ack.
+        inbox transaction and acked with one multiple-ack. An envelope whose
+        receipt has not come back is resent after `resend_after` seconds
+        (doubling), and flagged after `resend_tries` tries.
         """
         self.home = home
         self.relay_batch = relay_batch
         self.apply_batch = apply_batch
         self.erasure_retry = erasure_retry
+        self.reception = ReceptionPolicy(after=resend_after, tries=resend_tries)
         self.participant_id = home.participant_id
         self.settings: AmqpSettings = home.amqp_settings()
         home.directory()
@@ -211,7 +220,11 @@ class Adapter:
             publisher = Publisher(self.settings, self.participant_id)
             try:
                 Relay(
-                    outbox, publisher, batch=self.relay_batch, max_retry_delay=RETRY_MAX_SECONDS
+                    outbox,
+                    publisher,
+                    batch=self.relay_batch,
+                    max_retry_delay=RETRY_MAX_SECONDS,
+                    reception=self.reception,
                 ).run(stop, wake)
             finally:
                 publisher.close()

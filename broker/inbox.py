@@ -30,6 +30,7 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from broker import reception
 from broker.casegate import CaseGate
 from broker.database import (
     inbox_table,
@@ -475,7 +476,8 @@ class Inbox:
         """Record receipts for our envelopes, once per (envelope, recipient); never answered.
 
         The gate has refused every receipt from a participant that was not a
-        recipient of the envelope, or with another digest.
+        recipient of the envelope, or with another digest. Each receipt ends
+        the relay's wait for it (`broker.reception`), in the same transaction.
         """
         ours = list({str(receipt.envelope_id) for _, receipt, _ in receipts})
         recorded = set(_select_in(conn, _RECEIPTS_OF, ours))
@@ -496,6 +498,8 @@ class Inbox:
             )
         if rows:
             conn.execute(_INSERT_RECEIPT, rows)
+            answered = [(str(row["envelope_id"]), str(row["recipient"])) for row in rows]
+            reception.clear(conn, answered)
 
     def _refuse(
         self, body: bytes, error: EnvelopeError, amqp_user_id: str | None, at: datetime

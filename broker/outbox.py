@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from broker.database import (
+    awaiting_receipts_table,
     case_sequence_table,
     outbox_table,
     reading,
@@ -33,6 +34,7 @@ from broker.database import (
 )
 from broker.errors import ConfigError, StorageError, TransportError
 from broker.faults import fault_point
+from broker.reception import ANSWERED, AwaitingReceipts, ReceptionPolicy
 from broker.transport import Outgoing
 
 if TYPE_CHECKING:
@@ -70,6 +72,11 @@ _RECORD_FAILURE = (
     .where(_t.envelope_id == sa.bindparam("b_id"), _t.sent_at.is_(None))
     .values(attempts=_t.attempts + 1, last_error=sa.bindparam("b_error"))
 )
+
+
+_AWAITING_COUNTS = sa.select(
+    sa.func.count(), sa.func.count(awaiting_receipts_table.c.flagged_at)
+).where(~ANSWERED)
 
 
 @functools.cache
@@ -130,6 +137,10 @@ class OutboxStatus:
     """The latest publish error of the oldest pending envelope, if any."""
     receipts: int
     """Delivery receipts received for our envelopes."""
+    awaiting: int = 0
+    """Receipts, one per envelope and recipient, still awaited (`broker.reception`)."""
+    flagged: int = 0
+    """Of those, the ones the relay stopped resending after every try."""
 
 
 class Outbox:
@@ -211,14 +222,25 @@ class Outbox:
             for r in rows
         ]
 
-    def mark_sent(self, envelope_ids: Sequence[str], at: datetime | None = None) -> None:
-        """Record that the broker confirmed these envelopes (one executemany for all)."""
+    def mark_sent(
+        self,
+        envelope_ids: Sequence[str],
+        at: datetime | None = None,
+        awaiting: AwaitingReceipts | None = None,
+    ) -> None:
+        """Record that the broker confirmed these envelopes (one executemany for all).
+
+        With `awaiting`, each recipient's receipt is awaited from now on, in
+        the same transaction.
+        """
         if not envelope_ids:
             return
         moment = at or datetime.now(UTC)
         params = [{"b_id": envelope_id, "b_at": moment} for envelope_id in envelope_ids]
         with storage_errors("marking envelopes sent"), self.engine.begin() as conn:
             conn.execute(_MARK_SENT, params)
+            if awaiting is not None:
+                awaiting.record(conn, envelope_ids, moment)
 
     def record_failure(self, envelope_ids: Sequence[str], error: str) -> None:
         """Count a failed publish of these envelopes; they stay pending."""
@@ -242,17 +264,25 @@ class Outbox:
                 .limit(1)
             ).first()
             receipts = conn.execute(sa.select(count).select_from(receipts_table)).scalar_one()
+            awaiting, flagged = conn.execute(_AWAITING_COUNTS).one()
         return OutboxStatus(
             pending=int(pending),
             sent=int(sent),
             oldest_pending=oldest.created_at if oldest else None,
             last_error=oldest.last_error if oldest else None,
             receipts=int(receipts),
+            awaiting=int(awaiting),
+            flagged=int(flagged or 0),
         )
 
 
 class Relay:
-    """Publishes the outbox with confirms; marks rows sent only once confirmed."""
+    """Publishes the outbox with confirms; marks rows sent only once confirmed.
+
+    With a `ReceptionPolicy` it also awaits every recipient's delivery
+    receipt and resends to those whose receipt is overdue
+    (`broker.reception`).
+    """
 
     def __init__(
         self,
@@ -262,11 +292,14 @@ class Relay:
         batch: int = 500,
         retry_delay: float = BACKOFF_FIRST,
         max_retry_delay: float = BACKOFF_MAX,
+        reception: ReceptionPolicy | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         """Relay `outbox` through `publisher`, `batch` envelopes per confirmed publish.
 
         After a failure the relay waits `retry_delay` seconds, doubling up to
-        `max_retry_delay` while failures continue.
+        `max_retry_delay` while failures continue. Without `reception` no
+        receipt is awaited: the routing service records none.
         """
         if batch < 1 or retry_delay <= 0 or max_retry_delay < retry_delay:
             raise ConfigError("the relay needs batch >= 1 and 0 < retry_delay <= max_retry_delay")
@@ -275,6 +308,11 @@ class Relay:
         self.batch = batch
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.awaiting = (
+            None if reception is None else AwaitingReceipts(outbox.engine, reception, self.clock)
+        )
+        self._next_scan = 0.0
 
     def run_once(self) -> int:
         """Publish one batch of pending envelopes; return how many the broker confirmed.
@@ -292,9 +330,34 @@ class Relay:
             self.outbox.record_failure(ids, f"{e.reason}: {e}")
             raise
         fault_point("relay.after_confirm")
-        self.outbox.mark_sent(ids)
+        self.outbox.mark_sent(ids, self.clock(), self.awaiting)
         log.debug("relay.sent", count=len(ids), first_envelope_id=ids[0])
         return len(ids)
+
+    def resend_once(self) -> int:
+        """Resend one batch of envelopes whose receipts are overdue; return the waits handled.
+
+        Each goes, same bytes and id, only to its recipients still awaiting a
+        receipt; waits past the policy's tries are flagged instead. On a
+        transport failure nothing is recorded and the error is raised: the
+        same waits are due at the next call.
+        """
+        if self.awaiting is None:
+            return 0
+        due = self.awaiting.due(self.batch)
+        if due.resends:
+            self.publisher.publish(due.resends)
+        if len(due):
+            self.awaiting.settle(due)
+        return len(due)
+
+    def _resend_when_due(self) -> int:
+        """`resend_once` at most every `IDLE_POLL` seconds, at once again after a full batch."""
+        if self.awaiting is None or time.monotonic() < self._next_scan:
+            return 0
+        handled = self.resend_once()
+        self._next_scan = 0.0 if handled >= self.batch else time.monotonic() + IDLE_POLL
+        return handled
 
     def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
         """Relay until `stop` is set, backing off while the broker or database fails.
@@ -308,10 +371,10 @@ class Relay:
         try:
             while not stop.is_set():
                 try:
-                    if self.run_once():
-                        backoff = self.retry_delay
-                        continue
+                    busy = self.run_once() + self._resend_when_due()
                     backoff = self.retry_delay
+                    if busy:
+                        continue
                     self._idle(stop, wake, watch)
                 except (TransportError, StorageError) as e:
                     log.warning("relay.retrying", reason=e.reason, error=str(e), delay=backoff)

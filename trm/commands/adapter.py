@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from adapters.home import Home
 from broker.database import quarantine_table, storage_errors
 from broker.errors import ConfigError, TrmError
+from broker.reception import RESEND_AFTER, RESEND_TRIES, Awaiting
 from trm import logs
 
 P = ParamSpec("P")
@@ -123,6 +124,24 @@ def adapter() -> None:
     envvar="TRM_ERASURE_RETRY_SECONDS",
     help="Seconds between tries of an erasure that failed [TRM_ERASURE_RETRY_SECONDS].",
 )
+@click.option(
+    "--resend-after",
+    type=click.FloatRange(min=0, min_open=True),
+    default=RESEND_AFTER,
+    show_default=True,
+    envvar="TRM_RESEND_AFTER_SECONDS",
+    help="Seconds before an envelope without a delivery receipt is sent again to the "
+    "recipients that did not answer, doubled after each try [TRM_RESEND_AFTER_SECONDS].",
+)
+@click.option(
+    "--resend-tries",
+    type=click.IntRange(min=1),
+    default=RESEND_TRIES,
+    show_default=True,
+    envvar="TRM_RESEND_TRIES",
+    help="Tries, the first publish included, before a missing receipt is flagged "
+    "(logged, shown by trm outbox status) [TRM_RESEND_TRIES].",
+)
 @_reasons
 def run(
     home: Path,
@@ -133,6 +152,8 @@ def run(
     case_system: str | None,
     log_file: Path | None,
     erasure_retry: float,
+    resend_after: float,
+    resend_tries: int,
 ) -> None:
     """Run until SIGTERM or SIGINT: apply each delivery once, publish the outbox."""
     from adapters.adapter import Adapter
@@ -143,6 +164,8 @@ def run(
         process = Adapter(
             _home(home, database_url, amqp_url, vhost, case_dir, case_system),
             erasure_retry=erasure_retry,
+            resend_after=resend_after,
+            resend_tries=resend_tries,
         )
         stop = threading.Event()
 
@@ -268,29 +291,80 @@ def outbox_status(
     case_dir: Path | None,
     as_json: bool,
 ) -> None:
-    """Pending and sent envelopes, the oldest pending one, receipts received."""
+    """Pending and sent envelopes, receipts received, and each receipt still awaited.
+
+    An envelope awaiting receipts is listed with each recipient that has not
+    answered: how many times it was published to it, when it is resent next,
+    or since when it is flagged (no receipt after every try).
+    """
     from broker.outbox import Outbox
+    from broker.reception import awaiting
 
     engine = _home(home, database_url, amqp_url, vhost, case_dir).open_database()
     try:
         status = Outbox(engine).status()
+        waits = awaiting(engine)
     finally:
         engine.dispose()
+    envelopes = _by_envelope(waits)
     row = {
         "pending": status.pending,
         "sent": status.sent,
         "oldest_pending": _iso(status.oldest_pending),
         "last_error": status.last_error,
         "receipts": status.receipts,
+        "awaiting": status.awaiting,
+        "flagged": status.flagged,
+        "awaiting_receipts": envelopes,
     }
     if as_json:
         click.echo(json.dumps(row, indent=2))
         return
-    click.echo(f"pending {status.pending}, sent {status.sent}, receipts {status.receipts}")
+    click.echo(
+        f"pending {status.pending}, sent {status.sent}, receipts {status.receipts}, "
+        f"awaiting {status.awaiting} (flagged {status.flagged})"
+    )
     if status.oldest_pending is not None:
         click.echo(f"oldest pending since {_iso(status.oldest_pending)}")
     if status.last_error:
         click.echo(f"last error: {status.last_error}")
+    for envelope in envelopes:
+        click.echo(
+            f"envelope {envelope['envelope_id']}  {envelope['kind']}  case {envelope['case']}  "
+            f"sent {envelope['sent_at']}"
+        )
+        for wait in envelope["recipients"]:
+            when = (
+                f"FLAGGED since {wait['flagged_at']}"
+                if wait["flagged_at"]
+                else f"next resend {wait['next_resend_at']}"
+            )
+            click.echo(f"  {wait['recipient']:<32} tries {wait['tries']:<3} {when}")
+
+
+def _by_envelope(waits: list[Awaiting]) -> list[dict[str, Any]]:
+    """The awaited receipts grouped by envelope, oldest envelope first, for printing."""
+    envelopes: dict[str, dict[str, Any]] = {}
+    for wait in waits:
+        envelope = envelopes.setdefault(
+            wait.envelope_id,
+            {
+                "envelope_id": wait.envelope_id,
+                "case": wait.case,
+                "kind": wait.kind,
+                "sent_at": _iso(wait.sent_at),
+                "recipients": [],
+            },
+        )
+        envelope["recipients"].append(
+            {
+                "recipient": wait.recipient,
+                "tries": wait.tries,
+                "next_resend_at": _iso(wait.next_resend_at),
+                "flagged_at": _iso(wait.flagged_at),
+            }
+        )
+    return list(envelopes.values())
 
 
 def _iso(moment: datetime | None) -> str | None:
