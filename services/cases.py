@@ -55,6 +55,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
@@ -201,10 +202,18 @@ class CaseState:
 
     def entry(self, envelope_id: str) -> Entry | None:
         """The recorded entry of an envelope id, or None."""
-        for entry in self.entries:
-            if entry.event.envelope_id == envelope_id:
-                return entry
-        return None
+        return self._index.find(self.entries, envelope_id)
+
+    @property
+    def opening(self) -> Event | None:
+        """The event that opened the case (the first opening kind that moved it), or None."""
+        return self._index.opening_of(self.entries)
+
+    @cached_property
+    def _index(self) -> _EntryIndex:
+        # Not a field: never compared, never serialised; `apply` hands the next
+        # state its predecessor's index, extended, so no event rescans the entries.
+        return _EntryIndex(self.entries)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON-ready dict; `from_dict` gives back an equal state."""
@@ -245,6 +254,49 @@ class CaseState:
                 "not a stored case summary; rebuild it from the audit log with `trm audit replay`"
             )
         return cls.from_dict({**summary, "entries": list(entries)})
+
+
+class _EntryIndex:
+    """Where each envelope id and the opening lie in a case's entries, and in later states'.
+
+    One index serves a state and every state `apply` grows from it by one
+    entry, so looking up an id costs the same at any case length. A lookup is
+    answered only from the positions below the asking state's own length.
+    """
+
+    def __init__(self, entries: Sequence[Entry]) -> None:
+        self.positions: dict[str, int] = {}
+        self.opening: int | None = None
+        self.size = 0
+        for entry in entries:
+            self.add(entry)
+
+    def add(self, entry: Entry) -> None:
+        """Index `entry` as the next position."""
+        event = entry.event
+        self.positions.setdefault(event.envelope_id, self.size)
+        if self.opening is None and _opens(entry):
+            self.opening = self.size
+        self.size += 1
+
+    def after(self, entries: Sequence[Entry], entry: Entry) -> _EntryIndex:
+        """The index of `entries` and then `entry`: this one grown, if it covers just `entries`."""
+        # Another state grown from the same one already took this index: a branch.
+        index = self if self.size == len(entries) else _EntryIndex(entries)
+        index.add(entry)
+        return index
+
+    def find(self, entries: Sequence[Entry], envelope_id: str) -> Entry | None:
+        position = self.positions.get(envelope_id)
+        return None if position is None or position >= len(entries) else entries[position]
+
+    def opening_of(self, entries: Sequence[Entry]) -> Event | None:
+        position = self.opening
+        return None if position is None or position >= len(entries) else entries[position].event
+
+
+def _opens(entry: Entry) -> bool:
+    return entry.event.kind in casepolicy.OPENING_KINDS and entry.stage_after is not None
 
 
 # --- applying events -------------------------------------------------------------
@@ -345,14 +397,7 @@ def _view(state: CaseState) -> casepolicy.CaseView | None:
     """The policy's view of a case the routing service has seen opened; it reads no consent."""
     if state.stage is None:
         return None
-    opening = next(
-        (
-            e.event
-            for e in state.entries
-            if e.event.kind in casepolicy.OPENING_KINDS and e.stage_after is not None
-        ),
-        None,
-    )
+    opening = state.opening
     return casepolicy.CaseView(
         case=state.case,
         owner=casepolicy.case_owner(state.case),
@@ -438,7 +483,8 @@ def _record(
     moved = target is not None
     joins = not blocked and event.kind not in BOOKKEEPING_KINDS
     parties = state.parties | {event.sender, *event.recipients} if joins else state.parties
-    return CaseState(
+    entry = Entry(event, stage, anomaly)
+    grown = CaseState(
         case=state.case,
         stage=stage,
         origin=event.sender if moved and state.origin is None else state.origin,
@@ -446,11 +492,14 @@ def _record(
         party_roles=_roles_of(state.party_roles, parties, role_of),
         last_seq=_next_seq(state, event, anomaly),
         pending_receipts=_next_pending(state, event, blocked),
-        entries=(*state.entries, Entry(event, stage, anomaly)),
+        entries=(*state.entries, entry),
         updated_at=event.received_at,
         stage_entered_at=event.received_at if moved else state.stage_entered_at,
         stage_envelope=event.envelope_id if moved else state.stage_envelope,
     )
+    # cached_property's own slot: the grown state starts with its index built.
+    grown.__dict__["_index"] = state._index.after(state.entries, entry)
+    return grown
 
 
 def _roles_of(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from broker.errors import CaseError, CaseStateInvalid
 from schemas.base import MessageKind as K
 from schemas.header import EnvelopeHeader
+from services import cases
 from services.cases import (
     CaseState,
     Entry,
@@ -418,6 +419,62 @@ def test_same_id_with_another_header_is_a_conflicting_duplicate() -> None:
     again, anomaly = apply(state, forged, ROLES)
     assert anomaly is not None and anomaly.reason == Reason.CONFLICTING_DUPLICATE
     assert again == state
+
+
+def _long_case(length: int) -> tuple[Case, CaseState]:
+    """A request, its acceptance, then travel re-arranged until the case has `length` entries."""
+    case = Case()
+    state, _ = fold(happy_path(case, 2))
+    for _ in range(length - 2):
+        state, anomaly = apply(state, case.event(K.TRAVEL_ARRANGED, KZ, (UZ, NGO_UZ)), ROLES)
+        assert anomaly is None
+    return case, state
+
+
+def test_an_event_indexes_one_entry_at_any_case_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Growing a case event by event indexes each entry once: no event rescans the case."""
+    built: list[int] = []
+    added: list[str] = []
+    init, add = cases._EntryIndex.__init__, cases._EntryIndex.add
+
+    def counting_init(self: cases._EntryIndex, entries: Sequence[Entry]) -> None:
+        built.append(len(entries))
+        init(self, entries)
+
+    def counting_add(self: cases._EntryIndex, entry: Entry) -> None:
+        added.append(entry.event.envelope_id)
+        add(self, entry)
+
+    monkeypatch.setattr(cases._EntryIndex, "__init__", counting_init)
+    monkeypatch.setattr(cases._EntryIndex, "add", counting_add)
+    case, state = _long_case(300)
+    assert built == [0] and len(added) == 300
+    first = state.entries[0].event
+    redelivered = Event(**{**first.__dict__, "received_at": first.received_at + timedelta(days=1)})
+    before = len(added)
+    assert apply(state, redelivered, ROLES) == (state, None)
+    grown, _ = apply(state, case.event(K.TRAVEL_ARRANGED, KZ, (UZ, NGO_UZ)), ROLES)
+    assert len(added) - before == 1 and built == [0]
+    assert grown.opening == first
+
+
+def test_states_grown_from_one_state_each_see_only_their_own_entries() -> None:
+    """Two different events applied to the same state: each result finds its own id only."""
+    case, state = _long_case(5)
+    left_event = case.event(K.TRAVEL_ARRANGED, KZ, (UZ, NGO_UZ))
+    right_event = case.event(K.TRAVEL_ARRANGED, KZ, (UZ, NGO_UZ))
+    left, _ = apply(state, left_event, ROLES)
+    right, _ = apply(state, right_event, ROLES)
+    assert state.entry(left_event.envelope_id) is None
+    assert state.entry(right_event.envelope_id) is None
+    assert left.entry(right_event.envelope_id) is None
+    found = right.entry(right_event.envelope_id)
+    assert found is not None and found.event == right_event
+    assert left == fold([*(e.event for e in state.entries), left_event])[0]
+    again, _ = apply(left, left_event, ROLES)
+    assert again == left
+    loaded = CaseState.from_dict(json.loads(json.dumps(right.to_dict())))
+    assert loaded.entry(right_event.envelope_id) == found and loaded.opening == right.opening
 
 
 def test_event_for_another_case_raises() -> None:
