@@ -108,7 +108,7 @@ def new(authority_dir: Path, out: Path) -> None:
 @AUTHORITY_DIR
 @_reasons
 def add(file: Path, card: Path, allow_change: frozenset[CardField], authority_dir: Path) -> None:
-    """Add a participant's card, or replace it keeping every key and revocation; bump the serial.
+    """Add a card, or replace one keeping every key and revocation; bump the serial.
 
     A replacement that changes role, parent or country is refused unless
     --allow-change names them; every change is printed.
