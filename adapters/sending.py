@@ -108,6 +108,7 @@ def send_message(
     case: str,
     reply_to: UUID | str | None = None,
     engine: Engine | None = None,
+    allow_classical: bool = False,
 ) -> SealedEnvelope:
     """Seal `message` for `to` on `case` and queue it in the outbox, in one transaction.
 
@@ -115,6 +116,7 @@ def send_message(
     it: a refusal raises `ProtocolViolation` with nothing queued. The case's
     view is updated in the transaction that queues the envelope. `engine` is
     the home's database if already open (else it is opened and closed here).
+    `allow_classical` is `seal`'s: hybrid and classical-only recipients together.
     """
     recipients = check_recipients(home, to)
     answer = UUID(str(reply_to)) if reply_to is not None else None
@@ -140,6 +142,7 @@ def send_message(
                 directory=directory,
                 seq=outbox.next_seq(conn, sender.participant, case),
                 reply_to=answer,
+                allow_classical=allow_classical,
             )
             outbox.add(conn, sealed)
             _record_sent(conn, view, replace(said, envelope_id=str(sealed.id)), message, consent)

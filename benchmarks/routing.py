@@ -12,10 +12,19 @@ of the deliveries waiting.
 The rate is N over the time from the first log entry's receive time to the
 last one's, the same span as the raw baseline's drain (first delivery to last
 ack, `benchmarks.raw.consume_rate`), so process start-up counts in neither.
+
+With `hostile_every` = 10, every tenth envelope of the N is replaced by junk a
+participant could publish cheaply: the header and key entries of envelope 0
+(so every junk envelope claims one and the same verified id), a 512 KiB random
+ciphertext and a random signature, refused as ``rejected:bad_signature`` and
+logged. The rate is then that of the clean envelopes over the same span, and
+its ratio to the clean run's says how much the junk slows honest traffic.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 import time
 from datetime import UTC
 from pathlib import Path
@@ -33,10 +42,27 @@ from broker.transport import AmqpSettings, Outgoing, Publisher
 from services.auditlog import log_entries_table
 
 PUBLISH_BATCH = 500
+HOSTILE_BYTES = 512 * 1024
+"""Ciphertext size of a hostile envelope, half the 1 MiB limit."""
 
 
-def preload(net: Network, count: int, payload_bytes: int) -> int:
-    """Seal `count` envelopes and publish them as the sender; the envelope size in bytes."""
+def junk_like(raw: bytes, size: int = HOSTILE_BYTES) -> bytes:
+    """The header and key entries of `raw`, then `size` random bytes and a random signature."""
+    (header_len,) = struct.unpack_from(">I", raw, 4)
+    pos = 8 + header_len + 2
+    for _ in range(struct.unpack_from(">H", raw, 8 + header_len)[0]):
+        pos += raw[pos] + 1
+        pos += raw[pos] + 1
+        pos += 2 + struct.unpack_from(">H", raw, pos)[0]
+    return raw[:pos] + struct.pack(">I", size) + os.urandom(size) + os.urandom(64)
+
+
+def preload(net: Network, count: int, payload_bytes: int, hostile_every: int = 0) -> int:
+    """Seal `count` envelopes and publish them as the sender; the envelope size in bytes.
+
+    With `hostile_every` n, envelope i is junk (`junk_like` envelope 0) when
+    i % n == n - 1.
+    """
     home = net.home(net.sender)
     keys = load_keys(home)
     directory = load_home_directory(home)
@@ -47,11 +73,15 @@ def preload(net: Network, count: int, payload_bytes: int) -> int:
     )
     publisher = Publisher(settings, net.sender)
     size = 0
+    model = b""
     try:
         sender = keys.sender()
         for first in range(0, count, PUBLISH_BATCH):
             batch = []
             for i in range(first, min(first + PUBLISH_BATCH, count)):
+                if hostile_every and i % hostile_every == hostile_every - 1:
+                    batch.append(Outgoing(f"junk-{i}", (net.recipient,), junk_like(model)))
+                    continue
                 sealed = seal(
                     mix.message(i),
                     case=mix.case(i),
@@ -61,6 +91,7 @@ def preload(net: Network, count: int, payload_bytes: int) -> int:
                     seq=i // CASES + 1,
                 )
                 size = len(sealed.raw)
+                model = model or sealed.raw
                 batch.append(Outgoing(str(sealed.id), sealed.header.recipients, sealed.raw))
             publisher.publish(batch)
     finally:
@@ -93,10 +124,15 @@ def ingest(
     messages: int,
     payload_bytes: int,
     prefetch: int,
+    hostile_every: int = 0,
 ) -> dict[str, Any]:
-    """Pre-load `messages` envelopes into ``trm.routing``, run the service, time the drain."""
+    """Pre-load `messages` envelopes into ``trm.routing``, run the service, time the drain.
+
+    With `hostile_every` (see `preload`), ``clean_per_s`` counts the clean
+    envelopes only.
+    """
     with network(root, amqp_url, management_url) as net:
-        envelope_bytes = preload(net, messages, payload_bytes)
+        envelope_bytes = preload(net, messages, payload_bytes, hostile_every)
         admin = AmqpSettings.from_url(amqp_url, vhost=net.vhost)
         depth = queue_depths(admin, [ROUTING_QUEUE])[ROUTING_QUEUE]
         url = f"sqlite:///{net.home(net.routing) / 'trm.db'}"
@@ -114,8 +150,12 @@ def ingest(
             )
         wall = time.monotonic() - started
         seconds = _span(url)
+    hostile = messages // hostile_every if hostile_every else 0
     return {
         "messages": messages,
+        "hostile": hostile,
+        "hostile_bytes": HOSTILE_BYTES if hostile else 0,
+        "clean_per_s": (messages - hostile) / seconds,
         "preloaded": depth,
         "envelope_bytes": envelope_bytes,
         "prefetch": prefetch,

@@ -12,7 +12,10 @@ prefetch on both sides:
    publish, consume, open, inbox, apply, ack, receipt);
 3. latency at a fixed offered rate (half the measured trm throughput), trm
    and raw alike;
-4. routing ingest against the raw drain rate of the same queue type;
+4. routing ingest against the raw drain rate of the same queue type, then
+   again with every tenth envelope a 512 KiB junk one under a verified id
+   (`benchmarks.routing`), the clean rate under that load against the clean
+   run's;
 5. audit verify and replay against raw Ed25519 verification, one core and all.
 
 The four ratios (`throughput_ratio`, `latency_p99_ratio`,
@@ -160,6 +163,16 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict[s
                 payload_bytes=config.payload_bytes,
                 prefetch=prefetch,
             )
+            say(f"routing ingest, 10 % hostile: {config.routing_messages} envelopes")
+            hostile = routing.ingest(
+                Path(folder) / "routing-hostile",
+                config.amqp_url,
+                config.management_url,
+                messages=config.routing_messages,
+                payload_bytes=config.payload_bytes,
+                prefetch=prefetch,
+                hostile_every=10,
+            )
             drain = raw.consume_rate(
                 broker, config.routing_messages, size=config.payload_bytes, prefetch=prefetch
             )
@@ -177,6 +190,7 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict[s
     }
     results["trm"] = {**trm, "latency": trm_latency}
     results["routing"] = ingest
+    results["routing_hostile"] = hostile
     results["audit"] = audited
     results["throughput_ratio"] = _ratio(trm["applied_per_s"], best.per_s)
     results["latency_p99_ratio"] = _ratio(trm_latency["p99"], raw_latency.p99)
@@ -185,6 +199,7 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict[s
     results["audit_verify_ratio_per_core"] = audited["verify_ratio_1_core"]
     results["audit_verify_ratio_all_cores"] = audited["verify_ratio_all_cores"]
     results["routing_ingest_ratio"] = _ratio(ingest["ingest_per_s"], drain.per_s)
+    results["routing_hostile_ratio"] = _ratio(hostile["clean_per_s"], ingest["clean_per_s"])
     results["raw_throughput_per_s"] = best.per_s
     results["raw_latency_p99_s"] = raw_latency.p99
     results["raw_ed25519_verify_per_s"] = audited["raw_ed25519_verify_1_core"]
@@ -263,6 +278,12 @@ def table(r: dict[str, Any]) -> str:
             f"{r['routing_ingest_ratio']:.2f}",
             f"goal {GOALS['routing_ingest_ratio']}",
         ),
+        (
+            "  clean env/s with 10 % hostile",
+            f"{r['routing_hostile']['clean_per_s']:.0f}",
+            f"{ingest['clean_per_s']:.0f} clean",
+        ),
+        ("  ratio hostile/clean", f"{r['routing_hostile_ratio']:.2f}", ""),
         (
             "audit verify, 1 core (entry/s)",
             f"{audited['verify_1_core']:.0f}",

@@ -32,6 +32,11 @@ class Suite(StrEnum):
     X25519 = "x25519-hkdfsha256-aes256gcm"
     """Classical, selectable per key for peers that cannot yet do ML-KEM."""
 
+    @property
+    def post_quantum(self) -> bool:
+        """True if the suite's KEM includes ML-KEM, so a quantum computer alone cannot break it."""
+        return self is Suite.MLKEM768_X25519
+
 
 _HPKE = {
     Suite.MLKEM768_X25519: hpke.Suite(

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from broker import _crypto
 from broker.errors import (
     BadSignature,
+    ClassicalDowngrade,
     DecryptionFailed,
     EnvelopeTooLarge,
     KeyNotValid,
@@ -194,12 +195,19 @@ def seal(
     reply_to: UUID | None = None,
     now: datetime | None = None,
     envelope_id: UUID | None = None,
+    allow_classical: bool = False,
 ) -> SealedEnvelope:
     """Encrypt `message` once, wrap its key for each recipient, sign the lot.
 
     Each recipient's key is its current encryption key in `directory`; the
     sender's key must be valid in `directory` now and match `sender.key`, so
     that nobody seals an envelope its recipients would refuse.
+
+    The one content key is wrapped for every recipient, so the payload is
+    only as strong as the weakest wrapping: recipients with hybrid keys and
+    recipients with classical X25519 keys only are refused together
+    (ClassicalDowngrade) unless `allow_classical`, which accepts that every
+    recipient's copy is then only as strong as X25519.
     """
     moment = _utc(now)
     # Millisecond precision, the precision of the time in a UUIDv7 id.
@@ -221,13 +229,14 @@ def seal(
         envelope_id=envelope_id or new_envelope_id(moment),
     )
     header_bytes = header.model_dump_json().encode()
+    keys = [(rid, *directory.encryption_key(rid, moment)) for rid in header.recipients]
+    if not allow_classical:
+        _refuse_downgrade([(rid, key) for rid, _, key in keys])
     content_key = _crypto.new_content_key()
-    entries = []
-    for rid in header.recipients:
-        kid, key = directory.encryption_key(rid, moment)
-        entries.append(
-            _KeyEntry(rid, kid, _crypto.wrap(key, content_key, _wrap_info(header_bytes, rid)))
-        )
+    entries = [
+        _KeyEntry(rid, kid, _crypto.wrap(key, content_key, _wrap_info(header_bytes, rid)))
+        for rid, kid, key in keys
+    ]
     ciphertext = _crypto.encrypt(content_key, encode_payload(message), header_bytes)
     signed = _frame(header_bytes, entries, ciphertext)
     raw = signed + _crypto.sign(sender.key, SIGNATURE_CONTEXT + signed)
@@ -237,6 +246,37 @@ def seal(
             "limit: send large documents by another channel and reference them"
         )
     return SealedEnvelope(header, raw)
+
+
+def classical_recipients(
+    directory: Directory, recipients: Sequence[str], at: datetime
+) -> tuple[str, ...]:
+    """The recipients that would lower the others' protection if sealed for together at `at`.
+
+    Those whose current encryption key is classical X25519 only, when at least
+    one other recipient's is hybrid; none when all are alike.
+    """
+    moment = _utc(at)
+    return _classical_among([(rid, directory.encryption_key(rid, moment)[1]) for rid in recipients])
+
+
+def _classical_among(keys: Sequence[tuple[str, _crypto.EncryptionKey]]) -> tuple[str, ...]:
+    classical = tuple(rid for rid, key in keys if not key.suite.post_quantum)
+    return classical if len(classical) < len(keys) else ()
+
+
+def _refuse_downgrade(keys: Sequence[tuple[str, _crypto.EncryptionKey]]) -> None:
+    classical = _classical_among(keys)
+    if not classical:
+        return
+    named = ", ".join(repr(rid) for rid in classical)
+    who = f"recipient {named} holds" if len(classical) == 1 else f"recipients {named} hold"
+    raise ClassicalDowngrade(
+        f"{who} only a classical X25519 key, and one content key is wrapped for every "
+        "recipient: sealed together, the hybrid recipients' payload would be only as strong "
+        "as X25519. Send to the classical recipients in a separate message, or allow it "
+        "explicitly (allow_classical, `trm send --allow-classical`)"
+    )
 
 
 def _new_header(

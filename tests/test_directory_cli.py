@@ -1,4 +1,8 @@
-"""`trm init` and `trm directory ...` end to end with click's test runner."""
+"""`trm init` and `trm directory ...` end to end with click's test runner.
+
+The world's suites differ (iom-uz's key is X25519 only), so `trm send` over
+it shows what a classical recipient costs the others.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ from click.testing import CliRunner, Result
 
 from broker.directory import load_home_directory
 from broker.keys import pin_authority
+from schemas.base import MessageKind
+from schemas.examples import EXAMPLE_CASE, example
+from schemas.registry import encode_payload
 from trm.cli import cli
 
 PARTICIPANTS = (
@@ -244,3 +251,42 @@ def test_new_refuses_existing_file(world: dict[str, Path]) -> None:
 def test_show_unverified_says_so(world: dict[str, Path]) -> None:
     """show without --authority-key says the signature was not checked."""
     assert "NOT checked" in _ok("directory", "show", world["dir"])
+
+
+def _sending_home(world: dict[str, Path]) -> tuple[Path, Path]:
+    """iom-kz's home with the directory installed, and a return request payload file."""
+    home = world["iom-kz"]
+    pin_authority(home, world["auth"] / "authority.pub")
+    _ok("directory", "install", world["dir"], "--home", home)
+    payload = home.parent / "request.json"
+    payload.write_bytes(encode_payload(example(MessageKind.RETURN_REQUEST)))
+    return home, payload
+
+
+def test_send_refuses_hybrid_and_classical_recipients_together(world: dict[str, Path]) -> None:
+    """`trm send` to a hybrid and an X25519-only recipient fails in one line naming the latter."""
+    home, payload = _sending_home(world)
+    to = "iom-uz,ngo-uz-istiqbolli-avlod"
+    result = _run("send", "return_request", "--home", home, "--to", to,
+                  "--case", EXAMPLE_CASE, "--payload", payload)  # fmt: skip
+    assert result.exit_code == 1
+    reason = result.stderr.strip()
+    assert reason.startswith("Error: classical_downgrade: recipient 'iom-uz' holds only")
+    assert "--allow-classical" in reason and "\n" not in reason
+    status = json.loads(_ok("outbox", "status", "--home", home, "--json"))
+    assert status["pending"] == 0
+
+
+def test_send_allow_classical_seals_and_says_what_it_costs(world: dict[str, Path]) -> None:
+    """With --allow-classical the envelope is queued and stderr says X25519 now bounds everyone."""
+    home, payload = _sending_home(world)
+    to = "iom-uz,ngo-uz-istiqbolli-avlod"
+    result = _run("send", "return_request", "--home", home, "--to", to, "--case", EXAMPLE_CASE,
+                  "--payload", payload, "--allow-classical")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    envelope_id = result.stdout.strip()
+    assert (
+        f"warning: iom-uz holds only a classical X25519 key: envelope {envelope_id} is only "
+        "as strong as X25519 for every recipient" in result.stderr
+    )
+    assert json.loads(_ok("outbox", "status", "--home", home, "--json"))["pending"] == 1

@@ -30,6 +30,7 @@ from broker.envelope import (
     EnvelopeVerifier,
     Recipient,
     SealedEnvelope,
+    classical_recipients,
     new_envelope_id,
     open_envelope,
     read_header,
@@ -38,6 +39,7 @@ from broker.envelope import (
 )
 from broker.errors import (
     BadSignature,
+    ClassicalDowngrade,
     DecryptionFailed,
     EnvelopeTooLarge,
     ExpiredKey,
@@ -134,6 +136,9 @@ def _seal(
         "directory": world.directory,
         "seq": 1,
         "now": NOW,
+        # The default envelope mixes suites on purpose, to prove what opening does
+        # with it; test_seal_refuses_hybrid_and_classical_together proves the default.
+        "allow_classical": True,
     }
     args.update(kw)
     return seal(example(kind), **args)
@@ -767,6 +772,43 @@ def test_seal_refuses_bad_header_values(world: World) -> None:
     for kw in ({"case": "x"}, {"recipients": [UZ, UZ]}, {"seq": 0}, {"recipients": []}):
         with pytest.raises(MalformedEnvelope, match="cannot seal"):
             _seal(world, **kw)
+
+
+def test_seal_refuses_hybrid_and_classical_together(world: World) -> None:
+    """Sealing for a hybrid and an X25519-only recipient is refused, naming the classical one."""
+    request = example(MessageKind.RETURN_REQUEST)
+    args: dict[str, Any] = {
+        "case": CASE,
+        "sender": world.sender(KZ),
+        "directory": world.directory,
+        "seq": 1,
+        "now": NOW,
+    }
+    with pytest.raises(ClassicalDowngrade, match=f"recipient '{NGO}' holds only a classical"):
+        seal(request, recipients=[UZ, NGO], **args)
+    with pytest.raises(ClassicalDowngrade, match="only as strong as X25519"):
+        seal(request, recipients=[NGO, KG, UZ], **args)
+    assert seal(request, recipients=[UZ, KG], **args).header.recipients == (UZ, KG)
+    assert seal(request, recipients=[NGO], **args).header.recipients == (NGO,)
+
+
+def test_seal_allows_classical_when_asked_and_both_open(world: World) -> None:
+    """With allow_classical a mixed envelope seals, and the hybrid and classical one open it."""
+    sealed = seal(
+        example(MessageKind.RETURN_REQUEST),
+        case=CASE,
+        sender=world.sender(KZ),
+        recipients=[UZ, NGO],
+        directory=world.directory,
+        seq=1,
+        now=NOW,
+        allow_classical=True,
+    )
+    for pid in (UZ, NGO):
+        assert _open(world, sealed.raw, pid).message == example(MessageKind.RETURN_REQUEST)
+    assert classical_recipients(world.directory, [UZ, NGO], NOW) == (NGO,)
+    assert classical_recipients(world.directory, [UZ, KG], NOW) == ()
+    assert classical_recipients(world.directory, [NGO], NOW) == ()
 
 
 def test_seal_refuses_unknown_recipient(world: World) -> None:

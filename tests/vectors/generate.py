@@ -251,8 +251,18 @@ def flip(data: bytes, index: int) -> bytes:
 # --- the vectors ------------------------------------------------------------------------
 
 
-def sealed(kind: MessageKind, sender: str, recipients: list[str], *, seq: int = 1) -> bytes:
-    """An envelope made by `seal` at SENT_AT with the sender's first signing key."""
+def sealed(
+    kind: MessageKind,
+    sender: str,
+    recipients: list[str],
+    *,
+    seq: int = 1,
+    allow_classical: bool = False,
+) -> bytes:
+    """An envelope made by `seal` at SENT_AT with the sender's first signing key.
+
+    `allow_classical` is `seal`'s, for the vector that mixes suites on purpose.
+    """
     directory = load_directory(directory_json(), authority=AUTHORITY.public_key())
     kid = next(k for (p, k) in SIGNING if p == sender)
     return seal(
@@ -264,6 +274,7 @@ def sealed(kind: MessageKind, sender: str, recipients: list[str], *, seq: int = 
         seq=seq,
         now=SENT_AT,
         envelope_id=envelope_id(SENT_AT, seq),
+        allow_classical=allow_classical,
     ).raw
 
 
@@ -280,7 +291,7 @@ VALID: dict[str, tuple[str, Callable[[], bytes], list[str]]] = {
     ),
     "return-request-mixed-suites": (
         "KZ mission to UZ mission (hybrid) and the NGO (X25519), one ciphertext",
-        lambda: sealed(MessageKind.RETURN_REQUEST, KZ, [UZ, NGO], seq=2),
+        lambda: sealed(MessageKind.RETURN_REQUEST, KZ, [UZ, NGO], seq=2, allow_classical=True),
         [UZ, NGO],
     ),
     "reception-confirmed-from-ngo": (

@@ -24,6 +24,7 @@ from adapters.home import Home
 from broker.database import quarantine_table, storage_errors
 from broker.errors import ConfigError, TrmError
 from broker.reception import RESEND_AFTER, RESEND_TRIES, Awaiting
+from schemas.header import EnvelopeHeader
 from trm import logs
 
 P = ParamSpec("P")
@@ -200,6 +201,12 @@ def run(
     help="JSON file with the message, checked against the kind's schema.",
 )
 @click.option("--reply-to", default=None, help="Envelope id of the message this answers.")
+@click.option(
+    "--allow-classical",
+    is_flag=True,
+    help="Seal for hybrid and X25519-only recipients together; the payload is then only "
+    "as strong as X25519 for every recipient.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_reasons
 def send(
@@ -213,9 +220,14 @@ def send(
     case: str,
     payload: Path,
     reply_to: str | None,
+    allow_classical: bool,
     as_json: bool,
 ) -> None:
-    """Seal a KIND message and queue it; the running adapter publishes it."""
+    """Seal a KIND message and queue it; the running adapter publishes it.
+
+    Recipients with hybrid (ML-KEM-768+X25519) keys and recipients with
+    X25519 keys only are refused together, unless --allow-classical.
+    """
     from uuid import UUID
 
     from adapters.sending import load_payload, send_message
@@ -227,14 +239,37 @@ def send(
             answer = UUID(reply_to)
         except ValueError as e:
             raise ConfigError(f"--reply-to {reply_to!r} is not an envelope id (a UUID)") from e
+    participant = _home(home, database_url, amqp_url, vhost, case_dir)
     sealed = send_message(
-        _home(home, database_url, amqp_url, vhost, case_dir),
+        participant,
         message,
         to=to.split(","),
         case=case,
         reply_to=answer,
+        allow_classical=allow_classical,
     )
+    if allow_classical:
+        _warn_classical(participant, sealed.header)
     _print_sent(sealed.header.model_dump(mode="json"), as_json)
+
+
+def _warn_classical(home: Home, header: EnvelopeHeader) -> None:
+    """Say on stderr what sealing for classical recipients cost, if any was among them."""
+    from broker.envelope import classical_recipients
+
+    classical = classical_recipients(home.directory(), header.recipients, header.sent_at)
+    if not classical:
+        return
+    who = (
+        f"{classical[0]} holds only a classical X25519 key"
+        if len(classical) == 1
+        else f"{', '.join(classical)} hold only classical X25519 keys"
+    )
+    click.echo(
+        f"warning: {who}: envelope {header.id} is only as strong as X25519 for every "
+        "recipient, the hybrid ones included",
+        err=True,
+    )
 
 
 def _print_sent(header: dict[str, Any], as_json: bool) -> None:
