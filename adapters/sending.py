@@ -191,8 +191,12 @@ def send_to_parties(
     only: Role | None = None,
     reply_to: UUID | str | None = None,
     engine: Engine | None = None,
+    allow_classical: bool = False,
 ) -> SealedEnvelope:
-    """Send `message` on `case` to every other verified party (of role `only`, if given)."""
+    """Send `message` on `case` to every other verified party (of role `only`, if given).
+
+    `allow_classical` is `send_message`'s.
+    """
     own_engine = engine is None
     db = home.open_database() if engine is None else engine
     try:
@@ -201,7 +205,15 @@ def send_to_parties(
         if not recipients:
             kind = "party" if only is None else str(only)
             raise ConfigError(f"no other {kind} takes part in case {case!r} as known here")
-        return send_message(home, message, to=recipients, case=case, reply_to=reply_to, engine=db)
+        return send_message(
+            home,
+            message,
+            to=recipients,
+            case=case,
+            reply_to=reply_to,
+            engine=db,
+            allow_classical=allow_classical,
+        )
     finally:
         if own_engine:
             db.dispose()
@@ -291,6 +303,7 @@ def withdraw_consent(
     staff_role: str = "case manager",
     note: str | None = None,
     engine: Engine | None = None,
+    allow_classical: bool = False,
 ) -> SealedEnvelope:
     """Record the person's withdrawal of consent and send it to every other party of `case`.
 
@@ -314,7 +327,7 @@ def withdraw_consent(
                 notes=note,
             ),
         )
-        sealed = send_to_parties(home, message, case, engine=db)
+        sealed = send_to_parties(home, message, case, engine=db, allow_classical=allow_classical)
         if delete_data:
             _erase_here(home, db, sealed)
         return sealed
@@ -346,6 +359,7 @@ def report_service(
     not_done_reason: str | None = None,
     note: str | None = None,
     engine: Engine | None = None,
+    allow_classical: bool = False,
 ) -> SealedEnvelope:
     """Tell every other party of a referral that its services started, or ended (done or not)."""
     now = datetime.now(UTC)
@@ -369,7 +383,7 @@ def report_service(
                 started_at=now, services=tuple(ReferralService(s) for s in services), notes=note
             ),
         )
-    return send_to_parties(home, message, case, engine=engine)
+    return send_to_parties(home, message, case, engine=engine, allow_classical=allow_classical)
 
 
 def _validated(what: str, build: Callable[[], M]) -> M:

@@ -13,9 +13,18 @@ from typing import Any
 
 import click
 
+from adapters.home import Home
+from broker.envelope import SealedEnvelope
 from broker.errors import SchemaViolation
 from schemas.base import MessageKind
-from trm.commands.adapter import _home, _home_options, _print_sent, _reasons
+from trm.commands.adapter import _home, _home_options, _print_sent, _reasons, _warn_classical
+
+ALLOW_CLASSICAL = click.option(
+    "--allow-classical",
+    is_flag=True,
+    help="Seal for hybrid and X25519-only parties together; the payload is then only "
+    "as strong as X25519 for every party.",
+)
 
 
 @click.command()
@@ -66,6 +75,7 @@ def service() -> None:
 )
 @click.option("--note", default=None, help="A note (encrypted).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@ALLOW_CLASSICAL
 @_reasons
 def service_started(
     home: Path,
@@ -76,19 +86,22 @@ def service_started(
     case: str,
     services: str,
     note: str | None,
+    allow_classical: bool,
     as_json: bool,
 ) -> None:
     """The services accepted have started."""
     from adapters.sending import report_service
 
+    participant = _home(home, database_url, amqp_url, vhost, case_dir)
     sealed = report_service(
-        _home(home, database_url, amqp_url, vhost, case_dir),
+        participant,
         case,
         completed=False,
         services=[s.strip() for s in services.split(",") if s.strip()],
         note=note,
+        allow_classical=allow_classical,
     )
-    _print_sent(sealed.header.model_dump(mode="json"), as_json)
+    _sent(participant, sealed, allow_classical, as_json)
 
 
 @service.command("completed")
@@ -102,6 +115,7 @@ def service_started(
 )
 @click.option("--note", default=None, help="A note (encrypted).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@ALLOW_CLASSICAL
 @_reasons
 def service_completed(
     home: Path,
@@ -112,19 +126,22 @@ def service_completed(
     case: str,
     not_done: str | None,
     note: str | None,
+    allow_classical: bool,
     as_json: bool,
 ) -> None:
     """The services have ended: done, or not done with the reason."""
     from adapters.sending import report_service
 
+    participant = _home(home, database_url, amqp_url, vhost, case_dir)
     sealed = report_service(
-        _home(home, database_url, amqp_url, vhost, case_dir),
+        participant,
         case,
         completed=True,
         not_done_reason=not_done,
         note=note,
+        allow_classical=allow_classical,
     )
-    _print_sent(sealed.header.model_dump(mode="json"), as_json)
+    _sent(participant, sealed, allow_classical, as_json)
 
 
 @click.command()
@@ -144,6 +161,7 @@ def service_completed(
 @click.option("--staff-role", default="case manager", show_default=True)
 @click.option("--note", default=None, help="A note (encrypted).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@ALLOW_CLASSICAL
 @_reasons
 def withdraw(
     home: Path,
@@ -156,6 +174,7 @@ def withdraw(
     purposes: str,
     staff_role: str,
     note: str | None,
+    allow_classical: bool,
     as_json: bool,
 ) -> None:
     """Record a withdrawal of consent and send it to every other party: the case halts."""
@@ -163,14 +182,22 @@ def withdraw(
 
     if delete_data is None:
         raise SchemaViolation("say --delete-data or --keep-data: what did the person ask for?")
+    participant = _home(home, database_url, amqp_url, vhost, case_dir)
     sealed = withdraw_consent(
-        _home(home, database_url, amqp_url, vhost, case_dir),
+        participant,
         case,
         delete_data=delete_data,
         purposes=[p.strip() for p in purposes.split(",") if p.strip()],
         staff_role=staff_role,
         note=note,
+        allow_classical=allow_classical,
     )
+    _sent(participant, sealed, allow_classical, as_json)
+
+
+def _sent(home: Home, sealed: SealedEnvelope, allow_classical: bool, as_json: bool) -> None:
+    if allow_classical:
+        _warn_classical(home, sealed.header)
     _print_sent(sealed.header.model_dump(mode="json"), as_json)
 
 
