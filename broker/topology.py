@@ -11,11 +11,18 @@ Permissions of participant X on the vhost:
   ``confirm.select`` and ``basic.consume`` need no configure permission, so
   a participant can check for and consume its queues without being able to
   create, delete or re-bind anything.
-- write ``^trm\\.(handoff|quarantine)$``: publish envelopes and quarantine
-  records. The default exchange (``amq.default``) is not writable, so X
-  cannot drop a message straight into another participant's queue.
-- read ``^trm\\.(inbox|quarantine)\\.X$`` (the routing participant also
-  ``^trm\\.routing$``): consume (and purge) its own queues only.
+- write ``^trm\\.(handoff|quarantine|witness)$``: publish envelopes,
+  quarantine records and witness messages. The default exchange
+  (``amq.default``) is not writable, so X cannot drop a message straight
+  into another participant's queue.
+- read ``^trm\\.(inbox|quarantine|witness)\\.X$`` (the routing participant
+  also ``^trm\\.routing$``): consume (and purge) its own queues only.
+
+The witness exchange ``trm.witness`` (direct) routes by participant id to
+``trm.witness.<id>``: the routing service's cosignature requests to each
+witness's queue, the witnesses' answers to the routing participant's own.
+Nothing on it is trusted for who sent it: requests carry the routing
+service's signed checkpoint, answers the witness's cosignature.
 
 Dead-lettering from an inbox to the quarantine is done by the broker itself
 and needs no user permission.
@@ -57,6 +64,7 @@ if TYPE_CHECKING:
 EXCHANGE = "trm.handoff"
 QUARANTINE_EXCHANGE = "trm.quarantine"
 ROUTING_QUEUE = "trm.routing"
+WITNESS_EXCHANGE = "trm.witness"
 DELIVERY_LIMIT = 200
 """Deliveries of one message before the broker moves it to the quarantine.
 
@@ -81,6 +89,11 @@ def inbox_queue(participant_id: str) -> str:
     return f"trm.inbox.{participant_id}"
 
 
+def witness_queue(participant_id: str) -> str:
+    """The queue of ``participant_id``'s witness messages (requests, or answers for routing)."""
+    return f"trm.witness.{participant_id}"
+
+
 def quarantine_queue(participant_id: str) -> str:
     """The name of ``participant_id``'s quarantine queue."""
     return f"trm.quarantine.{participant_id}"
@@ -98,10 +111,10 @@ class Permissions:
 def permissions_for(participant_id: str, role: str) -> Permissions:
     """What participant ``participant_id`` (with ``role``) may do on the vhost."""
     me = re.escape(participant_id)
-    read = rf"^trm\.(inbox|quarantine)\.{me}$"
+    read = rf"^trm\.(inbox|quarantine|witness)\.{me}$"
     if str(role) == ROUTING_ROLE:
         read += rf"|^{re.escape(ROUTING_QUEUE)}$"
-    return Permissions(configure="^$", write=r"^trm\.(handoff|quarantine)$", read=read)
+    return Permissions(configure="^$", write=r"^trm\.(handoff|quarantine|witness)$", read=read)
 
 
 def queue_arguments(dead_letter_key: str, delivery_limit: int) -> dict[str, object]:
@@ -161,6 +174,7 @@ def declare(
         channel = connection.channel()
         channel.exchange_declare(EXCHANGE, "topic", durable=True)
         channel.exchange_declare(QUARANTINE_EXCHANGE, "direct", durable=True)
+        channel.exchange_declare(WITNESS_EXCHANGE, "direct", durable=True)
         for participant_id, _role in participants:
             quarantine = quarantine_queue(participant_id)
             channel.queue_declare(quarantine, durable=True, arguments={"x-queue-type": "quorum"})
@@ -170,7 +184,10 @@ def declare(
                 inbox, durable=True, arguments=queue_arguments(participant_id, delivery_limit)
             )
             channel.queue_bind(inbox, EXCHANGE, routing_key=participant_id)
-            queues += [inbox, quarantine]
+            witness = witness_queue(participant_id)
+            channel.queue_declare(witness, durable=True, arguments={"x-queue-type": "quorum"})
+            channel.queue_bind(witness, WITNESS_EXCHANGE, routing_key=participant_id)
+            queues += [inbox, quarantine, witness]
         channel.queue_declare(
             ROUTING_QUEUE, durable=True, arguments=queue_arguments(routing_key, delivery_limit)
         )

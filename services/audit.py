@@ -67,6 +67,7 @@ from services.checkpoint import (
     origin_for,
     routing_participant,
 )
+from services.cosignature import CosignatureInvalid, check_cosignatures, require_quorum
 from services.merkle import EMPTY_ROOT, MerkleTree, verify_consistency
 
 CHUNK_BYTES = 1 << 20
@@ -125,6 +126,12 @@ class VerifyReport:
     """The routing participant whose keys the checkpoints were checked against."""
     directory_serial: int
     """The serial of the directory that lists `log_id` as routing and its keys."""
+    quorum: int = 0
+    """How many witnesses had to cosign the newest checkpoint."""
+    directory_quorum: int = 0
+    """The quorum the directory sets; `quorum` is lower when the auditor lowered it."""
+    witnesses: tuple[str, ...] = ()
+    """The witnesses whose cosignatures of the newest checkpoint verified."""
 
     def summary(self) -> str:
         """One line for a terminal."""
@@ -133,7 +140,22 @@ class VerifyReport:
             f"{self.envelopes_ok} envelopes verified, {self.rejected_recorded} recorded as "
             f"rejected ({self.rejected_confirmed} confirmed offline); root {self.root}; "
             f"log of routing participant {self.log_id!r} ({self.origin}) "
-            f"in directory serial {self.directory_serial}"
+            f"in directory serial {self.directory_serial}; {self.witnessed()}"
+        )
+
+    def witnessed(self) -> str:
+        """What the witnesses' cosignatures showed, in words."""
+        named = ", ".join(self.witnesses) or "none"
+        lowered = (
+            f", LOWERED from the directory's {self.directory_quorum} by the auditor"
+            if self.quorum < self.directory_quorum
+            else ""
+        )
+        if self.quorum == 0 and self.directory_quorum == 0:
+            return f"no witness quorum set by the directory (cosigned by: {named})"
+        return (
+            f"quorum met: {len(self.witnesses)} witnesses cosigned the newest checkpoint "
+            f"({named}), {self.quorum} required{lowered}"
         )
 
 
@@ -891,8 +913,14 @@ def verify_export(
     workers: int | None = None,
     trusted_checkpoint: bytes | None = None,
     log_id: str | None = None,
+    quorum: int | None = None,
 ) -> VerifyReport:
     """Check an export offline; LogTampered naming the first bad entry, else a report.
+
+    Every witness cosignature on a checkpoint must verify, and the newest
+    checkpoint must carry those of `quorum` distinct witnesses of the
+    directory (default: the directory's quorum), else LogTampered for the
+    export, naming that checkpoint.
 
     `directory` must list every key that signed (use the newest directory:
     it also carries revocations); `trusted_checkpoint` is a signed note the
@@ -923,6 +951,8 @@ def verify_export(
             "the export holds no entry and no checkpoint, so nothing names its log: "
             "pass the routing participant id (--log-id)"
         )
+    required = directory.body.quorum if quorum is None else quorum
+    witnesses = _check_witnessed(verified, directory, required)
     return VerifyReport(
         entries=scan.count,
         checkpoints=len(verified),
@@ -935,7 +965,37 @@ def verify_export(
         origin=origin_for(log),
         log_id=log,
         directory_serial=directory.serial,
+        quorum=required,
+        directory_quorum=directory.body.quorum,
+        witnesses=tuple(witnesses),
     )
+
+
+def _check_witnessed(verified: list[_Verified], directory: Directory, quorum: int) -> list[str]:
+    """Every cosignature verified; the witnesses of the newest checkpoint, at least `quorum`."""
+    if quorum < 0:
+        raise AuditError(f"a quorum cannot be negative, got {quorum}")
+    for item in verified:
+        try:
+            check_cosignatures(item.mark.note, directory)
+        except CosignatureInvalid as e:
+            raise LogTampered(
+                max(item.checkpoint.size - 1, 0), f"checkpoint of size {item.checkpoint.size}: {e}"
+            ) from e
+    if not verified:
+        if quorum:
+            raise LogTampered(None, f"no checkpoint, so none cosigned by {quorum} witnesses")
+        return []
+    newest = max(verified, key=lambda v: v.checkpoint.size)
+    try:
+        return require_quorum(newest.mark.note, directory, quorum)
+    except CosignatureInvalid as e:
+        cp = newest.checkpoint
+        raise LogTampered(
+            None,
+            f"the newest checkpoint (size {cp.size}, root {cp.root.hex()}, "
+            f"{cp.time.isoformat()}) lacks the witness quorum: {e}",
+        ) from e
 
 
 def replay_export(

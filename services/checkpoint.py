@@ -205,6 +205,11 @@ def _log_key_name(note: bytes, log_id: str) -> str:
 # --- the note framing ------------------------------------------------------------
 
 
+def note_signatures(note: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The note's body and its (key name, key id || signature) lines, none of them checked."""
+    return _split_note(note)
+
+
 def _split_note(note: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
     """Body bytes and (key name, key id || signature) pairs, per c2sp.org/signed-note."""
     if not isinstance(note, bytes):

@@ -28,6 +28,7 @@ from broker.topology import (
     permissions_for,
     provision,
     quarantine_queue,
+    witness_queue,
 )
 from broker.transport import AmqpSettings, open_connection
 from trm.cli import cli
@@ -100,6 +101,7 @@ def test_provision_is_idempotent(
     queues = {q.name: q for q in management.list_queues(vhost)}
     expected = {inbox_queue(p) for p, _ in participants} | {ROUTING_QUEUE}
     expected |= {quarantine_queue(p) for p, _ in participants}
+    expected |= {witness_queue(p) for p, _ in participants}
     assert set(queues) == expected
     assert {q.type for q in queues.values()} == {"quorum"}
     inbox = queues[inbox_queue(a)].arguments
@@ -110,8 +112,8 @@ def test_provision_is_idempotent(
 
     assert management.get_permissions(vhost, a) == {
         "configure": "^$",
-        "write": r"^trm\.(handoff|quarantine)$",
-        "read": rf"^trm\.(inbox|quarantine)\.{re.escape(a)}$",
+        "write": r"^trm\.(handoff|quarantine|witness)$",
+        "read": rf"^trm\.(inbox|quarantine|witness)\.{re.escape(a)}$",
     }
     routing_read = (management.get_permissions(vhost, routing) or {})["read"]
     assert re.search(routing_read, ROUTING_QUEUE)

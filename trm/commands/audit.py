@@ -152,6 +152,13 @@ def export(home: Path, out: Path, database_url: str | None, as_json: bool) -> No
     help="A signed checkpoint kept from earlier, which the export must extend.",
 )
 @click.option("--workers", type=click.IntRange(min=1), help="Processes (default: every core).")
+@click.option(
+    "--quorum",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Witness cosignatures the newest checkpoint needs (default: the directory's quorum); "
+    "a lower one is printed as lowered.",
+)
 @JSON
 def verify(
     file: Path,
@@ -160,14 +167,20 @@ def verify(
     log_id: str | None,
     checkpoint_file: Path | None,
     workers: int | None,
+    quorum: int | None,
     as_json: bool,
 ) -> None:
-    """Check every entry, envelope signature and checkpoint; exit 1 naming the first bad entry."""
+    """Check every entry, envelope signature, checkpoint and the witness quorum; exit 1 if bad."""
     try:
         directory = _verified_directory(directory_file, authority_key)
         trusted = checkpoint_file.read_bytes() if checkpoint_file else None
         report = verify_export(
-            file, directory, workers=workers, trusted_checkpoint=trusted, log_id=log_id
+            file,
+            directory,
+            workers=workers,
+            trusted_checkpoint=trusted,
+            log_id=log_id,
+            quorum=quorum,
         )
     except LogTampered as e:
         if as_json:
