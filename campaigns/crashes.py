@@ -1,9 +1,10 @@
 """Campaigns 1-3: consumer crashes, broker restarts and relay crashes under load.
 
-Each run builds a scratch network (iom-kz sends to iom-uz; the routing
-service logs everything), sends its messages from a thread while faults are
-injected, waits until everything is applied and every receipt is back, stops
-the processes and hands the databases to `campaigns.checker`.
+Each run builds a scratch network (iom-kz opens cases with iom-uz and keeps
+sending on them, `flow_message`; the routing service logs everything), sends
+its messages from a thread while faults are injected, waits until everything
+is applied and every receipt is back, stops the processes and hands the
+databases to `campaigns.checker`.
 
 - **consumer crashes**: the receiving adapter dies by SIGKILL at its fault
   points ``inbox.before_commit`` / ``inbox.after_commit`` (``TRM_FAULTS``)
@@ -29,13 +30,20 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from campaigns.checker import RECEIPT_KIND, Party, Status, check, quarantine_rows
-from campaigns.network import KZ, ROUTING, UZ, Services, scratch_network, sqlite_synchronous
+from campaigns.network import (
+    KZ,
+    ROUTING,
+    UZ,
+    Services,
+    flow_message,
+    scratch_network,
+    sqlite_synchronous,
+)
 from campaigns.report import Row
-from schemas.base import MessageKind
 from trm.localnet import LocalNetwork
 
 CASES = 50
-"""Messages are spread over this many case references."""
+"""Messages are spread over this many case references (`flow_message`)."""
 RABBITMQ_BOOT_SECONDS = 180
 BATCH_FAULT = 0.1
 """Probability of a kill at each inbox fault point, passed once per applied batch."""
@@ -131,12 +139,8 @@ class _Run:
                     ahead = start + i * pace - time.monotonic()
                     if ahead > 0:
                         time.sleep(ahead)
-                    self.net.send(
-                        KZ,
-                        MessageKind.RETURN_REQUEST,
-                        to=[UZ],
-                        case=f"iom-kz.KZ-2026-{i % CASES:04d}",
-                    )
+                    kind, case = flow_message(i, CASES)
+                    self.net.send(KZ, kind, to=[UZ], case=case)
                     self.sent += 1
             except BaseException as e:
                 self.send_error = e

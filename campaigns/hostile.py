@@ -43,12 +43,10 @@ from trm.localnet import LocalNetwork
 ADMIN = None
 """`publish_as` of an envelope injected by the broker's administrator (no participant)."""
 
-VALID_KINDS = (
-    MessageKind.RETURN_REQUEST,
-    MessageKind.RETURN_ACCEPTED,
-    MessageKind.TRAVEL_ARRANGED,
-    MessageKind.REFERRAL_REQUEST,
-)
+OPENING_SEQ = 1
+"""The number of the stream's first valid envelope: the return request that opens the case."""
+VALID_KINDS = (MessageKind.TRAVEL_ARRANGED, MessageKind.REINTEGRATION_UPDATE)
+"""The kinds of the valid envelopes after the opening: kinds the case's owner may send again."""
 
 
 def _subclasses(cls: type[TrmError]) -> list[type[TrmError]]:
@@ -171,8 +169,8 @@ def header_dict(
 def seal_valid(
     cast: Cast, seq: int, *, now: datetime | None = None, **extra: Any
 ) -> SealedEnvelope:
-    """A valid envelope from the cast's sender to its target."""
-    kind = VALID_KINDS[seq % len(VALID_KINDS)]
+    """A valid envelope from the cast's sender to its target, the case's opening if `seq` is 1."""
+    kind = MessageKind.RETURN_REQUEST if seq == OPENING_SEQ else VALID_KINDS[seq % len(VALID_KINDS)]
     moment = now or cast.now
     return seal(
         example(kind),
@@ -339,6 +337,8 @@ def hostile_stream(
 ) -> list[Valid | Hostile]:
     """`hostile` hostile envelopes of every family, a valid one after every `valid_every`.
 
+    The first valid envelope opens the cast's case, the later ones go on it.
+
     Every valid envelope is followed, later in the stream, by a replay: its id
     with other bytes (sealed again), which the receiver must refuse as
     ``replayed`` (counted among the hostile ones).
@@ -348,7 +348,7 @@ def hostile_stream(
     items: list[Valid | Hostile] = []
     replays: list[Hostile] = []
     made = 0
-    seq = 1
+    seq = OPENING_SEQ - 1
     seen: set[bytes] = set()
     while made < hostile:
         if made % valid_every == 0:

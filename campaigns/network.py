@@ -11,6 +11,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from broker.directory import Role
+from schemas.base import MessageKind
 from trm.localnet import LocalNetwork, create_network
 
 KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
@@ -21,6 +22,17 @@ PEOPLE: dict[str, tuple[str, Role, str, str | None]] = {
     ROUTING: (ROUTING, Role.ROUTING, "AT", None),
 }
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def flow_message(i: int, cases: int) -> tuple[MessageKind, str]:
+    """The kind and case of message i of iom-kz's flow to iom-uz over `cases` of its cases.
+
+    The first message on each case opens it with a return request; every later
+    one is a travel arrangement, which the case protocol lets a party send
+    again (travel re-arranged), so that many messages still ride on each case.
+    """
+    kind = MessageKind.RETURN_REQUEST if i < cases else MessageKind.TRAVEL_ARRANGED
+    return kind, f"{KZ}.KZ-2026-{i % cases:04d}"
 
 
 @dataclass(frozen=True)
