@@ -47,6 +47,7 @@ from broker.outbox import Outbox, Relay
 from broker.reception import RESEND_AFTER, RESEND_TRIES, ReceptionPolicy
 from broker.topology import inbox_queue
 from broker.transport import AmqpSettings, Consumer, Delivery, Publisher, run_with_reconnect
+from services.witness import Witness, run_witness
 
 log = structlog.get_logger(__name__)
 
@@ -139,6 +140,15 @@ class Adapter:
                     "eraser", lambda: self._erase(erasures, inbox.erasure_wanted, stop, wake), stop
                 ),
             ]
+            if self.participant_id in self.home.directory().body.witnesses:
+                witness = Witness.of_home(self.home, engine)
+                threads.append(
+                    self._thread(
+                        "witness",
+                        lambda: run_witness(witness, self.settings, self.participant_id, stop),
+                        stop,
+                    )
+                )
             self._log.info(
                 "adapter.started", vhost=self.settings.vhost, queue=inbox_queue(self.participant_id)
             )

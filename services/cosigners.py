@@ -33,8 +33,15 @@ import structlog
 from broker.database import UTCDateTime, metadata, storage_errors
 from broker.directory import Directory
 from broker.errors import AuditError, BrokerUnavailable, TrmError
-from broker.topology import WITNESS_EXCHANGE
-from broker.transport import AmqpSettings, Consumer, Delivery, Outgoing, Publisher
+from broker.topology import WITNESS_EXCHANGE, witness_queue
+from broker.transport import (
+    AmqpSettings,
+    Consumer,
+    Delivery,
+    Outgoing,
+    Publisher,
+    run_with_reconnect,
+)
 from services.auditlog import AuditLog, log_checkpoints_table
 from services.cosignature import CosignatureInvalid, check_cosignatures, with_cosignature
 from services.witness import ANSWER_TYPE, format_request
@@ -176,9 +183,12 @@ class Cosigners:
     # -- the process --------------------------------------------------------------------------
 
     def run(self, settings: AmqpSettings, participant: str, stop: threading.Event) -> None:
-        """Consume answers and send requests until `stop` is set (see `run_with_reconnect`)."""
-        from broker.topology import witness_queue
-        from broker.transport import run_with_reconnect
+        """Consume answers and send requests until `stop` is set.
+
+        A lost broker is waited for (`run_with_reconnect`); any other failure
+        (a witness queue not provisioned yet, say) is logged and tried again
+        after `_RETRY` seconds: witnessing never stops the routing service.
+        """
 
         def answers() -> None:
             consumer = Consumer(settings, witness_queue(participant))
@@ -188,13 +198,21 @@ class Cosigners:
                 consumer.close()
 
         thread = threading.Thread(
-            target=lambda: run_with_reconnect(answers, stop, log=self._log),
+            target=lambda: self._persist(answers, stop),
             name="routing-witness-answers",
             daemon=True,
         )
         thread.start()
-        run_with_reconnect(lambda: self._ask(settings, participant, stop), stop, log=self._log)
+        self._persist(lambda: self._ask(settings, participant, stop), stop)
         thread.join()
+
+    def _persist(self, loop: Callable[[], None], stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                run_with_reconnect(loop, stop, log=self._log)
+            except TrmError as e:
+                self._log.error("witnessing failed; will retry", reason=e.reason, error=str(e))
+                stop.wait(_RETRY)
 
     def _handle(self, delivery: Delivery) -> None:
         self.take(delivery.body, delivery.user_id)
@@ -222,6 +240,7 @@ class Cosigners:
 
 
 _TICK = 0.2
+_RETRY = 15.0
 
 
 def _answer(body: bytes) -> dict[str, Any]:

@@ -24,7 +24,8 @@ Deadlines are polled on a timer: each warning or overdue deadline gets one
 signed reminder envelope (no personal data) for the participant who owes the
 next step, written to the outbox in the same transaction that records the
 reminder's key; the relay publishes it. The log is checkpointed every N
-entries, every T seconds and on shutdown.
+entries, every T seconds and on shutdown, and each checkpoint is sent to the
+directory's witnesses to cosign (`services.cosigners`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from services.auditlog import REJECTED, VERIFIED, Appender, AuditLog, log_entrie
 from services.cases import Anomaly, Event, Stage, apply
 from services.casestore import CaseBatch, CaseCache, CaseStore, key_text
 from services.checkpoint import origin_for
+from services.cosigners import Cosigners
 from services.deadlines import DEFAULT_POLICIES, Policy, Reminder, Status, due_reminders
 
 log = structlog.get_logger(__name__)
@@ -97,6 +99,8 @@ class Timers:
     """Seconds between checkpoints while the log grows more slowly."""
     deadline_poll: float = 30.0
     """Seconds between deadline polls."""
+    witness_resend: float = 30.0
+    """Seconds before a witness that has not answered is asked again."""
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
@@ -486,10 +490,14 @@ class RoutingService:
             return thread
 
         relay = Relay(self.outbox, LazyPublisher(settings, self.participant))
+        resend = self.timers.witness_resend
+        cosigners = Cosigners(self.auditlog, self.directory, resend_after=resend)
         threads = [
             worker("consumer", lambda: self._consume(settings, stop)),
             worker("relay", lambda: relay.run(stop, self.relay_wake)),
             worker("timers", lambda: self.run_timers(stop)),
+            # Apart from the others, so that a witness's silence holds back only its cosignature.
+            worker("witnesses", lambda: cosigners.run(settings, self.participant, stop)),
         ]
         self._log.info("routing service started", broker=settings.describe())
         while not stop.wait(TIMER_TICK):

@@ -39,7 +39,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import sqlalchemy as sa
 import structlog
@@ -50,6 +50,9 @@ from broker.directory import Directory
 from broker.errors import AuditError, CheckpointInvalid, ProofInvalid, TrmError
 from broker.keys import Sender
 from broker.transport import AmqpSettings, Delivery
+
+if TYPE_CHECKING:
+    from adapters.home import Home
 from services.checkpoint import Checkpoint, claimed_origin, named_log, open_log_checkpoint
 from services.cosignature import cosign, witness_key_name
 from services.merkle import EMPTY_ROOT, verify_consistency
@@ -150,6 +153,15 @@ def parse_request(body: bytes) -> Request:
 
 class Witness:
     """One participant's witness over its own database."""
+
+    @classmethod
+    def of_home(cls, home: Home, engine: Engine) -> Witness:
+        """The witness of `home`'s participant: its signing key, its installed directory."""
+        return cls(
+            engine,
+            sender=lambda at: home.keys().sender(at, home.directory()),
+            directory=home.directory,
+        )
 
     def __init__(
         self,

@@ -87,6 +87,24 @@ def test_export_verifies_with_the_demo_directory(demo_run) -> None:
     assert report["entries"] >= len(STEPS)
 
 
+def test_export_carries_both_witnesses_cosignatures(demo_run) -> None:
+    """Both mission witnesses cosigned the newest checkpoint; verify prints the quorum met."""
+    output, workdir, _ = demo_run
+    assert any(x.startswith("[witnesses] checkpoint of size") for x in output.splitlines())
+    assert (
+        "quorum met: 2 witnesses cosigned the newest checkpoint (iom-kz, iom-uz), 2 required"
+        in (output)
+    )
+    marks = [
+        json.loads(line)
+        for line in (workdir / "audit.jsonl").read_text().splitlines()
+        if '"type":"checkpoint"' in line
+    ]
+    newest = marks[-1]["note"]
+    for witness in ("iom-kz", "iom-uz"):
+        assert f"\u2014 trm.witness/{witness}/" in newest
+
+
 def test_referral_story_halts_erases_and_refuses(demo_run) -> None:
     """The referral is walked to its service; after the withdrawal each party prints its halt
     and erasure, no payload of the referral is left in any case folder, and a later send is

@@ -31,6 +31,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("routing", "routing", "routing"),
     ("cases", "routing", "cases"),
     ("audit", "audit", "audit"),
+    ("witness", "witness", "witness"),
     ("demo", "demo", "demo"),
     ("bench", "bench", "bench"),
 )

@@ -6,8 +6,10 @@ and watched by the routing service. Then a referral: a Kazakh NGO refers a
 person to the Uzbek NGO, which accepts and starts the service, until the
 person withdraws consent and asks for their data to be deleted: every party
 halts the case and erases its payloads, and a later send on it is refused.
-Last, the audit log is exported, verified and replayed as an auditor would,
-and the return's timeline printed.
+Both missions are witnesses (quorum 2): their adapters cosign each of the
+routing log's checkpoints. Last, the audit log is exported, verified (with
+the quorum) and replayed as an auditor would, and the return's timeline
+printed.
 """
 
 from __future__ import annotations
@@ -25,19 +27,26 @@ import sqlalchemy as sa
 
 from adapters.sending import confirm_reception, report_service, withdraw_consent
 from broker.database import erasures_table, receipts_table, storage_errors
+from broker.directory import load_home_directory
 from broker.envelope import SealedEnvelope
 from broker.errors import ConfigError, ProtocolViolation, TrmError
-from broker.topology import ROUTING_QUEUE, inbox_queue, queue_consumers
+from broker.topology import ROUTING_QUEUE, inbox_queue, queue_consumers, queue_depths, witness_queue
 from broker.transport import AmqpSettings
 from schemas.base import MessageKind
 from schemas.examples import EXAMPLE_CASE, example, sharing_with
+from services.auditlog import AuditLog
 from services.casestore import CaseStore
+from services.cosignature import check_cosignatures
 from trm import logs
 from trm.localnet import DEMO_PARTICIPANTS, LocalNetwork, create_network
 
 KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
 NGO_KZ = "ngo-kz-rodnik"
 ADAPTERS = (KZ, UZ, NGO, NGO_KZ)
+WITNESSES = (KZ, UZ)
+QUORUM = 2
+CHECKPOINT_SECONDS = 1.0
+"""The routing service's checkpoint interval in the demo, so that witnesses see it grow."""
 REFERRAL_CASE = f"{NGO_KZ}.REF-2026-0031"
 """The referral's case reference, owned by the referring NGO."""
 DEMO_VHOST = "trm-demo"
@@ -132,6 +141,7 @@ class Demo:
                 self._step(label, partial(self._handoff, net, step, label))
             self._step("receipts", lambda: self._receipts(net))
             self._step("referral", lambda: Referral(self, net).run())
+            self._step("witnesses", lambda: self._witnessed(net))
             self._step("shutdown", lambda: self._shutdown(net))
             self._step("audit", lambda: self._audit(net))
         finally:
@@ -151,10 +161,15 @@ class Demo:
             amqp_url=self.amqp_url,
             management_url=self.management_url,
             vhost=DEMO_VHOST,
+            witnesses=WITNESSES,
+            quorum=QUORUM,
         )
         names = ", ".join(p for p, *_ in DEMO_PARTICIPANTS)
         self.say(f"[setup] directory authority and participants {names}")
-        self.say(f"[setup] signed trust directory -> {net.directory_file}")
+        self.say(
+            f"[setup] signed trust directory -> {net.directory_file}; witnesses "
+            f"{', '.join(WITNESSES)}, quorum {QUORUM}"
+        )
         self.say(f"[setup] RabbitMQ vhost {net.vhost}: users, permissions, quorum queues")
         return net
 
@@ -162,9 +177,10 @@ class Demo:
         started = time.monotonic()
         for participant in ADAPTERS:
             net.start_adapter(participant)
-        net.start_process(["routing", "run", "--home", str(net.home(ROUTING))], ROUTING)
+        self._start_routing(net)
         admin = AmqpSettings.from_url(self.amqp_url, vhost=net.vhost)
         queues = [inbox_queue(p) for p in ADAPTERS] + [ROUTING_QUEUE]
+        queues += [witness_queue(p) for p in (*WITNESSES, ROUTING)]
         net.wait_for(
             lambda: all(queue_consumers(admin, queues).values()),
             STEP_TIMEOUT,
@@ -172,9 +188,41 @@ class Demo:
         )
         took = time.monotonic() - started
         self.say(
-            f"[start] adapters {', '.join(ADAPTERS)} and the routing service, "
-            f"each its own process, consuming after {took:.1f} s"
+            f"[start] adapters {', '.join(ADAPTERS)} (witnesses {', '.join(WITNESSES)}) and "
+            f"the routing service, each its own process, consuming after {took:.1f} s"
         )
+
+    def _start_routing(self, net: LocalNetwork) -> None:
+        args = ["routing", "run", "--home", str(net.home(ROUTING))]
+        self.routing = net.start_process(
+            [*args, "--checkpoint-interval", str(CHECKPOINT_SECONDS)], ROUTING
+        )
+
+    def _witnessed(self, net: LocalNetwork) -> None:
+        """Wait until the newest checkpoint covers the whole log and carries the quorum.
+
+        The routing service is stopped then (its final checkpoint signs nothing
+        new), while the witnesses still run; should an envelope have arrived
+        in between, it is started again to have the newer checkpoint cosigned.
+        """
+        admin = AmqpSettings.from_url(self.amqp_url, vhost=net.vhost)
+        for _ in range(3):
+            net.wait_for(
+                lambda: _idle(net, admin) and _cosigned(net) is not None,
+                STEP_TIMEOUT,
+                f"the newest checkpoint to be cosigned by {QUORUM} witnesses",
+            )
+            net.stop(self.routing)
+            found = _cosigned(net)
+            if found is not None:
+                size, names = found
+                self.say(
+                    f"[witnesses] checkpoint of size {size} cosigned by {', '.join(names)} "
+                    f"(quorum {QUORUM}); routing service stopped"
+                )
+                return
+            self._start_routing(net)
+        raise ConfigError("the log kept growing past what the witnesses cosigned")
 
     def _handoff(self, net: LocalNetwork, step: Step, label: str) -> None:
         started = time.monotonic()
@@ -410,6 +458,24 @@ def _erased(net: LocalNetwork, participant: str, case: str) -> int | None:
 
 def _has_erased(net: LocalNetwork, participant: str, case: str) -> bool:
     return _erased(net, participant, case) is not None
+
+
+def _idle(net: LocalNetwork, admin: AmqpSettings) -> bool:
+    """Nothing left to send by any adapter and nothing waiting for the routing service."""
+    if any(net.outbox_pending(p) for p in ADAPTERS):
+        return False
+    return queue_depths(admin, [ROUTING_QUEUE])[ROUTING_QUEUE] == 0
+
+
+def _cosigned(net: LocalNetwork) -> tuple[int, list[str]] | None:
+    """(size, witnesses) if the newest checkpoint covers every entry and has the quorum."""
+    log = AuditLog.reader(net.engine(ROUTING))
+    latest = log.latest_checkpoint()
+    if latest is None or latest[0] != log.size():
+        return None
+    directory = load_home_directory(net.home(ROUTING))
+    names = sorted({c.witness for c in check_cosignatures(latest[2], directory)})
+    return (latest[0], names) if len(names) >= QUORUM else None
 
 
 def _routing_stage(net: LocalNetwork, case: str) -> str | None:

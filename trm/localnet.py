@@ -317,8 +317,13 @@ def create_network(
     vhost: str | None = None,
     database_urls: Mapping[str, str] | None = None,
     suite: Suite = Suite.MLKEM768_X25519,
+    witnesses: Sequence[str] = (),
+    quorum: int = 0,
 ) -> LocalNetwork:
     """Build a network under `root` (wiped first) and provision it on a vhost.
+
+    `witnesses` (missions or auditors) and `quorum` go into the directory:
+    their adapters then cosign the routing log's checkpoints.
 
     `vhost` None makes a fresh unique one; a named vhost that exists is
     deleted and created again. `database_urls` gives some participants
@@ -351,7 +356,13 @@ def create_network(
             )
         )
         homes[participant_id] = home
-    body = DirectoryBody(serial=1, issued_at=now, participants=tuple(cards))
+    body = DirectoryBody(
+        serial=1,
+        issued_at=now,
+        participants=tuple(cards),
+        witnesses=tuple(witnesses),
+        quorum=quorum,
+    )
     signed = sign_directory(body, load_authority(authority_dir))
     directory_file = root / DIRECTORY_FILE
     directory_file.write_bytes(signed)
