@@ -189,6 +189,7 @@ def local_network(rabbitmq_urls: tuple[str, str], tmp_path: Path) -> Iterator[Ca
     def make(
         participants: Sequence[Any] = DEMO_PARTICIPANTS,
         database_urls: dict[str, str] | None = None,
+        **options: Any,
     ) -> LocalNetwork:
         net = create_network(
             tmp_path / f"net{len(networks)}",
@@ -196,6 +197,7 @@ def local_network(rabbitmq_urls: tuple[str, str], tmp_path: Path) -> Iterator[Ca
             amqp_url=rabbitmq_urls[0],
             management_url=rabbitmq_urls[1],
             database_urls=database_urls,
+            **options,
         )
         networks.append(net)
         return net
