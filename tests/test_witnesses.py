@@ -158,7 +158,7 @@ def test_witness_refuses_each_fault_with_its_reason(
     world: World, engine: Engine, witness_engine: Engine
 ) -> None:
     """Damaged proof, non-routing key, shrinking size, replayed checkpoint: each refused, named."""
-    log, witness = world.routing_log(engine), world.witness(witness_engine)
+    log, witness = world.routing_log(witness_engine), world.witness(engine)  # witness on both dbs
     grow(log, 3)
     old = signed(log, T0 + timedelta(minutes=1))
     witness.add_checkpoint(request(log, old, 0))
@@ -198,15 +198,16 @@ def test_witness_refuses_each_fault_with_its_reason(
 
 
 def test_witness_state_survives_a_restart(
-    world: World, engine: Engine, witness_engine: Engine, tmp_path: Path
+    world: World, database_url: str, witness_engine: Engine
 ) -> None:
     """A witness opened again on its database holds its cosigned size and never goes back."""
-    log = world.routing_log(engine)
+    log = world.routing_log(witness_engine)
     grow(log, 4)
     note = signed(log, T0 + timedelta(minutes=1))
-    world.witness(witness_engine).add_checkpoint(request(log, note, 0))
-    witness_engine.dispose()
-    again = open_database(str(witness_engine.url))
+    first = open_database(database_url)
+    world.witness(first).add_checkpoint(request(log, note, 0))
+    first.dispose()
+    again = open_database(database_url)
     try:
         restarted = world.witness(again)
         assert restarted.status()["logs"][0]["size"] == 4
