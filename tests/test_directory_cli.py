@@ -290,3 +290,22 @@ def test_send_allow_classical_seals_and_says_what_it_costs(world: dict[str, Path
         "as strong as X25519 for every recipient" in result.stderr
     )
     assert json.loads(_ok("outbox", "status", "--home", home, "--json"))["pending"] == 1
+
+
+def test_witnesses_are_named_and_kept_across_later_changes(world: dict[str, Path]) -> None:
+    """`trm directory witnesses` signs the witnesses and quorum; later edits keep them."""
+    auth_pub = world["auth"] / "authority.pub"
+    out = _ok(
+        "directory", "witnesses", world["dir"], "--witness", "iom-kz", "--witness", "iom-uz",
+        "--quorum", "2", "--authority", world["auth"],
+    )  # fmt: skip
+    assert "witnesses iom-kz, iom-uz, quorum 2, serial 5" in out
+    _ok("directory", "sign", world["dir"], "--authority", world["auth"])
+    shown = _ok("directory", "show", world["dir"], "--authority-key", auth_pub)
+    assert "serial 6" in shown and "witnesses iom-kz, iom-uz, quorum 2" in shown
+    refused = _fails(
+        "directory", "witnesses", world["dir"], "--witness", "ngo-uz-istiqbolli-avlod",
+        "--quorum", "1", "--authority", world["auth"],
+    )  # fmt: skip
+    assert "not a mission or an auditor" in refused
+    assert "serial 6" in _ok("directory", "show", world["dir"], "--authority-key", auth_pub)

@@ -32,6 +32,7 @@ from broker.directory import (
     parse_unverified,
     read_directory,
     revoke_key,
+    set_witnesses,
     sign_directory,
     write_atomically,
 )
@@ -146,6 +147,31 @@ def revoke(file: Path, participant_id: str, kid: str, at: str | None, authority_
 
 @directory.command()
 @FILE
+@click.option(
+    "--witness",
+    "witnesses",
+    multiple=True,
+    help="A mission or auditor whose cosignatures count; repeat for each (none: no witnesses).",
+)
+@click.option(
+    "--quorum",
+    type=click.IntRange(min=0),
+    required=True,
+    help="How many witnesses must cosign the newest checkpoint an auditor accepts.",
+)
+@AUTHORITY_DIR
+@_reasons
+def witnesses(file: Path, witnesses: tuple[str, ...], quorum: int, authority_dir: Path) -> None:
+    """Name the routing log's witnesses and their quorum; bump the serial."""
+    key, current = _current(file, authority_dir)
+    body = set_witnesses(current.body, witnesses, quorum, now=_now())
+    _write(file, body, key)
+    named = ", ".join(body.witnesses) or "none"
+    click.echo(f"{file}: witnesses {named}, quorum {body.quorum}, serial {body.serial}")
+
+
+@directory.command()
+@FILE
 @AUTHORITY_DIR
 @_reasons
 def sign(file: Path, authority_dir: Path) -> None:
@@ -179,6 +205,8 @@ def show(file: Path, authority_key: Path | None, as_json: bool) -> None:
         click.echo(body.model_dump_json(indent=2))
         return
     click.echo(f"serial {body.serial}, issued {body.issued_at.isoformat()}, {checked}")
+    if body.witnesses or body.quorum:
+        click.echo(f"witnesses {', '.join(body.witnesses)}, quorum {body.quorum}")
     for participant in body.participants:
         click.echo(_participant_line(participant))
         for key in participant.keys:
