@@ -60,6 +60,7 @@ from services.merkle import EMPTY_ROOT, verify_consistency
 log = structlog.get_logger(__name__)
 
 MAX_PROOF_LINES = 63
+RETRY_SECONDS = 15.0
 _OLD = re.compile(rb"old (0|[1-9][0-9]{0,19})")
 
 witness_checkpoints_table = sa.Table(
@@ -399,7 +400,10 @@ def run_witness(
     Each answer goes to the routing participant the checkpoint's origin names
     (only a routing participant of the directory), and the request is acked
     once the answer is confirmed: a crash in between asks again, and the
-    witness cosigns the same checkpoint again, never another.
+    witness cosigns the same checkpoint again, never another. A lost broker
+    is waited for; any other failure (its database down, a queue missing) is
+    logged and tried again after `RETRY_SECONDS`, the request left unacked:
+    witnessing never stops the adapter it runs in.
     """
     from broker.topology import WITNESS_EXCHANGE, witness_queue
     from broker.transport import Consumer, Outgoing, Publisher, run_with_reconnect
@@ -420,7 +424,13 @@ def run_witness(
             consumer.close()
             publisher.close()
 
-    run_with_reconnect(loop, stop, log=log.bind(participant=participant))
+    bound = log.bind(participant=participant)
+    while not stop.is_set():
+        try:
+            run_with_reconnect(loop, stop, log=bound)
+        except TrmError as e:
+            bound.error("witness failed; will retry", reason=e.reason, error=str(e))
+            stop.wait(RETRY_SECONDS)
 
 
 def _answer(witness: Witness, participant: str, body: bytes) -> tuple[str, bytes] | None:

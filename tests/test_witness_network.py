@@ -313,3 +313,48 @@ def test_witness_refuses_faults_over_the_broker(
     finally:
         asker.engine.dispose()
         net.stop(kz)
+
+
+def test_a_witness_without_its_queue_retries_and_does_not_die(
+    local_network: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A witness whose queue is missing (a network not provisioned again) logs it and
+    keeps trying, so the adapter it runs in goes on; once provisioned, it answers."""
+    import threading
+
+    from broker.database import open_database
+    from broker.management import ManagementClient
+    from broker.testing import capture_logs
+    from broker.topology import declare
+    from services import witness as witness_module
+    from trm.localnet import DEMO_PARTICIPANTS
+
+    net = witnessed_network(local_network)
+    monkeypatch.setattr(witness_module, "RETRY_SECONDS", 0.05)
+    ManagementClient(net.management_url).delete_queue(net.vhost, witness_queue(KZ))
+    home = net.settings(KZ)
+    engine = open_database(net.database_url(KZ))
+    stop = threading.Event()
+    runner = threading.Thread(
+        target=witness_module.run_witness,
+        args=(witness_module.Witness.of_home(home, engine), home.amqp_settings(), KZ, stop),
+    )
+    asker = Asker(net, tmp_path)
+    try:
+        with capture_logs() as logs:
+            runner.start()
+            net.wait_for(
+                lambda: any(e["event"] == "witness failed; will retry" for e in list(logs)),
+                TIMEOUT,
+                "the witness to report its missing queue",
+            )
+        assert runner.is_alive()
+        admin = AmqpSettings.from_url(net.amqp_url, vhost=net.vhost)
+        declare(admin, [(p, str(role)) for p, role, *_ in DEMO_PARTICIPANTS])
+        answer = asker.ask(KZ, format_request(0, [], asker.grow(2)))
+        assert answer["cosignature"] is not None
+    finally:
+        stop.set()
+        runner.join(30)
+        asker.engine.dispose()
+        engine.dispose()
