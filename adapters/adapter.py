@@ -1,6 +1,6 @@
 """The participant adapter process: consume the inbox, relay the outbox.
 
-Three threads; the first two each with its own RabbitMQ connection and each
+Four threads; the first two each with its own RabbitMQ connection and each
 restarted with backoff while the broker is unreachable (`run_with_reconnect`):
 
 - the consumer reads ``trm.inbox.<id>``; each delivery goes through
@@ -8,7 +8,11 @@ restarted with backoff while the broker is unreachable (`run_with_reconnect`):
   acked only after that transaction committed. An envelope that fails
   opening is recorded, copied to ``trm.quarantine.<id>`` with its reason
   (on the consumer's own publisher) and then acked, so it never blocks the
-  queue behind it.
+  queue behind it. When the local side fails instead (the database, the case
+  system, our own keys), the consumer stops taking deliveries and tries the
+  batch in hand again with bounded exponential backoff until it is taken
+  (`Consumer`, `LocalUnavailable`); the state is recorded in the status file
+  `trm health` reads (`Home.status_path`).
 - the relay publishes the outbox with windowed confirms and marks envelopes
   sent only once confirmed; it then awaits each recipient's delivery receipt
   and resends the same bytes to those whose receipt is overdue
@@ -18,6 +22,9 @@ restarted with backoff while the broker is unreachable (`run_with_reconnect`):
   at once when the inbox committed one, and every `erasure_retry` seconds
   for one that failed (a read-only case folder, say) or that another
   process recorded.
+- the receipt retrier seals the delivery receipts that wait for their
+  recipient's encryption key (`Inbox.retry_receipts`): when the installed
+  directory changes and every `receipt_retry` seconds.
 
 Deliveries that have already arrived (within the prefetch window) are
 applied together: `Inbox.handle_batch` opens each, then applies them all and
@@ -32,16 +39,19 @@ envelope, after it the redelivery is absorbed as a duplicate.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import structlog
 
 from adapters.erasure import Erasures
-from adapters.home import Home
-from broker.errors import StorageError, TrmError
+from adapters.home import LOCAL_DOWN, Home
+from broker.errors import LocalUnavailable, StorageError, TransportError, TrmError
 from broker.inbox import Inbox, Outcome
 from broker.outbox import Outbox, Relay
 from broker.reception import RESEND_AFTER, RESEND_TRIES, ReceptionPolicy
@@ -57,6 +67,94 @@ ERASER_TICK_SECONDS = 0.2
 """How often the eraser looks for a stop or a due retry while it waits for a withdrawal."""
 RETRY_MAX_SECONDS = 5.0
 """Longest wait between reconnect attempts: back within seconds of the broker's return."""
+LOCAL_RETRY_INITIAL_SECONDS = 0.5
+"""First wait before a batch the local side failed is tried again; it doubles each time."""
+LOCAL_RETRY_MAX_SECONDS = 30.0
+"""Longest wait between two tries of a batch while the local side is down."""
+RECEIPT_TICK_SECONDS = 0.5
+"""How often the receipt retrier looks for a new directory or a due retry."""
+
+
+class LocalState:
+    """Whether the local side takes deliveries, kept in the status file `trm health` reads.
+
+    Written by the consumer thread when the state changes and at each failed
+    try; a status file that cannot be written is logged once, never fatal.
+    """
+
+    def __init__(self, home: Home, logger: structlog.typing.FilteringBoundLogger) -> None:
+        self.home = home
+        self._log = logger
+        self.state = "starting"
+        self.since = _now()
+        self.cause: str | None = None
+        self.attempts = 0
+        self._unwritable = False
+
+    def running(self) -> None:
+        """The local side took a batch (or the adapter started): record it if it was down."""
+        if self.state == "running":
+            return
+        if self.state == LOCAL_DOWN:
+            self._log.info(
+                "adapter.local_up", down_since=self.since, attempts=self.attempts, cause=self.cause
+            )
+        self._set("running", None)
+
+    def down(self, cause: str) -> None:
+        """A batch failed on the local side with `cause`; count the try and record it."""
+        if self.state != LOCAL_DOWN:
+            self._log.error("adapter.local_down", cause=cause)
+            self.state, self.since, self.attempts = LOCAL_DOWN, _now(), 0
+        self.cause = cause
+        self.attempts += 1
+        self._write()
+
+    def stopped(self) -> None:
+        """The adapter stopped."""
+        self._set("stopped", None)
+
+    def _set(self, state: str, cause: str | None) -> None:
+        self.state, self.since, self.cause, self.attempts = state, _now(), cause, 0
+        self._write()
+
+    def _write(self) -> None:
+        status = {
+            "participant": self.home.participant_id,
+            "pid": os.getpid(),
+            "state": self.state,
+            "since": self.since,
+            "cause": self.cause,
+            "attempts": self.attempts,
+            "updated_at": _now(),
+        }
+        try:
+            self.home.write_status(status)
+        except OSError as e:
+            if not self._unwritable:
+                self._unwritable = True
+                self._log.warning(
+                    "adapter.status_unwritable",
+                    path=str(self.home.status_path),
+                    error=e.strerror,
+                    hint="set TRM_STATUS_FILE to a writable path for trm health",
+                )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def local_cause(error: Exception) -> str:
+    """What failed on the local side, for logs and the status file.
+
+    A trm error's reason and message; for anything else its type and where it
+    was raised, never its text (a driver's error may quote data).
+    """
+    if isinstance(error, TrmError):
+        return f"{error.reason}: {error}"
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"{type(error).__name__} at {frame.filename}:{frame.lineno}"
 
 
 @dataclass
@@ -89,6 +187,8 @@ class Adapter:
         relay_batch: int = 500,
         apply_batch: int = 100,
         erasure_retry: float = 30.0,
+        receipt_retry: float = 60.0,
+        local_retry_max: float = LOCAL_RETRY_MAX_SECONDS,
         resend_after: float = RESEND_AFTER,
         resend_tries: int = RESEND_TRIES,
     ) -> None:
@@ -103,6 +203,8 @@ class Adapter:
         self.relay_batch = relay_batch
         self.apply_batch = apply_batch
         self.erasure_retry = erasure_retry
+        self.receipt_retry = receipt_retry
+        self.local_retry_max = local_retry_max
         self.reception = ReceptionPolicy(after=resend_after, tries=resend_tries)
         self.participant_id = home.participant_id
         self.settings: AmqpSettings = home.amqp_settings()
@@ -110,6 +212,7 @@ class Adapter:
         self.stats = AdapterStats()
         self._failure: BaseException | None = None
         self._log = log.bind(participant=self.participant_id)
+        self.local = LocalState(home, self._log)
 
     def run(self, stop: threading.Event) -> None:
         """Consume and relay until `stop` is set; then join both threads and return.
@@ -139,6 +242,7 @@ class Adapter:
                 self._thread(
                     "eraser", lambda: self._erase(erasures, inbox.erasure_wanted, stop, wake), stop
                 ),
+                self._thread("receipts", lambda: self._retry_receipts(inbox, stop, wake), stop),
             ]
             if self.participant_id in self.home.directory().body.witnesses:
                 witness = Witness.of_home(self.home, engine)
@@ -149,6 +253,7 @@ class Adapter:
                         stop,
                     )
                 )
+            self.local.running()
             self._log.info(
                 "adapter.started", vhost=self.settings.vhost, queue=inbox_queue(self.participant_id)
             )
@@ -159,6 +264,7 @@ class Adapter:
                 thread.join(JOIN_SECONDS)
         finally:
             engine.dispose()
+            self.local.stopped()
         self._log.info(
             "adapter.stopped",
             applied=self.stats.applied,
@@ -196,7 +302,17 @@ class Adapter:
             return publisher
 
         def handle(batch: list[Delivery]) -> None:
-            results = inbox.handle_batch(batch)
+            try:
+                results = inbox.handle_batch(batch)
+            except TransportError:
+                raise
+            except Exception as e:
+                # Nothing of the batch was applied: the consumer holds it and tries again.
+                cause = local_cause(e)
+                self.local.down(cause)
+                held = "1 delivery" if len(batch) == 1 else f"{len(batch)} deliveries"
+                raise LocalUnavailable(f"cannot apply {held}: {cause}") from e
+            self.local.running()
             for delivery, result in zip(batch, results, strict=True):
                 self.stats.count(result.outcome)
                 if result.outcome is Outcome.QUARANTINED:
@@ -213,7 +329,12 @@ class Adapter:
         def once() -> None:
             consumer = state.get("consumer")
             if not isinstance(consumer, Consumer):
-                consumer = Consumer(self.settings, inbox_queue(self.participant_id))
+                consumer = Consumer(
+                    self.settings,
+                    inbox_queue(self.participant_id),
+                    hold_initial=LOCAL_RETRY_INITIAL_SECONDS,
+                    hold_maximum=self.local_retry_max,
+                )
                 state["consumer"] = consumer
             consumer.run_batches(handle, stop, max_batch=self.apply_batch)
 
@@ -264,3 +385,27 @@ class Adapter:
             # Also looks again after a quiet spell: `trm withdraw` in another process
             # records erasures that this inbox never sees committed.
             retry_at = time.monotonic() + self.erasure_retry
+
+    # --- the receipt retrier ------------------------------------------------------------
+
+    def _retry_receipts(self, inbox: Inbox, stop: threading.Event, wake: threading.Event) -> None:
+        """Seal the receipts waiting for a key: at start, on a new directory, now and then."""
+        serial: int | None = None
+        retry_at = time.monotonic()
+        while not stop.wait(RECEIPT_TICK_SECONDS):
+            try:
+                current: int | None = self.home.directory().serial
+            except TrmError as e:
+                current = serial  # the directory held before stays in force
+                self._log.warning("receipts.directory_unreadable", reason=e.reason, error=str(e))
+            if current == serial and time.monotonic() < retry_at:
+                continue
+            serial = current
+            retry_at = time.monotonic() + self.receipt_retry
+            try:
+                queued = inbox.retry_receipts()
+            except TrmError as e:
+                self._log.warning("receipts.retrying", reason=e.reason, error=str(e))
+                continue
+            if queued:
+                wake.set()  # the receipts wait in the outbox

@@ -14,6 +14,7 @@ elsewhere, so that a home can be mounted read-only (docker/compose.yml):
 | RabbitMQ password | | ``TRM_AMQP_PASSWORD_FILE`` | ``HOME/amqp-password`` (required) |
 | case folder | ``--case-dir`` | ``TRM_CASE_DIR`` | ``HOME/inbox`` |
 | case system | ``--case-system`` | ``TRM_CASE_SYSTEM`` | one JSON file per message |
+| adapter status | | ``TRM_STATUS_FILE`` | ``HOME/adapter-status.json`` |
 
 ``HOME/amqp-vhost`` is written by `trm broker provision --keys-root`, so that
 once provisioned a home knows its vhost and no command repeats it.
@@ -23,12 +24,14 @@ are ignored, so a process never logs in as ``guest`` by accident.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -37,7 +40,7 @@ from adapters.casesystem import INBOX_DIR, CaseSystem, FileCaseSystem, load_case
 from broker.database import home_database_url, open_database, storage_errors
 from broker.directory import DIRECTORY_FILE, Directory, reload_home_directory
 from broker.envelope import Recipient
-from broker.errors import ConfigError, TrmError
+from broker.errors import ConfigError, LocalUnavailable, TrmError
 from broker.keys import ParticipantKeys, Sender, load_keys
 from broker.topology import PASSWORD_FILE, read_vhost
 from broker.transport import AmqpSettings
@@ -50,6 +53,9 @@ ENV_DATABASE_URL = "TRM_DATABASE_URL"
 ENV_DATABASE_PASSWORD_FILE = "TRM_DATABASE_PASSWORD_FILE"  # noqa: S105 - a variable name
 ENV_CASE_DIR = "TRM_CASE_DIR"
 ENV_CASE_SYSTEM = "TRM_CASE_SYSTEM"
+ENV_STATUS_FILE = "TRM_STATUS_FILE"
+STATUS_FILE = "adapter-status.json"
+"""Where a running adapter records whether its local side takes deliveries (`trm health`)."""
 
 
 def _read_secret(path: Path, setting: str) -> str:
@@ -82,6 +88,8 @@ class Home:
     amqp_password_file: Path
     case_dir: Path
     case_system_spec: str | None = None
+    status_file: Path | None = None
+    """The adapter's status file; None means ``HOME/adapter-status.json``."""
     _keys: ParticipantKeys | None = field(default=None, init=False, repr=False)
     _directory: Directory | None = field(default=None, init=False, repr=False)
     _directory_stamp: tuple[int, int, int] | None = field(default=None, init=False, repr=False)
@@ -106,6 +114,7 @@ class Home:
             raise ConfigError(f"--home {home} is not a folder: create it with `trm init`")
         chosen_case_dir = case_dir or (Path(env[ENV_CASE_DIR]) if env.get(ENV_CASE_DIR) else None)
         password_file = env.get(ENV_AMQP_PASSWORD_FILE)
+        status_file = env.get(ENV_STATUS_FILE)
         return cls(
             path=home,
             database_url=home_database_url(home, database_url, env),
@@ -114,6 +123,7 @@ class Home:
             amqp_password_file=Path(password_file) if password_file else home / PASSWORD_FILE,
             case_dir=chosen_case_dir or home / INBOX_DIR,
             case_system_spec=case_system or env.get(ENV_CASE_SYSTEM) or None,
+            status_file=Path(status_file) if status_file else None,
         )
 
     # --- identity -------------------------------------------------------------
@@ -178,12 +188,60 @@ class Home:
             return FileCaseSystem(self.case_dir)
         return load_case_system(self.case_system_spec, self.path)
 
+    # --- the adapter's status ---------------------------------------------------
+
+    @property
+    def status_path(self) -> Path:
+        """Where the adapter records its state: ``TRM_STATUS_FILE``, else in the home."""
+        return self.status_file or self.path / STATUS_FILE
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        """Replace the status file with `status` (JSON, mode 0600); OSError if it cannot."""
+        target = self.status_path
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(status, handle, sort_keys=True)
+            tmp.replace(target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def read_status(self) -> dict[str, Any] | None:
+        """The status the adapter last recorded; None if it never did here.
+
+        ConfigError if the file cannot be read or is not a status.
+        """
+        try:
+            text = self.status_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read the adapter status {self.status_path}: {e.strerror}"
+            ) from e
+        try:
+            status = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"the adapter status {self.status_path} is not JSON") from e
+        if not isinstance(status, dict) or not isinstance(status.get("state"), str):
+            raise ConfigError(f"the adapter status {self.status_path} names no state")
+        return status
+
+
+LOCAL_DOWN = "local_down"
+"""The adapter's state while its database or case system cannot apply deliveries."""
+
 
 def check_health(home: Home) -> list[tuple[str, bool, str]]:
-    """(check, passed, detail) for keys, directory, database and broker login, in that order.
+    """(check, passed, detail) for keys, directory, database, broker login and the adapter.
 
     Each check runs even when an earlier one failed, so one run names every
-    problem; a check's detail is the error's message, never a secret.
+    problem; a check's detail is the error's message, never a secret. The
+    adapter check reads what a running adapter recorded (`Home.status_path`):
+    it fails while the adapter's local side is down, and passes when no
+    adapter ever ran on this home.
     """
     from broker.transport import open_connection
 
@@ -217,8 +275,24 @@ def check_health(home: Home) -> list[tuple[str, bool, str]]:
         connection.close()
         return f"logged in as {settings.describe()}"
 
+    def adapter() -> str:
+        status = home.read_status()
+        if status is None:
+            return f"no adapter has run here (no {home.status_path})"
+        state = status["state"]
+        pid = status.get("pid")
+        if state == LOCAL_DOWN:
+            raise LocalUnavailable(
+                f"the adapter (pid {pid}) cannot apply deliveries since {status.get('since')}: "
+                f"{status.get('cause')}; {status.get('attempts')} tries, the last at "
+                f"{status.get('updated_at')}. The deliveries wait in the queue; fix the "
+                "database or case system and the adapter takes them by itself"
+            )
+        return f"{state} since {status.get('since')} (pid {pid})"
+
     attempt("keys", keys)
     attempt("directory", directory)
     attempt("database", database)
     attempt("broker", broker)
+    attempt("adapter", adapter)
     return results

@@ -154,6 +154,26 @@ receipts_table = sa.Table(
 )
 """Delivery receipts for our envelopes: one per (our envelope, recipient)."""
 
+pending_receipts_table = sa.Table(
+    "pending_receipts",
+    metadata,
+    sa.Column("envelope_id", sa.String(ENVELOPE_ID), primary_key=True),
+    sa.Column("case_ref", sa.String(CASE), nullable=False),
+    sa.Column("recipient", sa.String(PARTICIPANT), nullable=False),
+    sa.Column("digest", sa.String(DIGEST), nullable=False),
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+    sa.Column("applied_at", UTCDateTime(), nullable=False),
+    sa.Column("reason", sa.String(REASON), nullable=False),
+    sa.Column("last_error", sa.Text(), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("queued_at", UTCDateTime(), nullable=True),
+    sa.Column("receipt_id", sa.String(ENVELOPE_ID), nullable=True),
+    sa.Index("ix_pending_receipts_queued_at", "queued_at"),
+)
+"""Envelopes applied here whose receipt could not be sealed: their sender (`recipient` of
+the receipt) had no valid encryption key. Kept until a key appears, then sealed and queued
+(`queued_at`, `receipt_id`)."""
+
 awaiting_receipts_table = sa.Table(
     "awaiting_receipts",
     metadata,

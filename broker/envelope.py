@@ -30,6 +30,7 @@ from broker.errors import (
     EnvelopeTooLarge,
     KeyNotValid,
     MalformedEnvelope,
+    MissingUserId,
     NotAddressedToMe,
     SchemaViolation,
     SenderMismatch,
@@ -473,6 +474,7 @@ def verify_envelope(
     at: datetime | None = None,
     amqp_user_id: str | None = None,
     max_age: timedelta | None = MAX_AGE,
+    require_user_id: bool = False,
 ) -> VerifiedEnvelope:
     """Check origin, integrity and time without decrypting; raise on any failure.
 
@@ -480,9 +482,11 @@ def verify_envelope(
     The key's validity window is checked at `sent_at` and its revocation at
     ``max(sent_at, at)``; `sent_at` must lie within ``[at - max_age, at +
     MAX_CLOCK_SKEW]``, with no lower bound when `max_age` is None.
+    `amqp_user_id`, when given, must be the signed sender; with
+    `require_user_id` (a broker delivery) it must also be given.
     """
     parsed = _parse(raw)
-    _verify(parsed, _DirectoryKeys(directory), _utc(at), amqp_user_id, max_age)
+    _verify(parsed, _DirectoryKeys(directory), _utc(at), amqp_user_id, max_age, require_user_id)
     return VerifiedEnvelope(parsed.header, raw, hashlib.sha256(raw).hexdigest())
 
 
@@ -614,6 +618,7 @@ def _verify(
     at: datetime,
     amqp_user_id: str | None,
     max_age: timedelta | None,
+    require_user_id: bool = False,
 ) -> None:
     header = parsed.header
     key = keys.key(header, at)
@@ -624,6 +629,11 @@ def _verify(
             f"the signature does not verify with key {header.sender_key!r} of "
             f"{header.sender!r}: the envelope was altered or signed by someone else"
         ) from e
+    if amqp_user_id is None and require_user_id:
+        raise MissingUserId(
+            f"signed by {header.sender!r} but delivered without an AMQP user id: "
+            "no participant login published it (an administrator's injection?)"
+        )
     if amqp_user_id is not None and amqp_user_id != header.sender:
         raise SenderMismatch(
             f"signed by {header.sender!r} but published by AMQP user {amqp_user_id!r}"
@@ -652,11 +662,17 @@ def open_envelope(
     directory: Directory,
     now: datetime | None = None,
     amqp_user_id: str | None = None,
+    require_user_id: bool = False,
 ) -> OpenedEnvelope:
-    """Verify the envelope, then decrypt it for `recipient` and validate the payload."""
+    """Verify the envelope, then decrypt it for `recipient` and validate the payload.
+
+    A broker delivery passes its AMQP user id and `require_user_id`: one
+    without a user id is then refused (`MissingUserId`), never opened as if
+    it had been checked.
+    """
     parsed = _parse(raw)
     header = parsed.header
-    _verify(parsed, _DirectoryKeys(directory), _utc(now), amqp_user_id, MAX_AGE)
+    _verify(parsed, _DirectoryKeys(directory), _utc(now), amqp_user_id, MAX_AGE, require_user_id)
     entry = _entry_for(parsed, recipient)
     try:
         content_key = _crypto.unwrap(

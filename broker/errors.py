@@ -130,6 +130,17 @@ class SenderMismatch(EnvelopeError):
     reason = "sender_mismatch"
 
 
+class MissingUserId(EnvelopeError):
+    """A broker delivery carries no AMQP user id, so nobody RabbitMQ authenticated sent it.
+
+    Every participant publishes with its user id, which RabbitMQ checks against
+    the login; only a broker administrator (or an impersonator) can publish
+    without one.
+    """
+
+    reason = "no_user_id"
+
+
 class ClassicalDowngrade(EnvelopeError):
     """Sealing would wrap one content key for hybrid and classical-only recipients alike."""
 
@@ -271,6 +282,16 @@ class CaseSystemError(TrmError):
     """The local case system could not take a delivered message; it will be retried."""
 
     reason = "case_system"
+
+
+class LocalUnavailable(TrmError):
+    """The local side (database, case system, own keys) cannot apply deliveries now.
+
+    Raised by a consumer's handler: the consumer stops taking deliveries,
+    holds the batch in hand unacknowledged and tries it again with backoff.
+    """
+
+    reason = "local_unavailable"
 
 
 # --- the audit log -----------------------------------------------------------

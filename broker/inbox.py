@@ -10,7 +10,14 @@ receipt.
 
 Envelopes that cannot be accepted are recorded in the ``quarantine`` table
 with the failing check's reason; the caller then moves them to the broker's
-quarantine and acks.
+quarantine and acks. A delivery without an AMQP user id is one of them
+(``no_user_id``): no participant login published it.
+
+Each envelope is applied or refused on its own: a receipt that cannot be
+sealed because the envelope's sender has no valid encryption key (revoked, or
+its window ended) does not fail the batch. The envelope is applied, its
+receipt recorded in ``pending_receipts`` and sealed by `Inbox.retry_receipts`
+once a directory lists a key for the sender.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING
+from uuid import UUID
 
 import sqlalchemy as sa
 import structlog
@@ -34,7 +42,9 @@ from broker import reception
 from broker.casegate import CaseGate
 from broker.database import (
     inbox_table,
+    pending_receipts_table,
     quarantine_table,
+    reading,
     receipts_table,
     select_in,
     storage_errors,
@@ -50,10 +60,12 @@ from broker.envelope import (
 from broker.errors import (
     CaseSystemError,
     EnvelopeError,
+    KeyNotValid,
     ProtocolViolation,
     ReplayedEnvelope,
     StorageError,
     TrmError,
+    UnknownParticipant,
 )
 from broker.faults import fault_point
 from broker.outbox import Outbox
@@ -69,6 +81,8 @@ log = structlog.get_logger(__name__)
 
 DETAIL_MAX = 2000
 """Longest operator detail kept for a quarantined envelope."""
+RECEIPT_CHUNK = 200
+"""Pending receipts sealed and queued per transaction by `Inbox.retry_receipts`."""
 
 
 class Outcome(StrEnum):
@@ -138,6 +152,65 @@ _COUNT_QUARANTINED = (
     .values(redeliveries=_q.redeliveries + 1)
 )
 _INSERT_QUARANTINE = quarantine_table.insert()
+_p = pending_receipts_table.c
+_INSERT_PENDING = pending_receipts_table.insert()
+_PENDING = (
+    sa.select(pending_receipts_table)
+    .where(_p.queued_at.is_(None))
+    .order_by(_p.applied_at, _p.envelope_id)
+)
+_STILL_PENDING = (
+    pending_receipts_table.update()
+    .where(_p.envelope_id == sa.bindparam("b_id"), _p.queued_at.is_(None))
+    .values(
+        attempts=_p.attempts + 1,
+        reason=sa.bindparam("b_reason"),
+        last_error=sa.bindparam("b_error"),
+    )
+)
+_CLAIM_PENDING = (
+    pending_receipts_table.update()
+    .where(_p.envelope_id == sa.bindparam("b_id"), _p.queued_at.is_(None))
+    .values(attempts=_p.attempts + 1, queued_at=sa.bindparam("b_at"))
+)
+_PENDING_QUEUED_AS = (
+    pending_receipts_table.update()
+    .where(_p.envelope_id == sa.bindparam("b_id"))
+    .values(receipt_id=sa.bindparam("b_receipt"))
+)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What one delivery receipt says and to whom: an envelope applied here."""
+
+    envelope_id: UUID
+    digest: str
+    case: str
+    recipient: str
+    """The envelope's sender, to whom the receipt goes."""
+    received_at: datetime
+    applied_at: datetime
+
+    @classmethod
+    def of(cls, opened: OpenedEnvelope, received_at: datetime, applied_at: datetime) -> _Answer:
+        """The receipt owed for `opened`."""
+        header = opened.header
+        return cls(header.id, opened.digest, header.case, header.sender, received_at, applied_at)
+
+    def pending_row(self, missing: TrmError) -> dict[str, object]:
+        """Its ``pending_receipts`` row: why the receipt cannot be sealed yet."""
+        return {
+            "envelope_id": str(self.envelope_id),
+            "case_ref": self.case,
+            "recipient": self.recipient,
+            "digest": self.digest,
+            "received_at": self.received_at,
+            "applied_at": self.applied_at,
+            "reason": missing.reason,
+            "last_error": _detail(missing),
+            "attempts": 0,
+        }
 
 
 @dataclass
@@ -213,13 +286,17 @@ class Inbox:
         self.erasure_wanted = threading.Event()
         """Set once a committed consent withdrawal asked for an erasure."""
         self._asked_erasure = False
+        self._receipts_waiting: list[tuple[_Answer, TrmError]] = []
+        """Receipts the transaction in progress records as pending, logged once it commits."""
 
     def handle(self, body: bytes, amqp_user_id: str | None, redelivered: bool = False) -> Result:
         """Open and apply one delivered envelope exactly once; the caller acks afterwards.
 
         Raises `StorageError` or `CaseSystemError` (or, if our own keys cannot
         seal the receipt, that `TrmError`) with nothing applied: the caller
-        must then reject the delivery for redelivery, not ack it.
+        must then retry the delivery later, not ack it. A sender without a
+        valid encryption key is no such failure: its receipt waits
+        (`retry_receipts`).
         """
         received_at = self.clock()
         known = self._known_duplicate(body)
@@ -232,6 +309,7 @@ class Inbox:
                 directory=self.directory(),
                 now=received_at,
                 amqp_user_id=amqp_user_id,
+                require_user_id=True,
             )
         except EnvelopeError as e:
             return self._refuse(body, e, amqp_user_id, received_at)
@@ -305,6 +383,7 @@ class Inbox:
                     directory=directory,
                     now=received_at,
                     amqp_user_id=item.user_id,
+                    require_user_id=True,
                 )
             except EnvelopeError as e:
                 opened = e
@@ -357,6 +436,16 @@ class Inbox:
         if self._asked_erasure:
             self._asked_erasure = False
             self.erasure_wanted.set()
+        waiting, self._receipts_waiting = self._receipts_waiting, []
+        for answer, missing in waiting:
+            log.warning(
+                "inbox.receipt_pending",
+                envelope_id=str(answer.envelope_id),
+                case=answer.case,
+                participant=answer.recipient,
+                reason=missing.reason,
+                error=str(missing),
+            )
 
     def _apply_all(
         self, conn: Connection, work: Sequence[_Work], received_at: datetime
@@ -367,6 +456,7 @@ class Inbox:
         are written together at the end, a few statements for the whole
         batch instead of several per envelope.
         """
+        self._receipts_waiting = []
         opened_all = [opened for opened, _, _ in work if isinstance(opened, OpenedEnvelope)]
         ids = [str(opened.header.id) for opened in opened_all]
         writes = _Writes(known=dict(_select_in(conn, _DIGESTS, ids)))
@@ -399,10 +489,10 @@ class Inbox:
     ) -> Result:
         """Decide one envelope's outcome; apply it to the case system if it is new."""
         if not isinstance(opened, OpenedEnvelope):
-            envelope_id, claimed = _unverified_origin(body)
-            # The broker-validated user id is the one origin we can trust here.
-            sender = user_id or claimed
-            self._record_quarantine(conn, body, opened, envelope_id, sender, received_at)
+            # The broker-validated user id is the one origin we can trust here;
+            # without one the sender is unknown, whatever the envelope claims.
+            envelope_id = _unverified_id(body)
+            self._record_quarantine(conn, body, opened, envelope_id, user_id, received_at)
             return Result(Outcome.QUARANTINED, envelope_id, opened.reason, _detail(opened))
         header = opened.header
         envelope_id = str(header.id)
@@ -453,20 +543,126 @@ class Inbox:
     ) -> None:
         """Put a signed delivery receipt for each applied envelope's sender in the outbox.
 
+        A sender with no valid encryption key (revoked, or its window ended)
+        cannot be answered now: its receipt is recorded in
+        ``pending_receipts``, for `retry_receipts`, and the batch goes on.
+        """
+        directory = self.directory()
+        ready: list[_Answer] = []
+        waiting: list[dict[str, object]] = []
+        for opened, received_at, applied_at in answers:
+            answer = _Answer.of(opened, received_at, applied_at)
+            missing = _receipt_key_missing(directory, answer.recipient, applied_at)
+            if missing is None:
+                ready.append(answer)
+                continue
+            waiting.append(answer.pending_row(missing))
+            self._receipts_waiting.append((answer, missing))
+        if waiting:
+            conn.execute(_INSERT_PENDING, waiting)
+        self._queue_receipts(conn, directory, ready)
+
+    def _queue_receipts(
+        self,
+        conn: Connection,
+        directory: Directory,
+        answers: Sequence[_Answer],
+        now: datetime | None = None,
+    ) -> list[SealedEnvelope]:
+        """Seal and queue a receipt for each of `answers`, sent at `now` (default: when applied).
+
         The sequence numbers of all receipts are taken with one upsert, a run
         of consecutive numbers per case.
         """
+        if not answers:
+            return []
         me = self.sender()
-        directory = self.directory()
-        counts = Counter(opened.header.case for opened, _, _ in answers)
+        counts = Counter(answer.case for answer in answers)
         following = self.outbox.reserve_seqs(conn, me.participant, counts)
         sealed: list[tuple[SealedEnvelope, datetime]] = []
-        for opened, received_at, applied_at in answers:
-            case = opened.header.case
-            seq, following[case] = following[case], following[case] + 1
-            receipt = _receipt(opened, me, directory, seq, received_at, applied_at)
-            sealed.append((receipt, applied_at))
+        for answer in answers:
+            seq, following[answer.case] = following[answer.case], following[answer.case] + 1
+            at = now or answer.applied_at
+            sealed.append((_receipt(answer, me, directory, seq, at), at))
         self.outbox.add_many(conn, sealed)
+        return [receipt for receipt, _ in sealed]
+
+    def retry_receipts(self) -> int:
+        """Seal and queue the receipts that wait for a key; return how many were queued.
+
+        The adapter calls this when the installed directory changes and every
+        so often. A receipt whose recipient still has no valid encryption key
+        stays pending with its attempt counted; one that another process
+        queued meanwhile is skipped. Raises `StorageError`, or the `TrmError`
+        of our own keys, with nothing queued by the failing transaction.
+        """
+        with storage_errors("reading the pending receipts"), reading(self.engine) as conn:
+            rows = conn.execute(_PENDING).all()
+        if not rows:
+            return 0
+        now = self.clock()
+        directory = self.directory()
+        missing: dict[str, TrmError | None] = {}
+        ready: list[_Answer] = []
+        still: list[dict[str, object]] = []
+        for row in rows:
+            if row.recipient not in missing:
+                missing[row.recipient] = _receipt_key_missing(directory, row.recipient, now)
+            error = missing[row.recipient]
+            if error is not None:
+                still.append(
+                    {"b_id": row.envelope_id, "b_reason": error.reason, "b_error": _detail(error)}
+                )
+                continue
+            ready.append(
+                _Answer(
+                    UUID(row.envelope_id),
+                    row.digest,
+                    row.case_ref,
+                    row.recipient,
+                    row.received_at,
+                    row.applied_at,
+                )
+            )
+        if still:
+            with storage_errors("counting the pending receipts"), self.engine.begin() as conn:
+                conn.execute(_STILL_PENDING, still)
+        queued = 0
+        for start in range(0, len(ready), RECEIPT_CHUNK):
+            queued += self._queue_pending(directory, ready[start : start + RECEIPT_CHUNK], now)
+        log.info("inbox.receipts_retried", queued=queued, pending=len(rows) - queued)
+        return queued
+
+    def _queue_pending(
+        self, directory: Directory, answers: Sequence[_Answer], now: datetime
+    ) -> int:
+        """Claim, seal and queue these pending receipts in one transaction; how many."""
+        with storage_errors("queueing the pending receipts"), self.engine.begin() as conn:
+            claimed = [
+                answer
+                for answer in answers
+                if conn.execute(
+                    _CLAIM_PENDING, {"b_id": str(answer.envelope_id), "b_at": now}
+                ).rowcount
+            ]
+            receipts = self._queue_receipts(conn, directory, claimed, now)
+            if receipts:
+                conn.execute(
+                    _PENDING_QUEUED_AS,
+                    [
+                        {"b_id": str(answer.envelope_id), "b_receipt": str(receipt.id)}
+                        for answer, receipt in zip(claimed, receipts, strict=True)
+                    ],
+                )
+        for answer, receipt in zip(claimed, receipts, strict=True):
+            log.info(
+                "inbox.receipt_queued",
+                envelope_id=str(answer.envelope_id),
+                case=answer.case,
+                participant=answer.recipient,
+                receipt_id=str(receipt.id),
+            )
+        return len(claimed)
 
     def _record_receipts(
         self,
@@ -504,10 +700,13 @@ class Inbox:
     def _refuse(
         self, body: bytes, error: EnvelopeError, amqp_user_id: str | None, at: datetime
     ) -> Result:
-        """Record an envelope that failed opening; the caller moves it to the quarantine."""
-        envelope_id, claimed = _unverified_origin(body)
-        # The broker-validated user id is the one origin we can trust here.
-        sender = amqp_user_id or claimed
+        """Record an envelope that failed opening; the caller moves it to the quarantine.
+
+        Its sender is recorded as the broker-validated user id, None when the
+        delivery had none: never the sender the unverified envelope claims.
+        """
+        envelope_id = _unverified_id(body)
+        sender = amqp_user_id
         with storage_errors("recording a quarantined envelope"), self.engine.begin() as conn:
             self._record_quarantine(conn, body, error, envelope_id, sender, at)
         log.warning(
@@ -562,30 +761,39 @@ def batched(case_system: CaseSystem) -> Iterator[None]:
 
 
 def _receipt(
-    opened: OpenedEnvelope,
-    me: Sender,
-    directory: Directory,
-    seq: int,
-    received_at: datetime,
-    applied_at: datetime,
+    answer: _Answer, me: Sender, directory: Directory, seq: int, now: datetime
 ) -> SealedEnvelope:
-    """`me`'s signed delivery receipt for `opened`, sealed for its sender with number `seq`."""
-    header = opened.header
+    """`me`'s signed delivery receipt for `answer`, sealed for its recipient with number `seq`."""
     return seal(
         DeliveryReceipt(
-            envelope_id=header.id,
-            digest=opened.digest,
-            received_at=received_at,
-            applied_at=applied_at,
+            envelope_id=answer.envelope_id,
+            digest=answer.digest,
+            received_at=answer.received_at,
+            applied_at=answer.applied_at,
         ),
-        case=header.case,
+        case=answer.case,
         sender=me,
-        recipients=(header.sender,),
+        recipients=(answer.recipient,),
         directory=directory,
         seq=seq,
-        reply_to=header.id,
-        now=applied_at,
+        reply_to=answer.envelope_id,
+        now=now,
     )
+
+
+def _receipt_key_missing(directory: Directory, recipient: str, at: datetime) -> TrmError | None:
+    """Why a receipt for `recipient` cannot be sealed at `at`, or None if it can.
+
+    `seal` wraps to the recipient's newest encryption key valid at `at` (to
+    the millisecond, as it stamps the envelope); a recipient without one, or
+    no longer in the directory, makes the receipt wait instead of failing.
+    """
+    moment = at.replace(microsecond=at.microsecond // 1000 * 1000)
+    try:
+        directory.encryption_key(recipient, moment)
+    except (KeyNotValid, UnknownParticipant) as e:
+        return e
+    return None
 
 
 def _asks_erasure(opened: OpenedEnvelope) -> bool:
@@ -598,16 +806,16 @@ def _asks_erasure(opened: OpenedEnvelope) -> bool:
     return isinstance(message, ConsentWithdrawn) and message.delete_data
 
 
-def _unverified_origin(body: bytes) -> tuple[str | None, str | None]:
-    """The id and claimed sender of an envelope that failed opening, if its frame parses."""
+def _unverified_id(body: bytes) -> str | None:
+    """The id an envelope that failed opening claims, if its frame parses."""
     try:
         header = read_header(body)
     except EnvelopeError:
-        return None, None
-    return str(header.id), header.sender
+        return None
+    return str(header.id)
 
 
-def _detail(error: EnvelopeError) -> str:
+def _detail(error: TrmError) -> str:
     return str(error)[:DETAIL_MAX]
 
 

@@ -41,6 +41,7 @@ from broker.errors import (
     AccessRefused,
     BrokerUnavailable,
     ConfigError,
+    LocalUnavailable,
     LoginRefused,
     ProvisioningError,
     PublishFailed,
@@ -495,13 +496,33 @@ class Publisher:
 
 
 class Consumer:
-    """Consumes one queue with manual acks and a prefetch window; one thread."""
+    """Consumes one queue with manual acks and a prefetch window; one thread.
+
+    A handler that raises `LocalUnavailable` (its database or case system is
+    down) is not handed the same deliveries back at once: the consumer
+    cancels its subscription, keeps the batch in hand unacknowledged and
+    tries it again after a bounded exponential wait with jitter
+    (`hold_initial` doubling to `hold_maximum` seconds), then consumes again
+    once the handler took it. Nothing is redelivered meanwhile, so nothing
+    counts towards the queue's delivery limit.
+    """
 
     POLL_SECONDS = 0.5
+    HOLD_INITIAL_SECONDS = 0.5
+    HOLD_MAXIMUM_SECONDS = 30.0
 
-    def __init__(self, settings: AmqpSettings, queue: str) -> None:
+    def __init__(
+        self,
+        settings: AmqpSettings,
+        queue: str,
+        *,
+        hold_initial: float = HOLD_INITIAL_SECONDS,
+        hold_maximum: float = HOLD_MAXIMUM_SECONDS,
+    ) -> None:
         self._settings = settings
         self._queue = queue
+        self._hold_initial = hold_initial
+        self._hold_maximum = hold_maximum
         self._log = _log.bind(queue=queue, user=settings.username)
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
@@ -535,10 +556,11 @@ class Consumer:
         """Hand ``handle`` every delivery already waiting (up to ``max_batch``) at once.
 
         One multiple-ack retires the batch when ``handle`` returns; if it
-        raises, the whole batch is nacked and requeued. A batch never waits
-        for more deliveries: it is what the prefetch window already brought,
-        so a trickle is handled one by one with no added latency. Otherwise
-        as `run`.
+        raises `LocalUnavailable` the batch is held and tried again with
+        backoff (see the class), if it raises anything else the whole batch
+        is nacked and requeued. A batch never waits for more deliveries: it
+        is what the prefetch window already brought, so a trickle is handled
+        one by one with no added latency. Otherwise as `run`.
         """
         try:
             if self._channel is None or self._channel.is_closed:
@@ -546,50 +568,143 @@ class Consumer:
                 self._connect()
             channel = self._channel
             assert channel is not None
-            stream = channel.consume(self._queue, inactivity_timeout=self.POLL_SECONDS)
-            for method, properties, body in stream:
-                if stop.is_set():
-                    break
-                if method is None or properties is None:
-                    continue
-                batch = [_delivery(method, properties, body or b"")]
-                waiting = min(channel.get_waiting_message_count(), max_batch - 1)
-                for _ in range(waiting):
-                    more_method, more_properties, more_body = next(stream)
-                    if more_method is None or more_properties is None:
-                        break
-                    batch.append(_delivery(more_method, more_properties, more_body or b""))
-                self._dispatch_batch(channel, handle, batch)
-            channel.cancel()
+            while self._consume(channel, handle, stop, max_batch):
+                pass
+        except pika.exceptions.ChannelClosedByBroker as e:
+            self.close()
+            if e.reply_code == 406 and "timed out" in e.reply_text:
+                # RabbitMQ's consumer_timeout took a held batch back: consume it again.
+                raise BrokerUnavailable(
+                    f"RabbitMQ took back the deliveries held on {self._queue} "
+                    f"({e.reply_code} {e.reply_text}); consuming again"
+                ) from e
+            raise translate(e, self._settings, f"consuming {self._queue}") from e
         except _PIKA_ERRORS as e:
             self.close()
             raise translate(e, self._settings, f"consuming {self._queue}") from e
+
+    def _consume(
+        self,
+        channel: BlockingChannel,
+        handle: Callable[[list[Delivery]], None],
+        stop: threading.Event,
+        max_batch: int,
+    ) -> bool:
+        """Consume until ``stop`` (False), or until a held batch was taken (True: consume again)."""
+        stream = channel.consume(self._queue, inactivity_timeout=self.POLL_SECONDS)
+        for method, properties, body in stream:
+            if stop.is_set():
+                break
+            if method is None or properties is None:
+                continue
+            batch = [_delivery(method, properties, body or b"")]
+            waiting = min(channel.get_waiting_message_count(), max_batch - 1)
+            for _ in range(waiting):
+                more_method, more_properties, more_body = next(stream)
+                if more_method is None or more_properties is None:
+                    break
+                batch.append(_delivery(more_method, more_properties, more_body or b""))
+            unavailable = self._dispatch_batch(channel, handle, batch)
+            if unavailable is not None:
+                # Nothing more is delivered while the handler is down; what the
+                # prefetch window brought beyond the batch goes back to the queue.
+                channel.cancel()
+                return self._hold(channel, handle, batch, stop, unavailable)
+        channel.cancel()
+        return False
 
     def _dispatch_batch(
         self,
         channel: BlockingChannel,
         handle: Callable[[list[Delivery]], None],
         batch: list[Delivery],
-    ) -> None:
+    ) -> LocalUnavailable | None:
+        """Hand over `batch` and settle it; the error, unsettled, if the handler is down."""
         last = batch[-1].delivery_tag
         try:
             handle(batch)
+        except LocalUnavailable as e:
+            return e
         except TrmError as e:
             self._log.warning("handler refused a batch; requeued", reason=e.reason, size=len(batch))
             channel.basic_nack(last, multiple=True, requeue=True)
-            return
+            return None
         except Exception as e:
-            # Log the type and where it was raised, never str(e): driver errors may quote data.
-            frame = traceback.extract_tb(e.__traceback__)[-1]
-            self._log.error(
-                "handler failed; batch requeued",
-                error=type(e).__name__,
-                at=f"{frame.filename}:{frame.lineno}",
+            self._failed(e, len(batch))
+            channel.basic_nack(last, multiple=True, requeue=True)
+            return None
+        channel.basic_ack(last, multiple=True)
+        return None
+
+    def _hold(
+        self,
+        channel: BlockingChannel,
+        handle: Callable[[list[Delivery]], None],
+        batch: list[Delivery],
+        stop: threading.Event,
+        error: LocalUnavailable,
+    ) -> bool:
+        """Keep `batch` unacked and try it again with backoff until taken; True once it is.
+
+        The connection is kept alive meanwhile (pika's sleep answers
+        heartbeats). On `stop` the batch is nacked back to the queue and
+        False returned.
+        """
+        last = batch[-1].delivery_tag
+        backoff = Backoff(self._hold_initial, self._hold_maximum)
+        attempt = 0
+        while True:
+            attempt += 1
+            wait = backoff.next()
+            self._log.warning(
+                "local side unavailable; holding the batch",
+                reason=error.reason,
+                error=str(error),
+                attempt=attempt,
+                wait_seconds=round(wait, 2),
                 size=len(batch),
             )
-            channel.basic_nack(last, multiple=True, requeue=True)
-            return
-        channel.basic_ack(last, multiple=True)
+            if not self._sleep(wait, stop):
+                channel.basic_nack(last, multiple=True, requeue=True)
+                return False
+            if channel.is_closed:
+                raise BrokerUnavailable(
+                    f"the channel consuming {self._queue} closed while a batch was held; "
+                    "its deliveries went back to the queue"
+                )
+            try:
+                handle(batch)
+            except LocalUnavailable as e:
+                error = e
+                continue
+            except Exception as e:
+                self._failed(e, len(batch))
+                channel.basic_nack(last, multiple=True, requeue=True)
+                return True
+            channel.basic_ack(last, multiple=True)
+            self._log.info("local side back; batch taken", attempts=attempt, size=len(batch))
+            return True
+
+    def _sleep(self, seconds: float, stop: threading.Event) -> bool:
+        """Wait `seconds` while answering the broker; False if `stop` was set meanwhile."""
+        assert self._connection is not None
+        deadline = time.monotonic() + seconds
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            self._connection.sleep(min(remaining, self.POLL_SECONDS))
+        return False
+
+    def _failed(self, error: Exception, size: int) -> None:
+        # Log the type and where it was raised, never str(e): driver errors may quote data.
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        self._log.error(
+            "handler failed; batch requeued",
+            error=type(error).__name__,
+            at=f"{frame.filename}:{frame.lineno}",
+            size=size,
+        )
 
     def close(self) -> None:
         """Close the connection (unacked deliveries go back to the queue)."""
@@ -612,6 +727,29 @@ def _delivery(
 
 
 # --- reconnecting ----------------------------------------------------------------
+
+
+class Backoff:
+    """Bounded exponential waits with jitter: `initial` doubling up to `maximum` seconds.
+
+    Each wait is the current step times a random factor in [0.5, 1.5), so
+    that processes failing together do not retry together.
+    """
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._step = initial
+
+    def next(self) -> float:
+        """The next wait, in seconds; the step after it doubles, up to `maximum`."""
+        wait = self._step * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not a secret
+        self._step = min(self._step * 2, self.maximum)
+        return wait
+
+    def reset(self) -> None:
+        """Start again from `initial`."""
+        self._step = self.initial
 
 
 def run_with_reconnect(

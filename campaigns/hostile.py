@@ -248,7 +248,9 @@ class _Maker:
             b'{"a":' * 200 + b"1" + b"}" * 200,
         ]
         body = self._signed(self._header(), self.rng.choice(choices))
-        return Hostile("schema_violation", body, frozenset({"schema_violation"}), ADMIN)
+        return Hostile(
+            "schema_violation", body, frozenset({"schema_violation"}), self.cast.sender_id
+        )
 
     def oversize(self) -> Hostile:
         body = self.base + self.rng.randbytes(MAX_ENVELOPE_BYTES + 1 - len(self.base))
@@ -292,6 +294,11 @@ class _Maker:
         body = seal_valid(self.cast, self._next()).raw
         return Hostile("user_id_mismatch", body, frozenset({"sender_mismatch"}), "admin")
 
+    def no_user_id(self) -> Hostile:
+        # A valid envelope of the sender, injected by the administrator without a user id.
+        body = seal_valid(self.cast, self._next()).raw
+        return Hostile("no_user_id", body, frozenset({"no_user_id"}), ADMIN)
+
     def unknown_sender(self) -> Hostile:
         body = self._signed(self._header(sender="iom-xx"), self._payload())
         return Hostile("unknown_sender", body, frozenset({"unknown_sender"}), ADMIN)
@@ -299,7 +306,8 @@ class _Maker:
     def not_addressed(self) -> Hostile:
         header = self._header(recipients=(self.cast.third.card.id,))
         body = self._signed(header, self._payload())
-        return Hostile("not_addressed", body, frozenset({"not_addressed_to_me"}), ADMIN)
+        expected = frozenset({"not_addressed_to_me"})
+        return Hostile("not_addressed", body, expected, self.cast.sender_id)
 
     def garbage(self) -> Hostile:
         body = self.rng.randbytes(self.rng.randint(0, 2048))
@@ -324,6 +332,7 @@ FAMILIES = (
     "header_tamper",
     "claimed_sender",
     "sender_mismatch",
+    "no_user_id",
     "unknown_sender",
     "not_addressed",
     "garbage",

@@ -312,4 +312,10 @@ def test_health_passes_and_names_a_failed_login(local_network):
     failed = _trm(net, KZ, ["health", "--home", home, "--json"])
     assert failed.exit_code == 1
     checks = {c["check"]: c["ok"] for c in json.loads(failed.stdout)}
-    assert checks == {"keys": True, "directory": True, "database": True, "broker": False}
+    assert checks == {
+        "keys": True,
+        "directory": True,
+        "database": True,
+        "broker": False,
+        "adapter": True,
+    }

@@ -8,6 +8,7 @@ import stat
 import sys
 import threading
 import types
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -20,10 +21,11 @@ from broker.database import (
     inbox_table,
     open_database,
     outbox_table,
+    pending_receipts_table,
     quarantine_table,
     receipts_table,
 )
-from broker.directory import Directory
+from broker.directory import Directory, KeyUse, load_directory, revoke_key, sign_directory
 from broker.envelope import OpenedEnvelope, SealedEnvelope, open_envelope, read_header, seal
 from broker.errors import CaseSystemError, ConfigError
 from broker.inbox import Inbox, Outcome
@@ -32,7 +34,7 @@ from broker.testing import MemoryBroker, Network, capture_logs
 from broker.transport import Delivery
 from schemas.base import MessageKind
 from schemas.control import DeliveryReceipt
-from schemas.examples import EXAMPLE_PERSON_NAME, example
+from schemas.examples import EXAMPLE_PERSON_NAME, example, sharing_with
 
 KZ, UZ, NGO = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod"
 CASE = "iom-kz.KZ-2026-0042"
@@ -585,3 +587,195 @@ def test_logs_name_our_participant_and_files_carry_seq_and_reply_to(
     assert all(e["participant"] == UZ and e["sender"] == KZ for e in lines)
     document = json.loads((tmp_path / "inbox" / f"{answer.id}.json").read_text())
     assert (document["seq"], document["reply_to"]) == (2, str(envelope.id))
+
+
+# --- a delivery without an AMQP user id -------------------------------------------------
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "in-a-batch"])
+def test_delivery_without_user_id_is_refused_and_names_no_sender(
+    engine: Engine, network: Network, tmp_path: Path, batched: bool
+) -> None:
+    """A valid envelope delivered without a user id is quarantined as no_user_id, with no
+    sender recorded (not the one it claims); a bad one keeps its own reason, also unnamed."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    valid = request(network)
+    other = request(network, case="iom-kz.KZ-2026-0043").raw
+    tampered = other[:-1] + bytes([other[-1] ^ 1])
+    if batched:
+        results = inbox.handle_batch([_delivery(valid.raw, None, 1), _delivery(tampered, None, 2)])
+    else:
+        results = [inbox.handle(valid.raw, None), inbox.handle(tampered, None)]
+    assert [(r.outcome, r.reason) for r in results] == [
+        (Outcome.QUARANTINED, "no_user_id"),
+        (Outcome.QUARANTINED, "bad_signature"),
+    ]
+    assert "without an AMQP user id" in str(results[0].detail)
+    quarantined = {row.reason: row for row in rows(engine, quarantine_table)}
+    assert quarantined["no_user_id"].envelope_id == str(valid.id)
+    assert [row.sender for row in quarantined.values()] == [None, None]
+    assert rows(engine, inbox_table) == []
+    assert rows(engine, outbox_table) == []
+    assert not (tmp_path / "inbox").exists()
+
+
+# --- a receipt that cannot be sealed yet ----------------------------------------------------
+
+
+def _without_encryption_key(network: Network, participant: str) -> Directory:
+    """`network`'s directory with `participant`'s encryption keys revoked a minute ago."""
+    now = datetime.now(UTC)
+    body = network.directory.body
+    card = next(p for p in body.participants if p.id == participant)
+    for key in card.keys:
+        if key.use is KeyUse.ENCRYPT:
+            body = revoke_key(body, participant, key.kid, at=now - timedelta(minutes=1), now=now)
+    signed = sign_directory(body, network.authority)
+    return load_directory(signed, authority=network.authority.public_key())
+
+
+def _referral(network: Network, case: str) -> SealedEnvelope:
+    """The NGO's referral request to its parent mission, opening the NGO's own `case`."""
+    return seal(
+        sharing_with(example(MessageKind.REFERRAL_REQUEST), [NGO, UZ]),
+        case=case,
+        sender=network.sender(NGO),
+        recipients=[UZ],
+        directory=network.directory,
+        seq=1,
+    )
+
+
+def _answered(engine: Engine) -> dict[str, str]:
+    """Receipts in the outbox: answered envelope id -> receipt recipient."""
+    found = {}
+    for message in Outbox(engine).pending():
+        header = read_header(message.body)
+        if header.kind is MessageKind.DELIVERY_RECEIPT:
+            found[str(header.reply_to)] = message.recipients[0]
+    return found
+
+
+def test_sender_without_encryption_key_is_applied_and_its_receipt_waits(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """In one batch: the envelope of a sender whose encryption key is revoked here is applied
+    with its receipt pending, the honest ones around it applied and answered; once a
+    directory lists a valid key the receipt is sealed, queued once, and opens for the sender."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    revoked = _without_encryption_key(network, KZ)
+    inbox.directory = lambda: revoked
+    honest = [_referral(network, f"{NGO}.R-{i}") for i in (1, 2)]
+    blocked = request(network)
+    batch = [
+        _delivery(honest[0].raw, NGO, 1),
+        _delivery(blocked.raw, KZ, 2),
+        _delivery(honest[1].raw, NGO, 3),
+    ]
+    with capture_logs() as logs:
+        results = inbox.handle_batch(batch)
+    assert [r.outcome for r in results] == [Outcome.APPLIED] * 3
+    assert {row.envelope_id for row in rows(engine, inbox_table)} == {
+        str(e.id) for e in (*honest, blocked)
+    }
+    assert (tmp_path / "inbox" / f"{blocked.id}.json").exists()
+    assert _answered(engine) == {str(e.id): NGO for e in honest}
+    [pending] = rows(engine, pending_receipts_table)
+    assert (pending.envelope_id, pending.recipient, pending.case_ref) == (str(blocked.id), KZ, CASE)
+    assert (pending.reason, pending.queued_at, pending.attempts) == ("key_not_valid", None, 0)
+    assert pending.digest == blocked.digest
+    [logged] = [e for e in logs if e["event"] == "inbox.receipt_pending"]
+    assert (logged["envelope_id"], logged["participant"]) == (str(blocked.id), KZ)
+
+    assert inbox.retry_receipts() == 0, "still no key: nothing sealed"
+    [still] = rows(engine, pending_receipts_table)
+    assert (still.attempts, still.queued_at) == (1, None)
+
+    inbox.directory = lambda: network.directory  # a directory listing a valid key
+    assert inbox.retry_receipts() == 1
+    assert inbox.retry_receipts() == 0, "queued once"
+    answered = _answered(engine)
+    assert answered[str(blocked.id)] == KZ
+    [late] = [m for m in Outbox(engine).pending() if read_header(m.body).reply_to == blocked.id]
+    opened = open_envelope(late.body, recipient=network.recipient(KZ), directory=network.directory)
+    assert isinstance(opened.message, DeliveryReceipt)
+    assert (opened.message.envelope_id, opened.message.digest) == (blocked.id, blocked.digest)
+    assert opened.message.applied_at == pending.applied_at
+    [done] = rows(engine, pending_receipts_table)
+    assert done.queued_at is not None and done.receipt_id == late.envelope_id
+    assert inbox.handle(blocked.raw, KZ, redelivered=True).outcome is Outcome.DUPLICATE
+    assert len(rows(engine, pending_receipts_table)) == 1
+
+
+@pytest.mark.rabbitmq
+def test_administrator_publish_without_user_id_is_refused_over_rabbitmq(
+    local_network, rabbitmq_urls: tuple[str, str]
+) -> None:
+    """A valid envelope of KZ's, published by the broker's administrator (guest) through
+    trm.handoff to UZ's inbox without a user id, is refused by UZ's adapter as no_user_id:
+    `trm quarantine list` names no sender, not KZ; KZ's own send right after is applied."""
+    import pika
+    from click.testing import CliRunner
+
+    from broker.directory import Role
+    from broker.topology import EXCHANGE, quarantine_queue
+    from trm.cli import cli
+
+    net = local_network([(KZ, Role.MISSION, "KZ", None), (UZ, Role.MISSION, "UZ", None)])
+    net.start_adapter(UZ)
+    home = net.settings(KZ)
+    forged = seal(
+        example(MessageKind.RETURN_REQUEST),
+        case=CASE,
+        sender=home.sender(),
+        recipients=[UZ],
+        directory=home.directory(),
+        seq=1,
+    )
+    params = pika.URLParameters(rabbitmq_urls[0])
+    params.virtual_host = net.vhost
+    admin = pika.BlockingConnection(params)
+    try:
+        channel = admin.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            EXCHANGE, UZ, forged.raw, pika.BasicProperties(delivery_mode=2), mandatory=True
+        )
+    finally:
+        admin.close()
+    q = quarantine_table.c
+
+    def refused() -> list[sa.Row[tuple[object, ...]]]:
+        with net.engine(UZ).connect() as conn:
+            return list(conn.execute(sa.select(q.reason, q.sender, q.envelope_id)).all())
+
+    net.wait_for(lambda: bool(refused()), 60, "UZ to refuse the injection")
+    [row] = refused()
+    assert (row.reason, row.sender, row.envelope_id) == ("no_user_id", None, str(forged.id))
+    assert str(forged.id) not in net.inbox_ids(UZ)
+    listed = CliRunner().invoke(
+        cli,
+        ["quarantine", "list", "--home", str(net.home(UZ)), "--json"],
+        env=net.environment(UZ),
+        catch_exceptions=False,
+    )
+    [record] = json.loads(listed.stdout)
+    assert (record["reason"], record["sender"]) == ("no_user_id", None)
+    admin = pika.BlockingConnection(params)
+    try:
+        channel = admin.channel()
+        copies: list[dict[str, object]] = []
+
+        def copied() -> bool:
+            method, properties, _ = channel.basic_get(quarantine_queue(UZ), auto_ack=True)
+            if method is not None:
+                copies.append(dict(properties.headers or {}))
+            return bool(copies)
+
+        net.wait_for(copied, 60, "the copy in UZ's broker quarantine")
+    finally:
+        admin.close()
+    assert copies[0]["x-trm-reason"] == "no_user_id"
+    net.start_adapter(KZ)
+    honest = net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=CASE)
+    net.wait_for(lambda: str(honest.id) in net.inbox_ids(UZ), 60, "KZ's own send applied")
