@@ -15,14 +15,18 @@ Permissions of participant X on the vhost:
   quarantine records and witness messages. The default exchange
   (``amq.default``) is not writable, so X cannot drop a message straight
   into another participant's queue.
-- read ``^trm\\.(inbox|quarantine|witness)\\.X$`` (the routing participant
-  also ``^trm\\.routing$``): consume (and purge) its own queues only.
+- read ``^trm\\.(inbox|quarantine|witness|proofs)\\.X$`` (the routing
+  participant also ``^trm\\.routing$``): consume (and purge) its own queues
+  only.
 
 The witness exchange ``trm.witness`` (direct) routes by participant id to
 ``trm.witness.<id>``: the routing service's cosignature requests to each
 witness's queue, the witnesses' answers to the routing participant's own.
 Nothing on it is trusted for who sent it: requests carry the routing
-service's signed checkpoint, answers the witness's cosignature.
+service's signed checkpoint, answers the witness's cosignature. On the same
+exchange, key ``proofs.<id>`` routes to ``trm.proofs.<id>``: membership
+proof requests to the routing participant, its answers to each requester
+(`services.membership`).
 
 Dead-lettering from an inbox to the quarantine is done by the broker itself
 and needs no user permission.
@@ -89,6 +93,16 @@ def inbox_queue(participant_id: str) -> str:
     return f"trm.inbox.{participant_id}"
 
 
+def proofs_queue(participant_id: str) -> str:
+    """The queue of ``participant_id``'s membership proof requests (routing) or answers."""
+    return f"trm.proofs.{participant_id}"
+
+
+def proofs_key(participant_id: str) -> str:
+    """The key that routes to ``participant_id``'s proofs queue on ``trm.witness``."""
+    return f"proofs.{participant_id}"
+
+
 def witness_queue(participant_id: str) -> str:
     """The queue of ``participant_id``'s witness messages (requests, or answers for routing)."""
     return f"trm.witness.{participant_id}"
@@ -111,7 +125,7 @@ class Permissions:
 def permissions_for(participant_id: str, role: str) -> Permissions:
     """What participant ``participant_id`` (with ``role``) may do on the vhost."""
     me = re.escape(participant_id)
-    read = rf"^trm\.(inbox|quarantine|witness)\.{me}$"
+    read = rf"^trm\.(inbox|quarantine|witness|proofs)\.{me}$"
     if str(role) == ROUTING_ROLE:
         read += rf"|^{re.escape(ROUTING_QUEUE)}$"
     return Permissions(configure="^$", write=r"^trm\.(handoff|quarantine|witness)$", read=read)
@@ -187,7 +201,10 @@ def declare(
             witness = witness_queue(participant_id)
             channel.queue_declare(witness, durable=True, arguments={"x-queue-type": "quorum"})
             channel.queue_bind(witness, WITNESS_EXCHANGE, routing_key=participant_id)
-            queues += [inbox, quarantine, witness]
+            proofs = proofs_queue(participant_id)
+            channel.queue_declare(proofs, durable=True, arguments={"x-queue-type": "quorum"})
+            channel.queue_bind(proofs, WITNESS_EXCHANGE, routing_key=proofs_key(participant_id))
+            queues += [inbox, quarantine, witness, proofs]
         channel.queue_declare(
             ROUTING_QUEUE, durable=True, arguments=queue_arguments(routing_key, delivery_limit)
         )

@@ -25,7 +25,8 @@ signed reminder envelope (no personal data) for the participant who owes the
 next step, written to the outbox in the same transaction that records the
 reminder's key; the relay publishes it. The log is checkpointed every N
 entries, every T seconds and on shutdown, and each checkpoint is sent to the
-directory's witnesses to cosign (`services.cosigners`).
+directory's witnesses to cosign (`services.cosigners`). Participants ask it
+for inclusion proofs of their own envelopes (`services.membership`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from broker.transport import (
 )
 from schemas.control import Reminder as ReminderMessage
 from schemas.header import EnvelopeHeader
+from services import membership
 from services.auditlog import REJECTED, VERIFIED, Appender, AuditLog, log_entries_table
 from services.cases import Anomaly, Event, Stage, apply
 from services.casestore import CaseBatch, CaseCache, CaseStore, key_text
@@ -498,6 +500,12 @@ class RoutingService:
             worker("timers", lambda: self.run_timers(stop)),
             # Apart from the others, so that a witness's silence holds back only its cosignature.
             worker("witnesses", lambda: cosigners.run(settings, self.participant, stop)),
+            worker(
+                "proofs",
+                lambda: membership.serve(
+                    self.auditlog, self.directory, settings, self.participant, stop
+                ),
+            ),
         ]
         self._log.info("routing service started", broker=settings.describe())
         while not stop.wait(TIMER_TICK):

@@ -26,6 +26,7 @@ from broker.topology import (
     ROUTING_QUEUE,
     inbox_queue,
     permissions_for,
+    proofs_queue,
     provision,
     quarantine_queue,
     witness_queue,
@@ -102,6 +103,7 @@ def test_provision_is_idempotent(
     expected = {inbox_queue(p) for p, _ in participants} | {ROUTING_QUEUE}
     expected |= {quarantine_queue(p) for p, _ in participants}
     expected |= {witness_queue(p) for p, _ in participants}
+    expected |= {proofs_queue(p) for p, _ in participants}
     assert set(queues) == expected
     assert {q.type for q in queues.values()} == {"quorum"}
     inbox = queues[inbox_queue(a)].arguments
@@ -113,7 +115,7 @@ def test_provision_is_idempotent(
     assert management.get_permissions(vhost, a) == {
         "configure": "^$",
         "write": r"^trm\.(handoff|quarantine|witness)$",
-        "read": rf"^trm\.(inbox|quarantine|witness)\.{re.escape(a)}$",
+        "read": rf"^trm\.(inbox|quarantine|witness|proofs)\.{re.escape(a)}$",
     }
     routing_read = (management.get_permissions(vhost, routing) or {})["read"]
     assert re.search(routing_read, ROUTING_QUEUE)

@@ -358,3 +358,65 @@ def test_a_witness_without_its_queue_retries_and_does_not_die(
         runner.join(30)
         asker.engine.dispose()
         engine.dispose()
+
+
+def _receipts_back(net: LocalNetwork, sealed: Any) -> bool:
+    import sqlalchemy as sa
+
+    from broker.database import receipts_table
+
+    query = sa.select(sa.func.count()).where(receipts_table.c.envelope_id == str(sealed.id))
+    with net.engine(sealed.header.sender).connect() as conn:
+        return int(conn.execute(query).scalar_one()) == len(sealed.header.recipients)
+
+
+def check_mine(net: LocalNetwork, who: str) -> subprocess.CompletedProcess[str]:
+    home, url = str(net.home(who)), net.database_url(who)
+    return trm(net, "audit", "check-mine", "--home", home, "--database-url", url, "--timeout", "60")
+
+
+def test_an_envelope_left_out_of_the_log_is_reported_by_both_parties(
+    local_network: Callable[..., Any],
+) -> None:
+    """Sender and recipient each prove their envelopes are in a witnessed checkpoint, over the
+    network; one the routing service received but never logged is reported by both, exit 1."""
+    from broker.topology import ROUTING_QUEUE
+    from schemas.base import MessageKind
+    from schemas.examples import EXAMPLE_CASE
+
+    net = witnessed_network(local_network)
+    for who in (KZ, UZ, NGO):
+        net.start_adapter(who)
+    routing = start_routing(net)
+    admin = AmqpSettings.from_url(net.amqp_url, vhost=net.vhost)
+    request = net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ, NGO], case=EXAMPLE_CASE)
+    net.wait_for(lambda: _receipts_back(net, request), TIMEOUT, "the request's receipts")
+    net.wait_for(
+        lambda: _queue_empty(admin) and fully_cosigned(net, {KZ, UZ}), TIMEOUT, "witnessed"
+    )
+    proven = check_mine(net, KZ)
+    assert proven.returncode == 0, proven.stdout + proven.stderr
+    assert "NOT PROVEN" not in proven.stdout
+
+    net.stop(routing)
+    accepted = net.send(
+        UZ, MessageKind.RETURN_ACCEPTED, to=[KZ, NGO], case=EXAMPLE_CASE, reply_to=request.id
+    )
+    net.wait_for(lambda: _receipts_back(net, accepted), TIMEOUT, "the acceptance's receipts")
+    connection = open_connection(admin)
+    try:
+        connection.channel().queue_purge(ROUTING_QUEUE)  # received, never logged
+    finally:
+        connection.close()
+    start_routing(net)
+    for who, how in ((UZ, "sent"), (KZ, "received")):
+        found = check_mine(net, who)
+        assert found.returncode == 1, found.stdout + found.stderr
+        assert f"NOT PROVEN {accepted.id} ({how}): not in the audit log" in found.stdout
+        assert str(request.id) not in found.stdout
+
+
+def _queue_empty(admin: AmqpSettings) -> bool:
+    from broker.topology import ROUTING_QUEUE, queue_depths
+
+    return queue_depths(admin, [ROUTING_QUEUE])[ROUTING_QUEUE] == 0

@@ -15,14 +15,15 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 from sqlalchemy.engine import Engine
 
 from broker.database import home_database_url, open_database
-from broker.directory import Directory, load_home_directory, read_directory
+from broker.directory import Directory, Role, load_home_directory, read_directory
 from broker.errors import AuditError, LogTampered, TrmError
 from broker.keys import load_keys, read_pinned_authority
 from services.audit import diff_states, replay_export, verify_export
@@ -31,6 +32,9 @@ from services.cases import CaseState, timeline
 from services.casestore import CaseStore
 from services.checkpoint import origin_for
 from services.proofs import check_proof, consistency_proof, inclusion_proof
+
+if TYPE_CHECKING:
+    from services.membership import MembershipReport
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -326,3 +330,105 @@ def check_proof_command(
         click.echo(json.dumps({"holds": True, **asdict(report)}))
     else:
         click.echo(report.summary())
+
+
+@audit.command("check-mine")
+@click.option(
+    "--home",
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="The mission's or NGO's home folder.",
+)
+@click.option("--since", default=None, help="Only envelopes since this ISO 8601 time (with zone).")
+@click.option("--database-url", default=None, help="Its database [TRM_DATABASE_URL].")
+@click.option("--amqp-url", default=None, help="RabbitMQ host [TRM_AMQP_URL].")
+@click.option("--vhost", default=None, help="RabbitMQ vhost [TRM_AMQP_VHOST].")
+@LOG_ID
+@click.option(
+    "--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+    help="Seconds to wait for the routing service's answer.",
+)  # fmt: skip
+@JSON
+def check_mine(
+    home: Path,
+    since: str | None,
+    database_url: str | None,
+    amqp_url: str | None,
+    vhost: str | None,
+    log_id: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Prove each envelope this home sent or received is in a witnessed checkpoint; exit 1 if not.
+
+    The routing service is asked over the network for inclusion proofs; each is
+    checked against the installed directory, its checkpoint must carry the
+    witness quorum, and its entry the very bytes this home holds.
+    """
+    from adapters.home import Home
+    from services import membership
+
+    try:
+        settings = Home.resolve(home, database_url=database_url, amqp_url=amqp_url, vhost=vhost)
+        directory = settings.directory()
+        routing_id = log_id or _only_routing(directory)
+        engine = settings.open_database()
+        try:
+            held = membership.held_since(engine, _since(since))
+        finally:
+            engine.dispose()
+        report = membership.MembershipReport()
+        for start in range(0, len(held), membership.MAX_ENVELOPES):
+            part = held[start : start + membership.MAX_ENVELOPES]
+            request_id = membership.new_request_id()
+            answer = membership.ask(
+                settings.amqp_settings(),
+                settings.participant_id,
+                routing_id,
+                membership.request_body(request_id, part),
+                request_id,
+                timeout=timeout,
+            )
+            found = membership.check_answer(part, answer, directory, request_id=request_id)
+            report.proven += found.proven
+            report.missing += found.missing
+            report.size = found.size or report.size
+    except (TrmError, ValueError) as e:
+        reason = e.reason if isinstance(e, TrmError) else "bad_input"
+        raise click.ClickException(f"{reason}: {e}") from e
+    _show_mine(report, as_json)
+    if not report.complete:
+        sys.exit(1)
+
+
+def _only_routing(directory: Directory) -> str:
+    routing = [p.id for p in directory.participants() if p.role is Role.ROUTING]
+    if len(routing) != 1:
+        raise AuditError(
+            f"the directory lists {len(routing)} routing participants: name one with --log-id"
+        )
+    return routing[0]
+
+
+def _since(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"--since {text!r} needs a time zone, e.g. 2026-03-01T00:00:00Z")
+    return moment
+
+
+def _show_mine(report: MembershipReport, as_json: bool) -> None:
+    missing = [
+        {"envelope_id": h.envelope_id, "how": h.how, "problem": why} for h, why in report.missing
+    ]
+    if as_json:
+        click.echo(
+            json.dumps({"proven": len(report.proven), "size": report.size, "missing": missing})
+        )
+        return
+    size = "" if report.size is None else f" (witnessed checkpoint of size {report.size})"
+    click.echo(f"{len(report.proven)} envelopes proven in the audit log{size}")
+    for item in missing:
+        click.echo(f"NOT PROVEN {item['envelope_id']} ({item['how']}): {item['problem']}")
