@@ -343,7 +343,12 @@ def check_proof_command(
 @click.option("--database-url", default=None, help="Its database [TRM_DATABASE_URL].")
 @click.option("--amqp-url", default=None, help="RabbitMQ host [TRM_AMQP_URL].")
 @click.option("--vhost", default=None, help="RabbitMQ vhost [TRM_AMQP_VHOST].")
-@LOG_ID
+@click.option(
+    "--log-id",
+    default=None,
+    metavar="ID",
+    help="The routing participant to ask (default: the directory's only one).",
+)
 @click.option(
     "--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
     help="Seconds to wait for the routing service's answer.",
