@@ -164,20 +164,20 @@ class Cosigners:
         self._log.info("checkpoint cosigned", witness=witness, size=size)
 
     def _refused(self, witness: str, answer: dict[str, Any]) -> None:
+        """A `conflict` naming a size this log signed is asked again from it at once; any
+        other refusal waits `resend_after` (the request stays outstanding), so a witness
+        that refuses a fork is not asked again on every tick."""
         why, held = answer["refused"], answer.get("cosigned_size")
         bound = self._log.bind(witness=witness, size=answer["size"], why=why)
-        with self._lock:
-            self._asked.pop(witness, None)
-            if why == "conflict" and isinstance(held, int):
-                if self.auditlog.checkpoint_note(held) is None and held != 0:
-                    bound.error(
-                        "the witness holds a checkpoint this log never signed",
-                        cosigned_size=held,
-                    )
-                    return
-                self._known[witness] = held
+        if why == "conflict" and isinstance(held, int):
+            if held == 0 or self.auditlog.checkpoint_note(held) is not None:
+                with self._lock:
+                    self._asked.pop(witness, None)
+                    self._known[witness] = held
                 bound.info("witness holds another size; asking again from it", cosigned_size=held)
                 return
+            bound.error("the witness holds a checkpoint this log never signed", cosigned_size=held)
+            return
         bound.error("witness refused the checkpoint", detail=answer.get("detail"))
 
     # -- the process --------------------------------------------------------------------------

@@ -358,3 +358,37 @@ def test_a_bad_cosignature_fails_verification(world: World, engine: Engine) -> N
     with pytest.raises(CosignatureInvalid, match="does not verify"):
         check_cosignatures(bad, world.directory)
     assert json.loads(json.dumps(witness.status()))["logs"][0]["size"] == 2
+
+
+def test_a_refused_checkpoint_is_not_asked_for_again_at_once(
+    world: World, engine: Engine, tmp_path: Path
+) -> None:
+    """A witness refusing a fork is asked again only after `resend_after`, not on every tick;
+    a conflict naming a size the log signed is asked again at once, from that size."""
+    engines = [open_database(f"sqlite:///{tmp_path / name}.db") for name in ("kz", "fork")]
+    honest = world.routing_log(engine)
+    kz = world.witness(engines[0])
+    grow(honest, 3, tag=b"honest")
+    kz.add_checkpoint(request(honest, signed(honest, T0 + timedelta(minutes=1)), 0))
+    fork = world.routing_log(engines[1])
+    grow(fork, 3, tag=b"fork")
+    signed(fork, T0 + timedelta(minutes=1))
+    cosigners = Cosigners(fork, lambda: world.directory, resend_after=3600)
+    [asked] = [o for o in cosigners.due() if o.recipients == (KZ,)]
+    answered = _answer(kz, KZ, asked.body)
+    assert answered is not None and json.loads(answered[1])["refused"] == "fork"
+    cosigners.take(answered[1], KZ)
+    assert [o for o in cosigners.due() if o.recipients == (KZ,)] == []
+
+    grow(honest, 2, tag=b"honest")
+    signed(honest, T0 + timedelta(minutes=2))
+    again = Cosigners(honest, lambda: world.directory, resend_after=3600)
+    again._known[KZ] = 0  # as if it had forgotten what KZ cosigned
+    [stale] = [o for o in again.due() if o.recipients == (KZ,)]
+    conflict = _answer(kz, KZ, stale.body)
+    assert conflict is not None and json.loads(conflict[1])["refused"] == "conflict"
+    again.take(conflict[1], KZ)
+    [retry] = [o for o in again.due() if o.recipients == (KZ,)]
+    assert retry.body.startswith(b"old 3\n")
+    for opened in engines:
+        opened.dispose()
