@@ -14,6 +14,7 @@ from broker.directory import Directory, load_directory
 from broker.errors import ProofInvalid, TrmError
 from services.auditlog import LogEntry
 from services.checkpoint import Checkpoint, named_log, open_log_checkpoint, routing_participant
+from services.cosignature import CosignatureInvalid, check_cosignatures, require_quorum
 from services.merkle import MerkleTree, verify_consistency, verify_inclusion
 
 VECTORS = Path(__file__).parent / "vectors" / "log"
@@ -162,3 +163,40 @@ def test_invalid_checkpoint_is_refused(v: dict[str, Any], directory: Directory) 
         _open(v["note"], directory, v["log_id"])
     assert type(info.value) is error
     assert info.value.reason == v["reason"]
+
+
+COSIGNATURES = _load("cosignatures.json")
+
+
+@pytest.fixture(scope="module")
+def witness_directory() -> Directory:
+    """The vectors' directory naming iom-uz a witness, quorum 1."""
+    public = bytes.fromhex(_load("keys.json")["authority"]["public"])
+    authority = _crypto.verify_key_from_raw(public)
+    return load_directory((VECTORS / "witness-directory.json").read_bytes(), authority=authority)
+
+
+@pytest.mark.parametrize("vector", COSIGNATURES["valid"], ids=lambda v: v["description"])
+def test_cosignature_vector_counts(vector: dict[str, Any], witness_directory: Directory) -> None:
+    """A valid cosignature vector counts exactly the witnesses listed; the note still opens."""
+    note = vector["note"].encode()
+    found = sorted({c.witness for c in check_cosignatures(note, witness_directory)})
+    assert found == vector["witnesses"]
+    assert _open(vector["note"], witness_directory, None).size == 11
+    if len(found) >= COSIGNATURES["quorum"]:
+        assert require_quorum(note, witness_directory, COSIGNATURES["quorum"]) == found
+
+
+@pytest.mark.parametrize("vector", COSIGNATURES["invalid"], ids=lambda v: v["description"])
+def test_cosignature_vector_refused(vector: dict[str, Any], witness_directory: Directory) -> None:
+    """An invalid cosignature vector is refused with the named error and reason."""
+    with pytest.raises(CosignatureInvalid) as caught:
+        require_quorum(vector["note"].encode(), witness_directory, COSIGNATURES["quorum"])
+    assert (type(caught.value).__name__, caught.value.reason) == (vector["error"], vector["reason"])
+
+
+def test_quorum_vector_needs_a_witness(witness_directory: Directory) -> None:
+    """The note cosigned by no witness is short of the directory's quorum of 1."""
+    [bare] = [v for v in COSIGNATURES["valid"] if not v["witnesses"]]
+    with pytest.raises(CosignatureInvalid, match="0 of the 1 witnesses"):
+        require_quorum(bare["note"].encode(), witness_directory, COSIGNATURES["quorum"])

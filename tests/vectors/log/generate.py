@@ -12,7 +12,10 @@ line; trm's own code is only asked to agree before anything is written.
 Files: ``keys.json`` and ``directory.json`` (the trust the vectors need),
 ``entries.json`` (leaf inputs and hashes), ``trees.json`` (the root of every
 size), ``inclusion.json`` and ``consistency.json`` (every proof of the tree,
-and tampered ones), ``checkpoints.json`` (signed checkpoints, valid and not).
+and tampered ones), ``checkpoints.json`` (signed checkpoints, valid and not),
+``witness-directory.json`` and ``cosignatures.json`` (the same directory
+naming the mission a witness with a quorum of 1; witness cosignatures, valid
+and not).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from broker.directory import (
 from broker.errors import TrmError
 from services.auditlog import LogEntry
 from services.checkpoint import named_log, open_log_checkpoint, routing_participant
+from services.cosignature import check_cosignatures, cosign, require_quorum
 from services.merkle import MerkleTree
 
 HERE = Path(__file__).parent
@@ -511,6 +515,84 @@ def _open(signed: bytes, directory: Any, log_id: str | None) -> Any:
     return open_log_checkpoint(signed, directory, log_id=log)
 
 
+# --- witness cosignatures, byte by byte -----------------------------------------------------
+
+WITNESS_NAME = f"trm.witness/{UZ}/iom-uz-s-1"
+COSIGNED_AT = 1772355600  # 2026-03-01T09:00:00Z
+
+
+def cosignature_line(
+    text: bytes, key: Ed25519PrivateKey, name: str, timestamp: int, algorithm: bytes = b"\x04"
+) -> bytes:
+    """A c2sp.org/tlog-cosignature Ed25519 line over the checkpoint body `text`."""
+    public = _crypto.raw_public(key.public_key())
+    key_id = hashlib.sha256(name.encode() + b"\n" + algorithm + public).digest()[:4]
+    message = b"cosignature/v1\ntime %d\n" % timestamp + text
+    blob = key_id + struct.pack(">Q", timestamp) + key.sign(message)
+    return f"\u2014 {name} {_b64(blob)}\n".encode()
+
+
+def _altered(line: bytes, position: int) -> bytes:
+    name, blob = line.decode().rstrip("\n").split(" ")[1:]
+    raw = bytearray(base64.b64decode(blob))
+    raw[position] ^= 0x01
+    return f"\u2014 {name} {_b64(bytes(raw))}\n".encode()
+
+
+def cosignature_document(leaves: list[bytes], directory: Any) -> dict[str, Any]:
+    """Checkpoints with witness cosignatures: those that count, and those refused, with why."""
+    text = body(f"trm.routing/{ROUTING}", 11, mth(leaves), T0 + timedelta(hours=1))
+    signed = note(text, _key(ROUTING, "routing-s-1"))
+    uz = SIGNING[(UZ, "iom-uz-s-1")][0]
+    line = cosignature_line(text, uz, WITNESS_NAME, COSIGNED_AT)
+    assert line == cosign(signed, uz, WITNESS_NAME, at=datetime.fromtimestamp(COSIGNED_AT, UTC))
+    foreign = cosignature_line(text, WITNESS, "witness.example/w1", COSIGNED_AT)
+    valid = [
+        ("cosigned by the witness iom-uz", signed + line, [UZ]),
+        ("and by a witness the directory does not list, which counts for nothing",
+         signed + foreign + line, [UZ]),
+        ("by no witness: valid, but short of the quorum", signed, []),
+    ]  # fmt: skip
+    ngo = SIGNING[(NGO, "ngo-uz-ia-s-1")][0]
+    invalid = [
+        ("the signature altered", signed + _altered(line, 20)),
+        ("the timestamp altered", signed + _altered(line, 11)),
+        ("the key id altered", signed + _altered(line, 0)),
+        ("a key id computed as for a note signature (0x01)",
+         signed + cosignature_line(text, uz, WITNESS_NAME, COSIGNED_AT, b"\x01")),
+        ("signed by the NGO's key under the witness's name",
+         signed + cosignature_line(text, ngo, WITNESS_NAME, COSIGNED_AT)),
+        ("under a key id the witness does not have",
+         signed + cosignature_line(text, uz, f"trm.witness/{UZ}/iom-uz-s-9", COSIGNED_AT)),
+        ("over another body (size 10)",
+         signed + cosignature_line(text.replace(b"\n11\n", b"\n10\n"), uz, WITNESS_NAME,
+                                   COSIGNED_AT)),
+    ]  # fmt: skip
+    return {
+        "quorum": directory.body.quorum,
+        "valid": [_counted(d, n, w, directory) for d, n, w in valid],
+        "invalid": [_refused_cosignature(d, n, directory) for d, n in invalid],
+    }
+
+
+def _counted(description: str, signed: bytes, witnesses: list[str], directory: Any) -> Any:
+    assert sorted({c.witness for c in check_cosignatures(signed, directory)}) == witnesses
+    return {"description": description, "note": signed.decode(), "witnesses": witnesses}
+
+
+def _refused_cosignature(description: str, signed: bytes, directory: Any) -> dict[str, Any]:
+    try:
+        require_quorum(signed, directory, directory.body.quorum)
+    except TrmError as e:
+        return {
+            "description": description,
+            "note": signed.decode(),
+            "error": type(e).__name__,
+            "reason": e.reason,
+        }
+    raise AssertionError(f"{description}: counted")
+
+
 def _write(name: str, document: Any) -> None:
     (HERE / name).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
@@ -531,6 +613,11 @@ def main() -> None:
     _write("inclusion.json", inclusion_document(leaves))
     _write("consistency.json", consistency_document(leaves))
     _write("checkpoints.json", checkpoint_document(leaves, directory))
+    witnessed = directory_body().model_copy(update={"witnesses": (UZ,), "quorum": 1})
+    raw = sign_directory(witnessed, AUTHORITY)
+    (HERE / "witness-directory.json").write_bytes(raw)
+    with_witness = load_directory(raw, authority=AUTHORITY.public_key())
+    _write("cosignatures.json", cosignature_document(leaves, with_witness))
 
 
 if __name__ == "__main__":
