@@ -358,7 +358,9 @@ def _check_opening(view: CaseView | None, message: CaseMessage, owner: str) -> R
             f"case reference {message.case!r} {named}; only its owner opens it, "
             f"so {message.sender} must use {message.sender}.<reference>",
         )
-    if view is not None and view.stage is not None:
+    # A view without addressees came from a later message that overtook the
+    # opening (a redelivery, say): the opening still completes it.
+    if view is not None and view.stage is not None and view.addressees is not None:
         return Refusal(
             Reason.IMPOSSIBLE_TRANSITION,
             f"case {message.case} was opened already (stage {view.stage})",
@@ -509,14 +511,27 @@ def advance(
     rule = RULES[message.kind]
     if rule.who is Who.RECIPIENT or rule.who is Who.ROUTING:
         return view
-    if view is None or rule.opens:
+    if view is None:
         return _first_view(message, consent if rule.opens else None)
+    if rule.opens:
+        return _overtaken(view, _first_view(message, consent))
     halted = message.envelope_id if message.kind is K.CONSENT_WITHDRAWN else None
     return replace(
         view,
         stage=_next_stage(view.stage, rule),
         parties=view.parties | {message.sender, *message.recipients},
         halted_by=view.halted_by or halted,
+    )
+
+
+def _overtaken(later: CaseView, opening: CaseView) -> CaseView:
+    """A view built from messages that overtook the opening request, completed by it."""
+    return replace(
+        later,
+        stage=later.stage or opening.stage,
+        parties=later.parties | opening.parties,
+        addressees=opening.addressees,
+        consent=opening.consent,
     )
 
 

@@ -173,3 +173,24 @@ def test_security_doc_lists_the_rules_as_they_are() -> None:
     text = SECURITY.read_text(encoding="utf-8")
     block = text.split("<!-- case-rules:start -->", 1)[1].split("<!-- case-rules:end -->", 1)[0]
     assert block.strip() == rules_table().strip()
+
+
+def test_an_opening_overtaken_by_a_later_message_still_completes_the_case() -> None:
+    """A travel arrangement from the owner that arrives before the request (redelivered, say)
+    is taken; the request then arrives and is taken too: it brings the addressees and the
+    consent, which are enforced from then on, and the stage reached stays."""
+    early = advance(None, said("travel_arranged", KZ, UZ))
+    assert early is not None and early.consent is None
+    request = said(K_REQUEST, KZ, UZ)
+    assert check(early, request, Role.MISSION, vouchers=(), consent=EVERYONE) is None
+    done = advance(early, request, EVERYONE)
+    assert done is not None
+    assert (done.stage, done.addressees, done.consent) == (
+        Stage.TRAVEL_ARRANGED,
+        frozenset({UZ}),
+        EVERYONE,
+    )
+    again = check(done, said(K_REQUEST, KZ, UZ), Role.MISSION, vouchers=())
+    assert reason(again) == Reason.IMPOSSIBLE_TRANSITION
+    update = said("reintegration_update", UZ, KZ)
+    assert reason(check(done, update, Role.MISSION, vouchers=())) == Reason.OUTSIDE_CONSENT
