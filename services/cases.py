@@ -5,8 +5,10 @@ verified envelope headers alone (kind, case, sender, recipients, sent-at,
 sequence number, reply-to, id), the time the routing service received each
 envelope, and the directory roles of the participants.
 
-Everything here is a pure function over immutable values: `apply` folds one
-`Event` into a `CaseState`, `replay` folds a whole log. An odd but legal input
+Everything here is a pure function over values that never change once made:
+`apply` folds one `Event` into a `CaseState`, `replay` folds a whole log. A
+state and the states grown from it share their entries (each sees its own
+length of them), so applying an event costs the same at any case length. An odd but legal input
 never raises: an impossible or early transition leaves the stage as it was,
 the event is still recorded in the case's history, and an `Anomaly` says
 what was wrong. Applying an envelope id already applied changes nothing.
@@ -52,12 +54,13 @@ event still applied.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
+from itertools import islice
 from types import MappingProxyType
-from typing import Any
+from typing import Any, overload
 
 from broker import casepolicy
 from broker.casepolicy import BOOKKEEPING_KINDS, PATHS, RULES
@@ -67,8 +70,8 @@ from broker.errors import CaseError, CaseStateInvalid
 from schemas.base import MessageKind
 from schemas.header import EnvelopeHeader
 
-STATE_FORMAT = 1
-"""Version of the `CaseState.to_dict` layout."""
+STATE_FORMAT = 2
+"""Version of the `CaseState.to_dict` layout (2: pending receipts derived from the entries)."""
 
 
 Roles = Mapping[str, str] | Callable[[str], str | None]
@@ -181,10 +184,12 @@ class CaseState:
     """Directory roles of the parties, as they were when each joined."""
     last_seq: Mapping[str, int]
     """Highest sequence number seen per sender."""
-    pending_receipts: Mapping[str, frozenset[str]]
-    """Envelope id -> recipients whose delivery receipt has not arrived."""
-    entries: tuple[Entry, ...]
-    """Every distinct envelope of the case, in the order the routing service received them."""
+    entries: Sequence[Entry]
+    """Every distinct envelope of the case, in the order the routing service received them.
+
+    A tuple, or (for states `apply` and `from_dict` make) a view of the
+    entries its case's states share; either compares equal to a tuple of the
+    same entries."""
     updated_at: datetime
     stage_entered_at: datetime | None
     stage_envelope: str | None
@@ -202,18 +207,30 @@ class CaseState:
 
     def entry(self, envelope_id: str) -> Entry | None:
         """The recorded entry of an envelope id, or None."""
-        return self._index.find(self.entries, envelope_id)
+        return self._lineage.find(len(self.entries), envelope_id)
 
     @property
     def opening(self) -> Event | None:
         """The event that opened the case (the first opening kind that moved it), or None."""
-        return self._index.opening_of(self.entries)
+        return self._lineage.opening_of(len(self.entries))
 
     @cached_property
-    def _index(self) -> _EntryIndex:
+    def pending_receipts(self) -> Mapping[str, frozenset[str]]:
+        """Envelope id -> recipients whose delivery receipt has not arrived.
+
+        Every envelope but a receipt awaits one from each recipient; a receipt
+        that was not refused settles its sender's. A function of the entries,
+        so neither compared nor stored apart from them.
+        """
+        return _Pending(self._lineage, len(self.entries))
+
+    @cached_property
+    def _lineage(self) -> _Lineage:
         # Not a field: never compared, never serialised; `apply` hands the next
-        # state its predecessor's index, extended, so no event rescans the entries.
-        return _EntryIndex(self.entries)
+        # state its predecessor's lineage, grown, so no event rescans the entries.
+        if isinstance(self.entries, _Entries):
+            return self.entries.lineage
+        return _Lineage(self.entries)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON-ready dict; `from_dict` gives back an equal state."""
@@ -229,7 +246,6 @@ class CaseState:
             "parties": sorted(self.parties),
             "party_roles": dict(sorted(self.party_roles.items())),
             "last_seq": dict(sorted(self.last_seq.items())),
-            "pending_receipts": {k: sorted(v) for k, v in sorted(self.pending_receipts.items())},
             "updated_at": self.updated_at.isoformat(),
             "stage_entered_at": _iso(self.stage_entered_at),
             "stage_envelope": self.stage_envelope,
@@ -256,43 +272,141 @@ class CaseState:
         return cls.from_dict({**summary, "entries": list(entries)})
 
 
-class _EntryIndex:
-    """Where each envelope id and the opening lie in a case's entries, and in later states'.
+class _Lineage:
+    """A case's entries, where each id and the opening lie in them, and the receipts owed.
 
-    One index serves a state and every state `apply` grows from it by one
-    entry, so looking up an id costs the same at any case length. A lookup is
-    answered only from the positions below the asking state's own length.
+    One lineage serves a state and every state `apply` grows from it by one
+    entry, each state seeing only its own length of it: an event appends one
+    entry and settles one envelope's receipts, the same work at any case
+    length. A second state grown from the same one (a branch) starts a
+    lineage of its own.
     """
 
-    def __init__(self, entries: Sequence[Entry]) -> None:
+    def __init__(self, entries: Iterable[Entry]) -> None:
+        self.entries: list[Entry] = []
         self.positions: dict[str, int] = {}
         self.opening: int | None = None
-        self.size = 0
+        self.pending: dict[str, frozenset[str]] = {}
+        """The receipts owed after all of `entries`: only the newest state reads it as is."""
         for entry in entries:
             self.add(entry)
 
+    @property
+    def size(self) -> int:
+        """How many entries the lineage holds."""
+        return len(self.entries)
+
     def add(self, entry: Entry) -> None:
-        """Index `entry` as the next position."""
-        event = entry.event
-        self.positions.setdefault(event.envelope_id, self.size)
+        """Append `entry`: index it and settle the receipts it awaits or brings."""
+        position = len(self.entries)
+        self.entries.append(entry)
+        self.positions.setdefault(entry.event.envelope_id, position)
         if self.opening is None and _opens(entry):
-            self.opening = self.size
-        self.size += 1
+            self.opening = position
+        _settle(self.pending, entry)
 
-    def after(self, entries: Sequence[Entry], entry: Entry) -> _EntryIndex:
-        """The index of `entries` and then `entry`: this one grown, if it covers just `entries`."""
-        # Another state grown from the same one already took this index: a branch.
-        index = self if self.size == len(entries) else _EntryIndex(entries)
-        index.add(entry)
-        return index
+    def after(self, entries: Sequence[Entry], entry: Entry) -> _Lineage:
+        """The lineage of `entries` and then `entry`: this one grown, if it holds just `entries`."""
+        # Another state grown from the same one already took this lineage: a branch.
+        lineage = self if self.size == len(entries) else _Lineage(entries)
+        lineage.add(entry)
+        return lineage
 
-    def find(self, entries: Sequence[Entry], envelope_id: str) -> Entry | None:
+    def find(self, size: int, envelope_id: str) -> Entry | None:
+        """The entry of `envelope_id` among the first `size`, or None."""
         position = self.positions.get(envelope_id)
-        return None if position is None or position >= len(entries) else entries[position]
+        return None if position is None or position >= size else self.entries[position]
 
-    def opening_of(self, entries: Sequence[Entry]) -> Event | None:
+    def opening_of(self, size: int) -> Event | None:
+        """The opening event among the first `size` entries, or None."""
         position = self.opening
-        return None if position is None or position >= len(entries) else entries[position].event
+        return None if position is None or position >= size else self.entries[position].event
+
+
+def _settle(pending: dict[str, frozenset[str]], entry: Entry) -> None:
+    """Update `pending` (envelope id -> recipients owing a receipt) for one more entry."""
+    event = entry.event
+    if event.kind is not K.DELIVERY_RECEIPT:
+        pending[event.envelope_id] = frozenset(event.recipients)
+        return
+    refused = entry.anomaly is not None and entry.anomaly.reason != Reason.SEQUENCE_GAP
+    if refused or event.reply_to is None:
+        return
+    left = pending.get(event.reply_to, frozenset()) - {event.sender}
+    if left:
+        pending[event.reply_to] = left
+    else:
+        pending.pop(event.reply_to, None)
+
+
+class _Entries(Sequence[Entry]):
+    """The first `size` entries of a lineage: a state's entries, shared with later states."""
+
+    __slots__ = ("lineage", "size")
+
+    def __init__(self, lineage: _Lineage, size: int) -> None:
+        self.lineage = lineage
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    @overload
+    def __getitem__(self, index: int) -> Entry: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Entry, ...]: ...
+    def __getitem__(self, index: int | slice) -> Entry | tuple[Entry, ...]:
+        entries = self.lineage.entries
+        if isinstance(index, slice):
+            return tuple(entries[i] for i in range(self.size)[index])
+        return entries[range(self.size)[index]]
+
+    def __iter__(self) -> Iterator[Entry]:
+        return islice(self.lineage.entries, self.size)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _Entries) and other.lineage is self.lineage:
+            return other.size == self.size
+        if not isinstance(other, _Entries | tuple):
+            return NotImplemented
+        return len(other) == self.size and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+class _Pending(Mapping[str, frozenset[str]]):
+    """The receipts owed after the first `size` entries of a lineage."""
+
+    __slots__ = ("_lineage", "_own", "_size")
+
+    def __init__(self, lineage: _Lineage, size: int) -> None:
+        self._lineage = lineage
+        self._size = size
+        self._own: dict[str, frozenset[str]] | None = None
+
+    def _map(self) -> Mapping[str, frozenset[str]]:
+        if self._own is not None:
+            return self._own
+        if self._lineage.size == self._size:
+            return self._lineage.pending
+        # The lineage has grown past this state: its own receipts, worked out once.
+        self._own = _Lineage(self._lineage.entries[: self._size]).pending
+        return self._own
+
+    def __getitem__(self, envelope_id: str) -> frozenset[str]:
+        return self._map()[envelope_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict(self._map()))
+
+    def __len__(self) -> int:
+        return len(self._map())
+
+    def __repr__(self) -> str:
+        return repr(dict(self._map()))
 
 
 def _opens(entry: Entry) -> bool:
@@ -360,7 +474,6 @@ def _blank(event: Event) -> CaseState:
         parties=frozenset(),
         party_roles=MappingProxyType({}),
         last_seq=MappingProxyType({}),
-        pending_receipts=MappingProxyType({}),
         entries=(),
         updated_at=event.received_at,
         stage_entered_at=None,
@@ -484,6 +597,7 @@ def _record(
     joins = not blocked and event.kind not in BOOKKEEPING_KINDS
     parties = state.parties | {event.sender, *event.recipients} if joins else state.parties
     entry = Entry(event, stage, anomaly)
+    lineage = state._lineage.after(state.entries, entry)
     grown = CaseState(
         case=state.case,
         stage=stage,
@@ -491,14 +605,13 @@ def _record(
         parties=parties,
         party_roles=_roles_of(state.party_roles, parties, role_of),
         last_seq=_next_seq(state, event, anomaly),
-        pending_receipts=_next_pending(state, event, blocked),
-        entries=(*state.entries, entry),
+        entries=_Entries(lineage, lineage.size),
         updated_at=event.received_at,
         stage_entered_at=event.received_at if moved else state.stage_entered_at,
         stage_envelope=event.envelope_id if moved else state.stage_envelope,
     )
-    # cached_property's own slot: the grown state starts with its index built.
-    grown.__dict__["_index"] = state._index.after(state.entries, entry)
+    # cached_property's own slot: the grown state starts with its lineage.
+    grown.__dict__["_lineage"] = lineage
     return grown
 
 
@@ -517,19 +630,6 @@ def _next_seq(state: CaseState, event: Event, anomaly: Anomaly | None) -> Mappin
     if anomaly is not None and anomaly.reason == Reason.SEQUENCE_REPEAT:
         return state.last_seq
     return MappingProxyType({**state.last_seq, event.sender: event.seq})
-
-
-def _next_pending(state: CaseState, event: Event, blocked: bool) -> Mapping[str, frozenset[str]]:
-    pending = dict(state.pending_receipts)
-    if event.kind is not K.DELIVERY_RECEIPT:
-        pending[event.envelope_id] = frozenset(event.recipients)
-    elif not blocked and event.reply_to is not None:
-        left = pending[event.reply_to] - {event.sender}
-        if left:
-            pending[event.reply_to] = left
-        else:
-            del pending[event.reply_to]
-    return MappingProxyType(pending)
 
 
 # --- the timeline ---------------------------------------------------------------
@@ -676,7 +776,7 @@ def _state_from_dict(data: Mapping[str, Any]) -> CaseState:
         raise ValueError(f"format {data['format']!r} is not {STATE_FORMAT}")
     stage = _opt(data["stage"], str, "stage")
     entered = data["stage_entered_at"]
-    pending = _typed(data["pending_receipts"], Mapping, "pending_receipts")
+    lineage = _Lineage(_entry_from_dict(e) for e in _typed(data["entries"], list, "entries"))
     return CaseState(
         case=_typed(data["case"], str, "case"),
         stage=None if stage is None else Stage(stage),
@@ -696,15 +796,7 @@ def _state_from_dict(data: Mapping[str, Any]) -> CaseState:
                 for k, v in _typed(data["last_seq"], Mapping, "last_seq").items()
             }
         ),
-        pending_receipts=MappingProxyType(
-            {
-                _typed(k, str, "envelope id"): frozenset(
-                    _typed(r, str, "recipient") for r in _typed(v, list, "recipients")
-                )
-                for k, v in pending.items()
-            }
-        ),
-        entries=tuple(_entry_from_dict(e) for e in _typed(data["entries"], list, "entries")),
+        entries=_Entries(lineage, lineage.size),
         updated_at=_when(data["updated_at"], "updated_at"),
         stage_entered_at=None if entered is None else _when(entered, "stage_entered_at"),
         stage_envelope=_opt(data["stage_envelope"], str, "stage_envelope"),

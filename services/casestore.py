@@ -6,7 +6,8 @@ transaction as the log entry that caused the change:
 - ``cases``: one row per case, its current stage and its `CaseState` as JSON
   but for the entries (`CaseState.summary_dict`: header metadata only; the
   routing service never sees a payload, so there is no personal data to
-  store);
+  store). It holds nothing that grows with the case: the receipts still
+  owed follow from the entries;
 - ``case_entries``: the entries of each case, one row each in arrival order,
   only ever appended, so that storing a case costs the same at any length;
 - ``anomalies``: every impossible or out-of-order event, with its reason;
@@ -54,7 +55,7 @@ cases_table = sa.Table(
     sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.Column("version", sa.Integer(), nullable=False, server_default="0"),
 )
-"""Each case's current stage and full header-derived state (`CaseState.to_dict`).
+"""Each case's current stage and header-derived state but its entries (`CaseState.summary_dict`).
 
 `version` grows by one with every write, so that a process holding a state
 in memory can tell with one small read whether it is still the stored one.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -435,18 +435,18 @@ def test_an_event_indexes_one_entry_at_any_case_length(monkeypatch: pytest.Monke
     """Growing a case event by event indexes each entry once: no event rescans the case."""
     built: list[int] = []
     added: list[str] = []
-    init, add = cases._EntryIndex.__init__, cases._EntryIndex.add
+    init, add = cases._Lineage.__init__, cases._Lineage.add
 
-    def counting_init(self: cases._EntryIndex, entries: Sequence[Entry]) -> None:
-        built.append(len(entries))
+    def counting_init(self: cases._Lineage, entries: Iterable[Entry]) -> None:
         init(self, entries)
+        built.append(self.size)
 
-    def counting_add(self: cases._EntryIndex, entry: Entry) -> None:
+    def counting_add(self: cases._Lineage, entry: Entry) -> None:
         added.append(entry.event.envelope_id)
         add(self, entry)
 
-    monkeypatch.setattr(cases._EntryIndex, "__init__", counting_init)
-    monkeypatch.setattr(cases._EntryIndex, "add", counting_add)
+    monkeypatch.setattr(cases._Lineage, "__init__", counting_init)
+    monkeypatch.setattr(cases._Lineage, "add", counting_add)
     case, state = _long_case(300)
     assert built == [0] and len(added) == 300
     first = state.entries[0].event
@@ -456,6 +456,70 @@ def test_an_event_indexes_one_entry_at_any_case_length(monkeypatch: pytest.Monke
     grown, _ = apply(state, case.event(K.TRAVEL_ARRANGED, KZ, (UZ, NGO_UZ)), ROLES)
     assert len(added) - before == 1 and built == [0]
     assert grown.opening == first
+
+
+@pytest.mark.parametrize("length", [2_000, 8_000])
+def test_an_event_touches_one_pending_envelope_and_copies_nothing(
+    length: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 2k and 8k entries alike, each event settles one envelope's receipts and copies nothing.
+
+    The grown states share their predecessor's entries and pending receipts
+    (the same list and dict, each state seeing its own length), no event
+    rebuilds them, and the receipts owed are those a fold from scratch gives.
+    """
+    case, state = _long_case(length)
+    assert len(state.pending_receipts) == length
+    settled: list[str] = []
+    rebuilt: list[int] = []
+    settle, init = cases._settle, cases._Lineage.__init__
+
+    def counting_settle(pending: dict[str, frozenset[str]], entry: Entry) -> None:
+        settled.append(entry.event.envelope_id)
+        settle(pending, entry)
+
+    def counting_init(self: cases._Lineage, entries: Iterable[Entry]) -> None:
+        rebuilt.append(0)
+        init(self, entries)
+
+    monkeypatch.setattr(cases, "_settle", counting_settle)
+    monkeypatch.setattr(cases._Lineage, "__init__", counting_init)
+    grown = state
+    for n in range(10):
+        before = grown
+        answered = before.entries[n + 1].event.envelope_id
+        event = (
+            case.event(K.DELIVERY_RECEIPT, UZ, (KZ,), reply_to=answered)
+            if n % 2
+            else case.event(K.TRAVEL_ARRANGED, KZ, (UZ, NGO_UZ))
+        )
+        grown, anomaly = apply(before, event, ROLES)
+        assert anomaly is None
+        assert grown._lineage.entries is before._lineage.entries
+        assert grown._lineage.pending is before._lineage.pending
+    assert len(settled) == 10 and rebuilt == []
+    monkeypatch.undo()
+    assert grown.pending_receipts == fold([e.event for e in grown.entries])[0].pending_receipts
+
+
+def test_a_state_keeps_its_pending_receipts_when_later_states_settle_them() -> None:
+    """Receipts applied to a state's successors, or to a branch, leave its own pending receipts."""
+    case = Case()
+    state, _ = fold(happy_path(case, 1))
+    request = state.entries[0].event.envelope_id
+    from_uz = case.event(K.DELIVERY_RECEIPT, UZ, (KZ,), reply_to=request)
+    from_ngo = case.event(K.DELIVERY_RECEIPT, NGO_UZ, (KZ,), reply_to=request)
+    left, _ = apply(state, from_uz, ROLES)
+    both, _ = apply(left, from_ngo, ROLES)
+    right, _ = apply(state, from_ngo, ROLES)
+    assert state.pending_receipts == {request: {UZ, NGO_UZ}}
+    assert left.pending_receipts == {request: {NGO_UZ}}
+    assert right.pending_receipts == {request: {UZ}}
+    assert both.pending_receipts == {}
+    assert left != right and left.entries == (*state.entries, Entry(from_uz, Stage.REQUESTED))
+    loaded = CaseState.from_dict(json.loads(json.dumps(left.to_dict())))
+    assert loaded == left and loaded.pending_receipts == left.pending_receipts
+    assert "pending_receipts" not in left.to_dict()
 
 
 def test_states_grown_from_one_state_each_see_only_their_own_entries() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -212,7 +214,7 @@ def test_migration_moves_each_cases_entries_into_rows_and_back(database_url: str
         with engine.begin() as conn:
             conn.execute(
                 cases_table.insert().values(
-                    case_ref=state.case, stage="accepted", state=state.to_dict(), updated_at=T0
+                    case_ref=state.case, stage="accepted", state=_format_1(state), updated_at=T0
                 )
             )
         migrate(engine)
@@ -226,9 +228,126 @@ def test_migration_moves_each_cases_entries_into_rows_and_back(database_url: str
             config.attributes["connection"] = conn
             command.downgrade(config, "0004")
         with engine.connect() as conn:
-            assert conn.execute(sa.select(cases_table.c.state)).scalar_one() == state.to_dict()
+            assert conn.execute(sa.select(cases_table.c.state)).scalar_one() == _format_1(state)
     finally:
         engine.dispose()
+
+
+def _format_1(state: CaseState) -> dict[str, Any]:
+    """`state.to_dict` as trm wrote it up to 0012: format 1, with its pending receipts."""
+    pending = {k: sorted(v) for k, v in sorted(state.pending_receipts.items())}
+    return {**state.to_dict(), "format": 1, "pending_receipts": pending}
+
+
+def test_migration_leaves_pending_receipts_to_the_entries_and_writes_them_back(
+    database_url: str,
+) -> None:
+    """0013 drops a format-1 summary's pending receipts, read back equal; 0012 restores them."""
+    state = _grown_state()
+    receipt = replace(
+        event(MessageKind.DELIVERY_RECEIPT, 4, "iom-uz", "iom-kz", seq=2),
+        reply_to=state.entries[0].event.envelope_id,
+    )
+    state, anomaly = apply(state, receipt, ROLES)
+    assert anomaly is None and len(state.pending_receipts) == 2
+    old = _format_1(state)
+    summary = {k: v for k, v in old.items() if k != "entries"}
+    engine = sa.create_engine(database_url)
+    try:
+        migrate(engine, "0012")
+        with engine.begin() as conn:
+            row = {"case_ref": state.case, "stage": "accepted", "state": summary, "updated_at": T0}
+            conn.execute(cases_table.insert().values(**row))
+            conn.execute(
+                case_entries_table.insert(),
+                [
+                    {"case_ref": state.case, "position": i, "entry": e}
+                    for i, e in enumerate(old["entries"])
+                ],
+            )
+        migrate(engine)
+        assert CaseStore(engine).get(state.case) == state
+        with engine.connect() as conn:
+            stored = conn.execute(sa.select(cases_table.c.state)).scalar_one()
+        assert stored == state.summary_dict() and "pending_receipts" not in stored
+        with engine.begin() as conn:
+            config = alembic_config()
+            config.attributes["connection"] = conn
+            command.downgrade(config, "0012")
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(cases_table.c.state)).scalar_one() == summary
+    finally:
+        engine.dispose()
+
+
+def _long_state(case: str, length: int) -> CaseState:
+    """Case `case` with `length` entries, each still owed a delivery receipt."""
+    state, _ = apply(None, replace(event(MessageKind.RETURN_REQUEST, 1), case=case), ROLES)
+    accepted = event(MessageKind.RETURN_ACCEPTED, 2, "iom-uz", "iom-kz")
+    state, _ = apply(state, replace(accepted, case=case), ROLES)
+    for n in range(3, length + 1):
+        travel = replace(event(MessageKind.TRAVEL_ARRANGED, n, seq=n - 1), case=case)
+        state, anomaly = apply(state, travel, ROLES)
+        assert anomaly is None
+    return state
+
+
+Written = tuple[str, int, int]
+"""A statement's verb, how many rows it carries, and the length of their parameters."""
+
+
+def _writes_per_event(engine: sa.Engine, length: int) -> list[Written]:
+    """Every statement the routing service's batches run for five events on a case of `length`.
+
+    A batch per event, the case cached as the service caches it; each
+    statement as the driver receives it.
+    """
+    case = f"iom-kz.KZ-2026-{length:04d}"
+    state = _long_state(case, length)
+    assert len(state.pending_receipts) == length
+    with engine.begin() as conn:
+        [version] = CaseStore.save_all(conn, [CaseWrite(state, None, 0)])
+    cache = CaseCache()
+    cache.keep({case: (version, state)})
+    seen: list[Written] = []
+
+    def note(*args: Any) -> None:
+        statement, params, many = args[2], args[3], args[5]
+        rows = list(params) if many else [params]
+        seen.append((statement.split()[0].upper(), len(rows), sum(map(_size, rows))))
+
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        for n in range(length + 1, length + 6):
+            with engine.begin() as conn:
+                batch = CaseBatch(conn, cache)
+                travel = replace(event(MessageKind.TRAVEL_ARRANGED, n, seq=n - 1), case=case)
+                state, anomaly = apply(batch.get(case), travel, ROLES)
+                assert anomaly is None
+                batch.put(state)
+                batch.save()
+            batch.committed()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
+    assert CaseStore(engine).get(case) == state
+    return seen
+
+
+def _size(row: Any) -> int:
+    """The length of a statement's parameters as JSON (psycopg wraps a JSON value in `.obj`)."""
+    values = row.values() if isinstance(row, dict) else row
+    return len(json.dumps([getattr(v, "obj", v) for v in values], default=str))
+
+
+def test_an_event_writes_the_same_rows_and_bytes_at_2k_and_8k_entries(engine: sa.Engine) -> None:
+    """Storing an event on a case of 8k entries runs the statements, rows and bytes of one of 2k.
+
+    Nothing the case row holds grows with the envelopes still owed a receipt
+    (they follow from the entries), so a save writes the same at any length.
+    """
+    short, long = (_writes_per_event(engine, length) for length in (2_000, 8_000))
+    assert [verb for verb, *_ in short] == ["SELECT", "UPDATE", "INSERT"] * 5
+    assert short == long
 
 
 def test_save_appends_only_the_new_entries(engine: sa.Engine) -> None:
