@@ -103,9 +103,14 @@ outbox_table = sa.Table(
     sa.Column("sent_at", UTCDateTime(), nullable=True),
     sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("last_error", sa.Text(), nullable=True),
+    sa.Column("reply_to", sa.String(ENVELOPE_ID), nullable=True),
     sa.Index("ix_outbox_sent_at_created_at", "sent_at", "created_at"),
+    sa.Index("ix_outbox_reply_to", "reply_to"),
 )
-"""Sealed envelopes waiting for (or past) the broker's publisher confirm."""
+"""Sealed envelopes waiting for (or past) the broker's publisher confirm.
+
+``reply_to`` is the envelope the row answers, so that a receipt can be
+found and published again when its envelope arrives again."""
 
 case_sequence_table = sa.Table(
     "case_sequence",

@@ -326,7 +326,9 @@ class Inbox:
         """DUPLICATE if these exact bytes were applied before, without opening them again.
 
         Identical bytes were verified when first applied, so a redelivery
-        storm costs a lookup, not a signature check and a decryption.
+        storm costs a lookup, not a signature check and a decryption. Our
+        receipt for it goes out again, in case the sender resent it because
+        the receipt was lost.
         """
         try:
             header = read_header(body)
@@ -338,6 +340,8 @@ class Inbox:
             counted = conn.execute(
                 _COUNT_IF_SAME, {"b_id": envelope_id, "b_digest": digest}
             ).rowcount
+            if counted:
+                self.outbox.receipts_again(conn, [envelope_id])
         if not counted:
             return None
         log.info(
@@ -469,6 +473,7 @@ class Inbox:
         self._asked_erasure = self._asked_erasure or bool(gate.erasures)
         if writes.recounts:
             conn.execute(_COUNT, writes.recounts)
+            self.outbox.receipts_again(conn, [str(r["b_id"]) for r in writes.recounts])
         if writes.rows:
             conn.execute(_INSERT_INBOX, writes.inbox_rows())
         if writes.receipts:

@@ -36,6 +36,7 @@ from broker.errors import ConfigError, StorageError, TransportError
 from broker.faults import fault_point
 from broker.reception import ANSWERED, AwaitingReceipts, ReceptionPolicy
 from broker.transport import Outgoing
+from schemas.base import MessageKind
 
 if TYPE_CHECKING:
     from broker.envelope import SealedEnvelope
@@ -72,6 +73,15 @@ _RECORD_FAILURE = (
     .where(_t.envelope_id == sa.bindparam("b_id"), _t.sent_at.is_(None))
     .values(attempts=_t.attempts + 1, last_error=sa.bindparam("b_error"))
 )
+_RECEIPT_AGAIN = (
+    outbox_table.update()
+    .where(
+        _t.reply_to == sa.bindparam("b_id"),
+        _t.kind == str(MessageKind.DELIVERY_RECEIPT),
+        _t.sent_at.is_not(None),
+    )
+    .values(sent_at=None)
+)
 
 
 _AWAITING_COUNTS = sa.select(
@@ -106,6 +116,7 @@ def _outbox_row(sealed: SealedEnvelope, at: datetime) -> dict[str, object]:
         "case_ref": header.case,
         "kind": str(header.kind),
         "recipients": " ".join(header.recipients),
+        "reply_to": None if header.reply_to is None else str(header.reply_to),
         "body": sealed.raw,
         "digest": sealed.digest,
         "created_at": at,
@@ -195,6 +206,21 @@ class Outbox:
             conn.execute(_INSERT, rows)
             if conn.dialect.name == "postgresql":
                 # Delivered to the relay's LISTEN at commit, never before.
+                conn.execute(_NOTIFY)
+
+    def receipts_again(self, conn: Connection, envelope_ids: Sequence[str]) -> None:
+        """Publish again, same bytes, the receipts we sent for these envelopes, in `conn`.
+
+        The inbox calls this for an envelope it applied before and now
+        receives again: its sender is resending because our receipt has
+        not reached it (reception awareness), so the receipt may have been
+        lost. A receipt that did arrive is absorbed there as a duplicate.
+        """
+        if not envelope_ids:
+            return
+        with storage_errors("queueing receipts again"):
+            conn.execute(_RECEIPT_AGAIN, [{"b_id": envelope_id} for envelope_id in envelope_ids])
+            if conn.dialect.name == "postgresql":
                 conn.execute(_NOTIFY)
 
     def send(

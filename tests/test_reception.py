@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,44 @@ def test_a_failed_resend_records_nothing_and_is_due_again(engine: Engine, networ
     assert waits(engine)[(str(sealed.id), UZ)].tries == 2
 
 
+def _delivery(body: bytes, user: str, tag: int) -> Delivery:
+    return Delivery(
+        body=body, user_id=user, message_id=None, redelivered=False, headers={}, delivery_tag=tag
+    )
+
+
+def test_an_envelope_applied_before_sends_its_receipt_again(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """A copy of an applied envelope, known at once or found in a batch, queues the receipt
+    already sent once more, same bytes, and applies nothing again; the receipt is not
+    queued again before it was first sent."""
+    kz_db = open_database(f"sqlite:///{tmp_path / 'kz.db'}")
+    try:
+        first, second = (
+            send(Outbox(kz_db), network, (UZ,), case=f"iom-kz.KZ-2026-00{n}") for n in (42, 43)
+        )
+    finally:
+        kz_db.dispose()
+    uz = make_inbox(engine, network, UZ, tmp_path / "uz")
+    assert uz.handle(first.raw, KZ).outcome is Outcome.APPLIED
+    assert uz.handle(first.raw, KZ).outcome is Outcome.DUPLICATE
+    [receipt_row] = Outbox(engine).pending()
+    relay = Relay(Outbox(engine), MemoryBroker().publisher(UZ))
+    assert relay.run_once() == 1
+
+    assert uz.handle(first.raw, KZ).outcome is Outcome.DUPLICATE
+    assert Outbox(engine).pending() == [receipt_row]
+    assert relay.run_once() == 1
+
+    outcomes = uz.handle_batch([_delivery(first.raw, KZ, 1), _delivery(second.raw, KZ, 2)])
+    assert [r.outcome for r in outcomes] == [Outcome.DUPLICATE, Outcome.APPLIED]
+    again, answer = Outbox(engine).pending()
+    assert again == receipt_row
+    assert answer.recipients == (KZ,)
+    assert len(list((tmp_path / "uz").iterdir())) == 2
+
+
 def test_the_policy_refuses_settings_that_cannot_work() -> None:
     """A wait that is not positive, or fewer than one try, is a ConfigError naming the flags."""
     for after, tries in ((0.0, 5), (-1.0, 5), (10.0, 0)):
@@ -272,39 +311,83 @@ def _take(settings: AmqpSettings, queue: str, handle: Callable[[Delivery], None]
         consumer.close()
 
 
-def _queue_depth(amqp_url: str, vhost: str, queue: str) -> int:
+@dataclass
+class Rabbit:
+    """KZ, UZ and an NGO under this run's names on a fresh vhost, each with a database and
+    an inbox; KZ's relay resends on a clock the test moves."""
+
+    amqp_url: str
+    vhost: str
+    network: Network
+    ids: tuple[str, str, str]
+    passwords: dict[str, str]
+    engines: dict[str, Engine]
+    inboxes: dict[str, Inbox]
+    clock: Clock
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def settings(self, pid: str) -> AmqpSettings:
+        return AmqpSettings.from_url(
+            self.amqp_url, vhost=self.vhost, username=pid, password=self.passwords[pid]
+        )
+
+    def relay(self, pid: str) -> Relay:
+        """`pid`'s relay; KZ's resends after `AFTER` seconds of the test's clock."""
+        policy = ReceptionPolicy(after=AFTER, tries=5)
+        return Relay(
+            Outbox(self.engines[pid]),
+            Publisher(self.settings(pid), pid),
+            reception=policy if pid == self.ids[0] else None,
+            clock=self.clock,
+        )
+
+    def take(self, pid: str, bodies: list[bytes] | None = None) -> None:
+        """Consume one delivery from `pid`'s inbox queue into its inbox (keeping its bytes)."""
+
+        def apply(delivery: Delivery) -> None:
+            if bodies is not None:
+                bodies.append(delivery.body)
+            self.outcomes.append(self.inboxes[pid].handle(delivery.body, delivery.user_id).outcome)
+
+        _take(self.settings(pid), inbox_queue(pid), apply)
+
+    def depth(self, pid: str) -> int:
+        return _admin(
+            self.amqp_url,
+            self.vhost,
+            lambda ch: ch.queue_declare(inbox_queue(pid), passive=True).method.message_count,
+        )
+
+    def purge(self, pid: str) -> int:
+        """Drop every message in `pid`'s inbox queue as the administrator; how many."""
+        return _admin(
+            self.amqp_url,
+            self.vhost,
+            lambda ch: ch.queue_purge(inbox_queue(pid)).method.message_count,
+        )
+
+
+def _admin(amqp_url: str, vhost: str, act: Callable[[Any], int]) -> int:
     params = pika.URLParameters(amqp_url)
     params.virtual_host = vhost
     connection = pika.BlockingConnection(params)
     try:
-        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+        return int(act(connection.channel()))
     finally:
         connection.close()
 
 
-def _purge(amqp_url: str, vhost: str, queue: str) -> int:
-    """Drop every message in `queue` as the administrator; how many were dropped."""
-    params = pika.URLParameters(amqp_url)
-    params.virtual_host = vhost
-    connection = pika.BlockingConnection(params)
-    try:
-        return int(connection.channel().queue_purge(queue).method.message_count)
-    finally:
-        connection.close()
-
-
-@pytest.mark.rabbitmq
-def test_a_dropped_copy_is_resent_through_rabbitmq_to_that_recipient_alone(
+@pytest.fixture
+def rabbit(
     rabbitmq_urls: tuple[str, str],
     vhost: str,
     network_databases: Callable[[Sequence[str]], dict[str, str]],
     tmp_path: Path,
-) -> None:
-    """The broker drops UZ's copy of a request to UZ and the NGO; the NGO answers; the resend
-    reaches UZ alone, byte for byte, UZ applies it once, and both receipts end the wait."""
+) -> Iterator[Rabbit]:
+    """See `Rabbit`; on SQLite and on PostgreSQL."""
     suffix = uuid.uuid4().hex[:8]
     kz, uz, ngo = f"kz-{suffix}", f"uz-{suffix}", f"ngo-{suffix}"
-    ids = [kz, uz, ngo]
+    ids = (kz, uz, ngo)
     passwords = {pid: uuid.uuid4().hex for pid in ids}
     provision(
         ManagementClient(rabbitmq_urls[1]),
@@ -322,58 +405,69 @@ def test_a_dropped_copy_is_resent_through_rabbitmq_to_that_recipient_alone(
             (ngo, Role.NGO, "UZ", uz),
         ],
     )
-
-    def settings(pid: str) -> AmqpSettings:
-        return AmqpSettings.from_url(
-            rabbitmq_urls[0], vhost=vhost, username=pid, password=passwords[pid]
-        )
-
     urls = network_databases(ids)
     engines = {pid: _database(urls, pid, tmp_path) for pid in ids}
     inboxes = {pid: make_inbox(engines[pid], net, pid, tmp_path / f"{pid}-cases") for pid in ids}
-    clock = Clock()
     try:
-        outbox = Outbox(engines[kz])
-        publisher = Publisher(settings(kz), kz)
-        relay = Relay(
-            outbox, publisher, reception=ReceptionPolicy(after=AFTER, tries=5), clock=clock
-        )
-        sealed = send(outbox, net, (uz, ngo), sender=kz, case=f"{kz}.KZ-2026-0042")
-        assert relay.run_once() == 1
-        assert _purge(rabbitmq_urls[0], vhost, inbox_queue(uz)) == 1
-
-        outcomes: list[Outcome] = []
-
-        def apply(pid: str) -> Callable[[Delivery], None]:
-            return lambda d: outcomes.append(inboxes[pid].handle(d.body, d.user_id).outcome)
-
-        _take(settings(ngo), inbox_queue(ngo), apply(ngo))
-        assert Relay(Outbox(engines[ngo]), Publisher(settings(ngo), ngo)).run_once() == 1
-        _take(settings(kz), inbox_queue(kz), apply(kz))
-        assert set(waits(engines[kz])) == {(str(sealed.id), uz)}
-
-        clock.advance(AFTER)
-        assert relay.resend_once() == 1
-        bodies: list[bytes] = []
-
-        def keep_and_apply(delivery: Delivery) -> None:
-            bodies.append(delivery.body)
-            apply(uz)(delivery)
-
-        _take(settings(uz), inbox_queue(uz), keep_and_apply)
-        assert bodies == [sealed.raw]
-        assert _queue_depth(rabbitmq_urls[0], vhost, inbox_queue(ngo)) == 0
-        assert Relay(Outbox(engines[uz]), Publisher(settings(uz), uz)).run_once() == 1
-        _take(settings(kz), inbox_queue(kz), apply(kz))
-        assert outcomes == [Outcome.APPLIED] * 4
-        assert waits(engines[kz]) == {}
-        with engines[uz].connect() as conn:
-            applied = conn.execute(sa.select(inbox_table.c.digest)).scalars().all()
-        assert applied == [sealed.digest]
-        publisher.close()
+        yield Rabbit(rabbitmq_urls[0], vhost, net, ids, passwords, engines, inboxes, Clock())
     finally:
         for engine in engines.values():
             engine.dispose()
+
+
+@pytest.mark.rabbitmq
+def test_a_dropped_copy_is_resent_through_rabbitmq_to_that_recipient_alone(rabbit: Rabbit) -> None:
+    """The broker drops UZ's copy of a request to UZ and the NGO; the NGO answers; the resend
+    reaches UZ alone, byte for byte, UZ applies it once, and both receipts end the wait."""
+    kz, uz, ngo = rabbit.ids
+    relay = rabbit.relay(kz)
+    sealed = send(relay.outbox, rabbit.network, (uz, ngo), sender=kz, case=f"{kz}.KZ-2026-0042")
+    assert relay.run_once() == 1
+    assert rabbit.purge(uz) == 1
+    rabbit.take(ngo)
+    assert rabbit.relay(ngo).run_once() == 1
+    rabbit.take(kz)
+    assert set(waits(rabbit.engines[kz])) == {(str(sealed.id), uz)}
+
+    rabbit.clock.advance(AFTER)
+    assert relay.resend_once() == 1
+    bodies: list[bytes] = []
+    rabbit.take(uz, bodies)
+    assert bodies == [sealed.raw]
+    assert rabbit.depth(ngo) == 0
+    assert rabbit.relay(uz).run_once() == 1
+    rabbit.take(kz)
+    assert rabbit.outcomes == [Outcome.APPLIED] * 4
+    assert waits(rabbit.engines[kz]) == {}
+    with rabbit.engines[uz].connect() as conn:
+        applied = conn.execute(sa.select(inbox_table.c.digest)).scalars().all()
+    assert applied == [sealed.digest]
+
+
+@pytest.mark.rabbitmq
+def test_a_dropped_receipt_is_sent_again_when_the_envelope_comes_again(rabbit: Rabbit) -> None:
+    """UZ applied the request but its receipt was dropped; KZ's resend is a duplicate at UZ,
+    which publishes the same receipt again, and that receipt ends KZ's wait."""
+    kz, uz, _ = rabbit.ids
+    relay = rabbit.relay(kz)
+    sealed = send(relay.outbox, rabbit.network, (uz,), sender=kz, case=f"{kz}.KZ-2026-0042")
+    assert relay.run_once() == 1
+    rabbit.take(uz)
+    [receipt_row] = Outbox(rabbit.engines[uz]).pending()
+    assert rabbit.relay(uz).run_once() == 1
+    assert rabbit.purge(kz) == 1
+    assert set(waits(rabbit.engines[kz])) == {(str(sealed.id), uz)}
+
+    rabbit.clock.advance(AFTER)
+    assert relay.resend_once() == 1
+    rabbit.take(uz)
+    assert Outbox(rabbit.engines[uz]).pending() == [receipt_row]
+    assert rabbit.relay(uz).run_once() == 1
+    bodies: list[bytes] = []
+    rabbit.take(kz, bodies)
+    assert bodies == [receipt_row.body]
+    assert rabbit.outcomes == [Outcome.APPLIED, Outcome.DUPLICATE, Outcome.APPLIED]
+    assert waits(rabbit.engines[kz]) == {}
 
 
 @pytest.mark.rabbitmq
@@ -389,30 +483,33 @@ def test_adapters_flag_an_unanswered_envelope_then_a_late_recipient_clears_it(
     net.start_adapter(KZ, env={"TRM_RESEND_AFTER_SECONDS": "0.2", "TRM_RESEND_TRIES": str(tries)})
     sealed = net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=CASE)
 
-    def status() -> dict[str, object]:
+    def status(*flags: str) -> Any:
         result = CliRunner().invoke(
             cli,
-            ["outbox", "status", "--home", str(net.home(KZ)), "--json"],
+            ["outbox", "status", "--home", str(net.home(KZ)), *flags],
             env=net.environment(KZ),
             catch_exceptions=False,
         )
         assert result.exit_code == 0, result.output
-        return json.loads(result.stdout)
+        return json.loads(result.stdout) if flags else result.stdout
 
     def flagged() -> bool:
-        return status()["flagged"] == 1
+        return status("--json")["flagged"] == 1
 
     net.wait_for(flagged, 60, "the wait for UZ's receipt flagged")
-    shown = status()
+    shown = status("--json")
     assert shown["awaiting"] == 1
     [envelope] = shown["awaiting_receipts"]
     assert (envelope["envelope_id"], envelope["kind"]) == (str(sealed.id), "return_request")
     [wait] = envelope["recipients"]
     assert (wait["recipient"], wait["tries"], wait["next_resend_at"]) == (UZ, tries, None)
     assert wait["flagged_at"] is not None
+    [line] = [text for text in status().splitlines() if text.strip().startswith(UZ)]
+    assert f"tries {tries}" in line
+    assert f"FLAGGED since {wait['flagged_at']}" in line
 
     net.start_adapter(UZ)
-    net.wait_for(lambda: status()["awaiting"] == 0, 60, "UZ's receipt clearing the wait")
+    net.wait_for(lambda: status("--json")["awaiting"] == 0, 60, "UZ's receipt clearing the wait")
     with net.engine(UZ).connect() as conn:
         [row] = conn.execute(sa.select(inbox_table)).all()
     assert (row.envelope_id, row.digest, row.redeliveries) == (
@@ -420,4 +517,4 @@ def test_adapters_flag_an_unanswered_envelope_then_a_late_recipient_clears_it(
         sealed.digest,
         tries - 1,
     )
-    assert status()["awaiting_receipts"] == []
+    assert status("--json")["awaiting_receipts"] == []
