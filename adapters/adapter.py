@@ -54,6 +54,7 @@ from adapters.home import LOCAL_DOWN, Home
 from broker.errors import LocalUnavailable, StorageError, TransportError, TrmError
 from broker.inbox import Inbox, Outcome
 from broker.outbox import Outbox, Relay
+from broker.quarantine import as_first_published
 from broker.reception import RESEND_AFTER, RESEND_TRIES, ReceptionPolicy
 from broker.topology import inbox_queue
 from broker.transport import AmqpSettings, Consumer, Delivery, Publisher, run_with_reconnect
@@ -303,7 +304,9 @@ class Adapter:
 
         def handle(batch: list[Delivery]) -> None:
             try:
-                results = inbox.handle_batch(batch)
+                results = inbox.handle_batch(
+                    [as_first_published(delivery, self.participant_id) for delivery in batch]
+                )
             except TransportError:
                 raise
             except Exception as e:

@@ -146,8 +146,9 @@ quarantine_table = sa.Table(
     sa.Column("received_at", UTCDateTime(), nullable=False),
     sa.Column("body", sa.LargeBinary(), nullable=False),
     sa.Column("redeliveries", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("requeued_at", UTCDateTime(), nullable=True),
 )
-"""Envelopes that failed opening or deduplication, kept as received."""
+"""Envelopes refused on arrival, kept as received; `requeued_at` once sent back to the inbox."""
 
 receipts_table = sa.Table(
     "receipts",

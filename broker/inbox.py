@@ -149,7 +149,8 @@ _QUARANTINED_WITHOUT_ID = (
 _COUNT_QUARANTINED = (
     quarantine_table.update()
     .where(_q.id == sa.bindparam("b_row"))
-    .values(redeliveries=_q.redeliveries + 1)
+    # Refused again after a requeue: it is back in the quarantine.
+    .values(redeliveries=_q.redeliveries + 1, requeued_at=None)
 )
 _INSERT_QUARANTINE = quarantine_table.insert()
 _p = pending_receipts_table.c

@@ -416,6 +416,30 @@ class Publisher:
         self._send([frame], 30, "publishing to the quarantine")
         self._log.info("quarantined", owner=participant_id, reason=reason)
 
+    def requeue(
+        self,
+        body: bytes,
+        *,
+        recipient: str,
+        envelope_id: str | None,
+        headers: Mapping[str, str],
+    ) -> None:
+        """Publish a quarantined envelope's exact bytes to ``recipient``'s inbox again.
+
+        The quarantine's own (`broker.quarantine.requeue`); ``headers`` say
+        who first published it.
+        """
+        properties = pika.BasicProperties(
+            delivery_mode=_PERSISTENT,
+            user_id=self._participant,
+            message_id=envelope_id,
+            content_type="application/octet-stream",
+            headers=dict(headers),
+        )
+        frame = _Frame(self._exchange, recipient, body, properties, envelope_id or "requeue")
+        self._send([frame], 30, "requeueing from the quarantine")
+        self._log.info("requeued", envelope_id=envelope_id)
+
     def _frame(self, message: Outgoing) -> _Frame:
         if not message.recipients:
             raise PublishFailed(

@@ -423,24 +423,32 @@ def quarantine_list(
     case_dir: Path | None,
     as_json: bool,
 ) -> None:
-    """Every quarantined envelope: id, time, sender, reason."""
-    q = quarantine_table.c
-    rows = _query(
-        _home(home, database_url, amqp_url, vhost, case_dir),
-        sa.select(q.id, q.envelope_id, q.sender, q.reason, q.received_at, q.redeliveries).order_by(
-            q.id
-        ),
-    )
+    """Every quarantined envelope: id, time, sender, reason.
+
+    Besides the inbox's records (numbered), the messages the broker moved to
+    the quarantine itself (at the delivery limit), listed as b-<digest>.
+    """
+    from broker.quarantine import entries
+
+    settings = _home(home, database_url, amqp_url, vhost, case_dir)
+    held = _broker_messages(settings)
+    engine = settings.open_database()
+    try:
+        found = entries(engine, held)
+    finally:
+        engine.dispose()
     records = [
         {
-            "id": r.id,
-            "envelope_id": r.envelope_id,
-            "sender": r.sender,
-            "reason": r.reason,
-            "received_at": _iso(r.received_at),
-            "redeliveries": r.redeliveries,
+            "id": e.id,
+            "envelope_id": e.envelope_id,
+            "sender": e.sender,
+            "reason": e.reason,
+            "received_at": _iso(e.received_at),
+            "redeliveries": e.redeliveries,
+            "requeued_at": _iso(e.requeued_at),
+            "in_database": e.in_database,
         }
-        for r in rows
+        for e in found
     ]
     if as_json:
         click.echo(json.dumps(records, indent=2))
@@ -448,10 +456,85 @@ def quarantine_list(
     if not records:
         click.echo("the quarantine is empty")
     for rec in records:
+        requeued = f"  requeued {rec['requeued_at']}" if rec["requeued_at"] else ""
         click.echo(
-            f"{rec['id']:>5}  {rec['received_at']}  {rec['reason']:<20} "
-            f"sender {rec['sender'] or '?'}  envelope {rec['envelope_id'] or '?'}"
+            f"{rec['id']:>5}  {rec['received_at'] or 'in the broker only':<32}  "
+            f"{rec['reason']:<20} sender {rec['sender'] or '?'}  "
+            f"envelope {rec['envelope_id'] or '?'}{requeued}"
         )
+
+
+def _broker_messages(home: Home) -> list[Any]:
+    """The broker quarantine's messages; none, with a warning, if the broker cannot be read."""
+    from broker.quarantine import BrokerQuarantine
+
+    try:
+        return BrokerQuarantine(home.amqp_settings(), home.participant_id).messages()
+    except TrmError as e:
+        click.echo(f"warning: the broker quarantine was not read ({e.reason}: {e})", err=True)
+        return []
+
+
+@quarantine.command("requeue")
+@click.argument("record_id")
+@_home_options
+@_reasons
+def quarantine_requeue(
+    record_id: str,
+    home: Path,
+    database_url: str | None,
+    amqp_url: str | None,
+    vhost: str | None,
+    case_dir: Path | None,
+) -> None:
+    """Send RECORD_ID back to this inbox with its original bytes, once its cause is fixed.
+
+    The running adapter checks it as on arrival: applies it, absorbs it as a
+    duplicate if it was applied meanwhile, or quarantines it again.
+    """
+    from broker.quarantine import BrokerQuarantine, requeue
+
+    settings = _home(home, database_url, amqp_url, vhost, case_dir)
+    broker = BrokerQuarantine(settings.amqp_settings(), settings.participant_id)
+    engine = settings.open_database()
+    try:
+        entry = requeue(engine, broker, record_id)
+    finally:
+        engine.dispose()
+    click.echo(
+        f"requeued {entry.id} (envelope {entry.envelope_id or '?'}) to {broker.participant_id}"
+    )
+
+
+@quarantine.command("purge")
+@_home_options
+@click.option("--yes", is_flag=True, help="Purge without asking.")
+@_reasons
+def quarantine_purge(
+    home: Path,
+    database_url: str | None,
+    amqp_url: str | None,
+    vhost: str | None,
+    case_dir: Path | None,
+    yes: bool,
+) -> None:
+    """Delete every quarantine record and empty the broker quarantine; asks first."""
+    from broker.quarantine import BrokerQuarantine, purge
+
+    settings = _home(home, database_url, amqp_url, vhost, case_dir)
+    if not yes:
+        click.confirm(
+            f"Delete every quarantined envelope of {settings.participant_id}, here and in "
+            "the broker? They cannot be requeued afterwards",
+            abort=True,
+        )
+    broker = BrokerQuarantine(settings.amqp_settings(), settings.participant_id)
+    engine = settings.open_database()
+    try:
+        rows, messages = purge(engine, broker)
+    finally:
+        engine.dispose()
+    click.echo(f"purged {rows} records and {messages} broker messages")
 
 
 @quarantine.command("show")
