@@ -254,6 +254,7 @@ def confirm_reception(
     staff_role: str = "reception officer",
     received_at: datetime | None = None,
     engine: Engine | None = None,
+    allow_classical: bool = False,
 ) -> SealedEnvelope:
     """Send a signed reception confirmation on `case` to every mission that is a party to it."""
     own_engine = engine is None
@@ -266,6 +267,7 @@ def confirm_reception(
             only=Role.MISSION,
             reply_to=latest_of(db, case, RETURN_KINDS),
             engine=db,
+            allow_classical=allow_classical,
         )
     finally:
         if own_engine:

@@ -50,7 +50,11 @@ def _home_options(command: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="RabbitMQ host [TRM_AMQP_URL; default amqp://127.0.0.1:5672/].",
         ),
-        click.option("--vhost", default=None, help="RabbitMQ vhost [TRM_AMQP_VHOST; default /]."),
+        click.option(
+            "--vhost",
+            default=None,
+            help="RabbitMQ vhost [TRM_AMQP_VHOST; default HOME/amqp-vhost, else /].",
+        ),
         click.option(
             "--case-dir",
             type=click.Path(file_okay=False, path_type=Path),
@@ -284,6 +288,12 @@ def _print_sent(header: dict[str, Any], as_json: bool) -> None:
 @click.option("--case", "case", required=True, help="The case whose returnee was received.")
 @click.option("--place", default=None, help="Where the person was received.")
 @click.option("--note", default=None, help="A note on the person's condition (encrypted).")
+@click.option(
+    "--allow-classical",
+    is_flag=True,
+    help="Seal for hybrid and X25519-only missions together; the note is then only as "
+    "strong as X25519 for every mission.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_reasons
 def ack(
@@ -295,14 +305,18 @@ def ack(
     case: str,
     place: str | None,
     note: str | None,
+    allow_classical: bool,
     as_json: bool,
 ) -> None:
     """Confirm reception of a returnee to every mission that is a party to the case."""
     from adapters.sending import confirm_reception
 
+    participant = _home(home, database_url, amqp_url, vhost, case_dir)
     sealed = confirm_reception(
-        _home(home, database_url, amqp_url, vhost, case_dir), case, place=place, note=note
+        participant, case, place=place, note=note, allow_classical=allow_classical
     )
+    if allow_classical:
+        _warn_classical(participant, sealed.header)
     _print_sent(sealed.header.model_dump(mode="json"), as_json)
 
 
