@@ -27,6 +27,9 @@ reminder's key; the relay publishes it. The log is checkpointed every N
 entries, every T seconds and on shutdown, and each checkpoint is sent to the
 directory's witnesses to cosign (`services.cosigners`). Participants ask it
 for inclusion proofs of their own envelopes (`services.membership`).
+
+Several processes may run on one PostgreSQL database: one leads and does all
+of the above, the others stand by until it dies (`services.leadership`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from broker.directory import DIRECTORY_FILE, Directory, reload_home_directory
 from broker.envelope import MAX_AGE, CheckedEnvelope, EnvelopeVerifier, SealedEnvelope, seal
 from broker.errors import ConfigError, ReplayedEnvelope, TransportError, TrmError
 from broker.keys import ParticipantKeys, load_keys
+from broker.metrics import LOGGED, REDELIVERED
 from broker.outbox import Outbox, Relay
 from broker.topology import ROUTING_QUEUE
 from broker.transport import (
@@ -67,6 +71,7 @@ from services.casestore import CaseBatch, CaseCache, CaseStore, key_text
 from services.checkpoint import origin_for
 from services.cosigners import Cosigners
 from services.deadlines import DEFAULT_POLICIES, Policy, Reminder, Status, due_reminders
+from services.leadership import Leadership
 
 log = structlog.get_logger(__name__)
 
@@ -272,6 +277,11 @@ class RoutingService:
             else:
                 self._logged(outcome, header)
         self._count_entries(sum(1 for o in outcomes if not o.duplicate))
+        for outcome in outcomes:
+            if outcome.duplicate:
+                REDELIVERED.inc()
+            else:
+                LOGGED.labels(result=outcome.verification.partition(":")[0]).inc()
         return outcomes
 
     def _record(
@@ -472,11 +482,28 @@ class RoutingService:
             # The next tick tries again; a database outage must not end the process.
             self._log.error(f"{what} failed; will retry", reason=e.reason, error=str(e))
 
-    def run(self, settings: AmqpSettings, stop: threading.Event) -> None:
-        """Consume, relay and run the timers until `stop` is set; then sign a final checkpoint.
+    def run(
+        self,
+        settings: AmqpSettings,
+        stop: threading.Event,
+        leadership: Leadership | None = None,
+    ) -> None:
+        """Stand by until this process leads, then lead until `stop` is set (`services.leadership`).
 
+        A standby stopped before it leads returns having done nothing.
         Raises the first error that ended a worker thread (after stopping the others).
         """
+        held = leadership if leadership is not None else Leadership(self.engine)
+        if not held.acquire(stop):
+            self._log.info("routing standby stopped")
+            return
+        try:
+            self._lead(settings, stop, held)
+        finally:
+            held.release()
+
+    def _lead(self, settings: AmqpSettings, stop: threading.Event, held: Leadership) -> None:
+        """Consume, relay and run the timers until `stop` is set; then sign a final checkpoint."""
         failures: list[BaseException] = []
 
         def worker(name: str, body: Callable[[], None]) -> threading.Thread:
@@ -495,6 +522,7 @@ class RoutingService:
         resend = self.timers.witness_resend
         cosigners = Cosigners(self.auditlog, self.directory, resend_after=resend)
         threads = [
+            worker("leadership", lambda: held.watch(stop)),
             worker("consumer", lambda: self._consume(settings, stop)),
             worker("relay", lambda: relay.run(stop, self.relay_wake)),
             worker("timers", lambda: self.run_timers(stop)),
@@ -512,7 +540,8 @@ class RoutingService:
             pass  # a short wait, so that the main thread runs signal handlers promptly
         for thread in threads:
             thread.join()
-        note = self.checkpoint()
+        # A leader that lost its lock leaves the last checkpoint to its successor.
+        note = self.checkpoint() if held.leading else None
         self._log.info("routing service stopped", checkpoint_signed=note is not None)
         if failures:
             raise failures[0]
