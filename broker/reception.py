@@ -36,6 +36,7 @@ from broker.database import (
     storage_errors,
 )
 from broker.errors import ConfigError
+from broker.metrics import FLAGGED, RESENDS
 from broker.transport import Outgoing
 from schemas.base import MessageKind
 
@@ -246,6 +247,10 @@ class AwaitingReceipts:
             if flagged:
                 conn.execute(_FLAG, flagged)
             clear(conn, due.answered)
+        for _envelope_id, to in due.tries:
+            RESENDS.labels(recipient=to).inc()
+        for _, to, _ in due.flagged:
+            FLAGGED.labels(recipient=to).inc()
         for message in due.resends:
             log.info(
                 "relay.resent",

@@ -50,6 +50,7 @@ from broker.errors import (
     VhostRefused,
 )
 from broker.faults import fault_point
+from broker.metrics import CONNECTIONS
 from broker.topology import EXCHANGE, QUARANTINE_EXCHANGE
 
 _log = structlog.get_logger(__name__)
@@ -260,10 +261,13 @@ _PIKA_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 def open_connection(settings: AmqpSettings) -> pika.BlockingConnection:
     """A new blocking connection, or `BrokerUnavailable` / `AccessRefused`."""
+    parameters = settings.parameters()
     try:
-        return pika.BlockingConnection(settings.parameters())
+        connection = pika.BlockingConnection(parameters)
     except _PIKA_ERRORS as e:
         raise translate(e, settings, "connecting") from e
+    CONNECTIONS.opened(connection, parameters.host, parameters.port)
+    return connection
 
 
 def _close_quietly(connection: pika.BlockingConnection | None) -> None:

@@ -51,6 +51,7 @@ from broker.directory import DIRECTORY_FILE, Directory, reload_home_directory
 from broker.envelope import MAX_AGE, CheckedEnvelope, EnvelopeVerifier, SealedEnvelope, seal
 from broker.errors import ConfigError, ReplayedEnvelope, TransportError, TrmError
 from broker.keys import ParticipantKeys, load_keys
+from broker.metrics import LOGGED, REDELIVERED
 from broker.outbox import Outbox, Relay
 from broker.topology import ROUTING_QUEUE
 from broker.transport import (
@@ -276,6 +277,11 @@ class RoutingService:
             else:
                 self._logged(outcome, header)
         self._count_entries(sum(1 for o in outcomes if not o.duplicate))
+        for outcome in outcomes:
+            if outcome.duplicate:
+                REDELIVERED.inc()
+            else:
+                LOGGED.labels(result=outcome.verification.partition(":")[0]).inc()
         return outcomes
 
     def _record(

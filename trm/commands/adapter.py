@@ -26,6 +26,7 @@ from broker.errors import ConfigError, TrmError
 from broker.reception import RESEND_AFTER, RESEND_TRIES, Awaiting
 from schemas.header import EnvelopeHeader
 from trm import logs
+from trm.commands.metrics import metrics_options
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -147,6 +148,7 @@ def adapter() -> None:
     help="Tries, the first publish included, before a missing receipt is flagged "
     "(logged, shown by trm outbox status) [TRM_RESEND_TRIES].",
 )
+@metrics_options
 @_reasons
 def run(
     home: Path,
@@ -159,9 +161,13 @@ def run(
     erasure_retry: float,
     resend_after: float,
     resend_tries: int,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run until SIGTERM or SIGINT: apply each delivery once, publish the outbox."""
     from adapters.adapter import Adapter
+    from adapters.metrics import AdapterCollector
+    from broker.metrics import serve
 
     handle = logs.open_log_file(log_file)
     logs.configure(handle)
@@ -172,6 +178,8 @@ def run(
             resend_after=resend_after,
             resend_tries=resend_tries,
         )
+        if metrics_port is not None:
+            serve(metrics_port, metrics_host, AdapterCollector(process.home))
         stop = threading.Event()
 
         def on_signal(_signum: int, _frame: FrameType | None) -> None:
