@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -49,6 +50,12 @@ STANDBY_EVENT = "routing.standby"
 
 _TRY = sa.select(sa.func.pg_try_advisory_lock(LEADER_LOCK))
 _UNLOCK = sa.select(sa.func.pg_advisory_unlock(LEADER_LOCK))
+_APPLICATION = "trm routing"
+_SET_NAME = sa.select(sa.func.set_config("application_name", sa.bindparam("name"), False))
+_MEMBERS = sa.text(
+    "SELECT application_name FROM pg_stat_activity "
+    "WHERE datname = current_database() AND application_name LIKE 'trm routing %'"
+)
 _HOLDER = sa.text(
     "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
     "AND classid = 0 AND objid = :key AND objsubid = 1 AND database = "
@@ -131,7 +138,9 @@ class Leadership:
                     self._conn = self.engine.connect().execution_options(
                         isolation_level="AUTOCOMMIT"
                     )
+                    _name(self._conn, "standby")
                 if bool(self._conn.execute(_TRY).scalar()):
+                    _name(self._conn, "leader")
                     return True
         except StorageError as e:
             log.error("routing standby cannot reach the database; will retry", error=str(e))
@@ -150,10 +159,10 @@ class Leadership:
         return None if found is None else int(found)
 
     def _lock_file(self) -> None:
+        path = _lock_path(self.engine)
+        if path is None:
+            return
         database = self.engine.url.database
-        if not database or database == ":memory:":
-            return  # a private in-memory database: nobody else can open it
-        path = Path(f"{database}.routing-lock")
         handle = path.open("a+b")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -169,6 +178,60 @@ class Leadership:
         handle.write(str(os.getpid()).encode("ascii"))
         handle.flush()
         self._file = handle
+
+
+@dataclass(frozen=True)
+class Member:
+    """A routing process seen on the database: its role and its operating-system pid."""
+
+    role: str
+    """``leader`` or ``standby``."""
+    pid: int
+
+
+def members(engine: Engine) -> list[Member]:
+    """The routing processes running on `engine`'s database now, the leader first.
+
+    On PostgreSQL, from the sessions the processes name ``trm routing ROLE PID``;
+    on SQLite, the holder of the database's routing lock file, if any.
+    """
+    if engine.dialect.name != "postgresql":
+        pid = _sqlite_holder(engine)
+        return [] if pid is None else [Member("leader", pid)]
+    with storage_errors("listing the routing processes"), engine.connect() as conn:
+        names = conn.execute(_MEMBERS).scalars().all()
+    found = []
+    for name in names:
+        _, _, role, pid = name.split(" ")
+        if pid.isdigit() and role in ("leader", "standby"):
+            found.append(Member(role, int(pid)))
+    return sorted(found, key=lambda m: (m.role != "leader", m.pid))
+
+
+def _name(conn: Connection, role: str) -> None:
+    """Name the lock's session so that `members` (and pg_stat_activity) tell the roles apart."""
+    conn.execute(_SET_NAME, {"name": f"{_APPLICATION} {role} {os.getpid()}"})
+
+
+def _lock_path(engine: Engine) -> Path | None:
+    database = engine.url.database
+    if not database or database == ":memory:":
+        return None  # a private in-memory database: nobody else can open it
+    return Path(f"{database}.routing-lock")
+
+
+def _sqlite_holder(engine: Engine) -> int | None:
+    path = _lock_path(engine)
+    if path is None or not path.exists():
+        return None
+    with path.open("rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = handle.read().decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 def leader_pid(engine: Engine) -> int | None:

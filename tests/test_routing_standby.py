@@ -56,6 +56,13 @@ def routing_consumers(net: Any, amqp_url: str) -> int:
     return queue_consumers(settings, [ROUTING_QUEUE])[ROUTING_QUEUE]
 
 
+def status(net: Any, url: str) -> tuple[int, list[tuple[str, int]]]:
+    """`trm routing status --json`: its exit code and the (role, pid) it lists."""
+    code, out = trm("routing", "status", "--home", str(net.home(ROUTING)),
+                    "--database-url", url, "--json")  # fmt: skip
+    return code, [(m["role"], m["pid"]) for m in json.loads(out)["members"]]
+
+
 def logged_ids(url: str) -> list[str | None]:
     engine = open_database(url)
     try:
@@ -95,6 +102,7 @@ def test_standby_takes_over_when_the_leader_is_killed(
         assert leader_pid(engine) is not None
     finally:
         engine.dispose()
+    assert status(net, url) == (0, [("leader", first.pid), ("standby", second.pid)])
 
     sent = send(net, rabbitmq_urls[0], 30, 0)
     net.wait_for(lambda: set(sent) <= set(logged_ids(url)), 30, "the leader to log the first")
@@ -105,6 +113,7 @@ def test_standby_takes_over_when_the_leader_is_killed(
     sent += send(net, rabbitmq_urls[0], 30, 30)  # published while nobody may lead yet
     net.wait_for(lambda: LEADER_EVENT in events(net, "routing-b"), 30, "the standby to lead")
     sent += send(net, rabbitmq_urls[0], 30, 60)
+    assert status(net, url) == (0, [("leader", second.pid)])
     net.wait_for(lambda: set(sent) <= set(logged_ids(url)), 60, "the new leader to log the rest")
     assert net.stop(second) == 0
 
@@ -141,7 +150,9 @@ def test_second_routing_process_on_sqlite_refuses_to_start(
     failure = (net.root / "logs" / "routing-b.log").read_text()
     assert f"pid {first.pid}" in failure and "needs PostgreSQL" in failure, failure
     assert first.poll() is None
+    assert status(net, url) == (0, [("leader", first.pid)])
     assert net.stop(first) == 0
+    assert status(net, url) == (1, [])
     # The lock went with the first process: a new one leads.
     third = start(net, url, "routing-c")
     net.wait_for(lambda: LEADER_EVENT in events(net, "routing-c"), 30, "a restart to lead")

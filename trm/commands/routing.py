@@ -19,17 +19,15 @@ from sqlalchemy.engine import Engine
 from broker.database import home_database_url, open_database
 from broker.errors import ConfigError, KeyFileError, TrmError
 from broker.keys import load_keys
-from broker.metrics import serve
 from broker.topology import PASSWORD_FILE
 from broker.transport import AmqpSettings
 from services.cases import CaseState, timeline
 from services.casestore import CaseStore, ReminderRecord
 from services.deadlines import DEFAULT_POLICIES, Deadline, Policy, deadline_for, load_policies
 from services.deadlines import status as deadline_status
-from services.metrics import RoutingCollector
+from services.leadership import members
 from services.routing import HomeDirectory, RoutingService, Timers
 from trm import logs
-from trm.commands.metrics import metrics_options
 
 PASSWORD_FILE_ENV = "TRM_AMQP_PASSWORD_FILE"  # noqa: S105 - the name of a variable, not a secret
 DEFAULT_BROKER = "amqp://127.0.0.1:5672/"
@@ -133,7 +131,6 @@ def amqp_password(home: Path) -> str:
     default=None,
     help="Append JSON log lines here instead of standard error.",
 )
-@metrics_options
 def run(
     home: Path,
     database_url: str | None,
@@ -144,8 +141,6 @@ def run(
     deadline_poll: float,
     policies: Path | None,
     log_file: Path | None,
-    metrics_port: int | None,
-    metrics_host: str,
 ) -> None:
     """Run the routing service until SIGTERM or SIGINT; sign a final checkpoint; exit 0."""
     handle = logs.open_log_file(log_file)
@@ -166,8 +161,6 @@ def run(
             keys=keys,
         )
         service.directory()  # refuse to start without a verified directory
-        if metrics_port is not None:
-            serve(metrics_port, metrics_host, RoutingCollector(engine, service.policies))
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -185,6 +178,30 @@ def run(
     finally:
         if handle is not None:
             handle.close()
+
+
+@routing.command("status")
+@_HOME
+@_DATABASE
+@_JSON
+def status(home: Path, database_url: str | None, as_json: bool) -> None:
+    """Which routing processes run on the database, leader and standbys; exit 1 if none leads."""
+    try:
+        engine = _engine(home, database_url)
+        try:
+            found = members(engine)
+        finally:
+            engine.dispose()
+    except TrmError as e:
+        raise _fail(e) from e
+    if as_json:
+        click.echo(json.dumps({"members": [{"role": m.role, "pid": m.pid} for m in found]}))
+    elif not found:
+        click.echo("no routing service runs on this database")
+    for m in [] if as_json else found:
+        click.echo(f"{m.role:<8} pid {m.pid}")
+    if not any(m.role == "leader" for m in found):
+        raise click.exceptions.Exit(1)
 
 
 # --- trm cases -------------------------------------------------------------------------
