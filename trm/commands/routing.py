@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from broker.database import home_database_url, open_database
 from broker.errors import ConfigError, KeyFileError, TrmError
 from broker.keys import load_keys
+from broker.metrics import serve
 from broker.topology import PASSWORD_FILE
 from broker.transport import AmqpSettings
 from services.cases import CaseState, timeline
@@ -26,8 +27,10 @@ from services.casestore import CaseStore, ReminderRecord
 from services.deadlines import DEFAULT_POLICIES, Deadline, Policy, deadline_for, load_policies
 from services.deadlines import status as deadline_status
 from services.leadership import members
+from services.metrics import RoutingCollector
 from services.routing import HomeDirectory, RoutingService, Timers
 from trm import logs
+from trm.commands.metrics import metrics_options
 
 PASSWORD_FILE_ENV = "TRM_AMQP_PASSWORD_FILE"  # noqa: S105 - the name of a variable, not a secret
 DEFAULT_BROKER = "amqp://127.0.0.1:5672/"
@@ -131,6 +134,7 @@ def amqp_password(home: Path) -> str:
     default=None,
     help="Append JSON log lines here instead of standard error.",
 )
+@metrics_options
 def run(
     home: Path,
     database_url: str | None,
@@ -141,6 +145,8 @@ def run(
     deadline_poll: float,
     policies: Path | None,
     log_file: Path | None,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run the routing service until SIGTERM or SIGINT; sign a final checkpoint; exit 0."""
     handle = logs.open_log_file(log_file)
@@ -161,6 +167,8 @@ def run(
             keys=keys,
         )
         service.directory()  # refuse to start without a verified directory
+        if metrics_port is not None:
+            serve(metrics_port, metrics_host, RoutingCollector(engine, service.policies))
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
