@@ -26,6 +26,7 @@ from campaigns.crashes import (
     run_consumer_crashes,
     run_relay_crashes,
 )
+from campaigns.failover import run_routing_failover
 from campaigns.fuzz import run_fuzz_full, run_fuzz_short
 from campaigns.hostile import run_hostile
 from campaigns.identity import run_identity
@@ -44,11 +45,17 @@ class Sizes:
     hard_kills: int
     hostile: int
     replays: int
+    leader_kills: int
 
 
-SHORT = Sizes(messages=300, kills=5, restarts=1, hard_kills=0, hostile=400, replays=100)
-FULL = Sizes(messages=10000, kills=50, restarts=5, hard_kills=1, hostile=1200, replays=1000)
-"""The issue's sizes: 10,000 messages per crash campaign, 50 kills, 5 restarts and a kill -9."""
+SHORT = Sizes(
+    messages=300, kills=5, restarts=1, hard_kills=0, hostile=400, replays=100, leader_kills=3
+)
+FULL = Sizes(
+    messages=10000, kills=50, restarts=5, hard_kills=1, hostile=1200, replays=1000, leader_kills=20
+)
+"""The issues' sizes: 10,000 messages per crash campaign, 50 kills, 5 restarts and a kill -9;
+the routing leader killed 20 times."""
 NAMES = (
     "identity",
     "fuzz",
@@ -57,9 +64,12 @@ NAMES = (
     "consumer_crashes",
     "relay_crashes",
     "broker_restarts",
+    "routing_failover",
 )
 PER_DATABASE = {"consumer_crashes", "relay_crashes", "broker_restarts"}
 SQLITE_ONLY = {"hostile_input", "replay"}
+POSTGRES_ONLY = {"routing_failover"}
+"""A standby routing service needs PostgreSQL (on SQLite a second one refuses to start)."""
 NO_DATABASE = {"identity", "fuzz"}
 
 
@@ -94,6 +104,12 @@ def _plan(
             restarts=sizes.restarts,
             hard_kills=sizes.hard_kills,
         ),
+        "routing_failover": lambda _db: run_routing_failover(
+            root("failover", "postgres"),
+            services,
+            messages=sizes.messages,
+            kills=sizes.leader_kills,
+        ),
     }
 
 
@@ -123,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             hard_kills=sizes.hard_kills,
             hostile=sizes.hostile,
             replays=sizes.replays,
+            leader_kills=sizes.leader_kills,
         )
     databases = ["sqlite", "postgres"] if args.database == "both" else [args.database]
     chosen = args.only or list(NAMES)
@@ -149,6 +166,8 @@ def _databases(name: str, chosen: list[str]) -> list[str]:
         return ["-"]
     if name in SQLITE_ONLY:
         return ["sqlite"]
+    if name in POSTGRES_ONLY:
+        return [d for d in chosen if d == "postgres"]
     return chosen
 
 

@@ -16,6 +16,7 @@ from broker.outbox import Outbox
 from broker.testing import make_network
 from campaigns.checker import Party, Status, check, header_of
 from campaigns.crashes import run_broker_restarts, run_consumer_crashes, run_relay_crashes
+from campaigns.failover import run_routing_failover
 from campaigns.fuzz import run_fuzz_short
 from campaigns.hostile import FAMILIES, Cast, Hostile, Valid, hostile_stream, run_hostile
 from campaigns.identity import EXPECTED, run_identity
@@ -258,3 +259,16 @@ def test_broker_restart_applies_every_message_once(
 def test_sqlite_runs_with_synchronous_full(tmp_path: Path) -> None:
     """The engine trm opens on SQLite has synchronous=FULL in effect."""
     assert sqlite_synchronous(f"sqlite:///{tmp_path / 'trm.db'}") == "FULL"
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_routing_leader_killed_repeatedly_logs_every_envelope_once(
+    tmp_path: Path, rabbitmq_urls: tuple[str, str], postgres_server_url: str
+) -> None:
+    """The routing leader SIGKILLed 3 times: the standby leads each time, the log verifies."""
+    services = _services(rabbitmq_urls, postgres_server_url)
+    row = run_routing_failover(tmp_path / "net", services, messages=120, kills=3)
+    assert row.passed, _explain(row)
+    assert row.faults == 3 and row.ok == 120
