@@ -118,6 +118,7 @@ def serve(port: int, host: str, collector: Collector) -> None:
     try:
         start_http_server(port, addr=host, registry=REGISTRY)
     except OSError as e:
+        REGISTRY.unregister(collector)
         raise ConfigError(
             f"cannot serve metrics on {host}:{port} ({e.strerror}): choose another "
             f"--metrics-port ({METRICS_PORT_ENV})"

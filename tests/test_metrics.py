@@ -9,14 +9,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.directory import load_home_directory
 from broker.transport import Outgoing, Publisher
 from schemas.base import MessageKind
+from trm.cli import cli
 from trm.localnet import DEMO_PARTICIPANTS, LocalNetwork
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
@@ -31,6 +35,7 @@ CASE_REF = re.compile(
 """A case reference, ``<owner>.<local>``, anywhere in a label value."""
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+DEPLOYMENT = Path(__file__).resolve().parent.parent / "docs" / "deployment.md"
 
 
 def free_port() -> int:
@@ -49,6 +54,27 @@ def scrape(port: int) -> Samples:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def names(port: int) -> set[str]:
+    """Every sample name the endpoint describes, those without a sample yet included."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode("utf-8")
+    found: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        found.add(family.name)
+        if family.type == "counter":
+            found.add(f"{family.name}_total")
+    return found
+
+
+def alert_metric_names() -> set[str]:
+    """The trm_* names the alert rules in docs/deployment.md use."""
+    text = DEPLOYMENT.read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(.*?)```", text, re.S)
+    assert block is not None, "docs/deployment.md has no yaml block of alert rules"
+    rules = [r for g in yaml.safe_load(block[1])["groups"] for r in g["rules"]]
+    return {n for r in rules for n in re.findall(r"\btrm_[a-z_]+", r["expr"])}
 
 
 def scraped(port: int) -> Samples:
@@ -153,3 +179,19 @@ def test_adapter_and_routing_endpoints(local_network: Callable[..., Any], tmp_pa
     )  # every receipt back: no series left for iom-uz
     for samples in (kz, uz, routing, scrape(routing_port)):
         no_identifier_in_labels(samples, secrets)
+    served = names(kz_port) | names(routing_port)
+    assert alert_metric_names() - served == set()
+
+
+def test_a_busy_metrics_port_is_refused_before_the_adapter_starts(local_network) -> None:
+    """The port taken: the command ends with a reason naming the port and the setting."""
+    net: LocalNetwork = local_network()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["adapter", "run", "--home", str(net.home(KZ)), "--metrics-port", str(port)]
+        result = CliRunner().invoke(cli, args, env=net.environment(KZ))
+    assert result.exit_code == 1, result.output
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.output
+    assert "TRM_METRICS_PORT" in result.output
