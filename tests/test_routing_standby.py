@@ -106,7 +106,7 @@ def test_standby_takes_over_when_the_leader_is_killed(
 
     sent = send(net, rabbitmq_urls[0], 30, 0)
     net.wait_for(lambda: set(sent) <= set(logged_ids(url)), 30, "the leader to log the first")
-    assert LEADER_EVENT not in events(net, "routing-b")
+    assert events(net, "routing-b") == [STANDBY_EVENT]  # no witness, proof or relay thread
     assert routing_consumers(net, rabbitmq_urls[0]) == 1  # the standby takes no delivery
 
     net.kill(first)
@@ -133,6 +133,36 @@ def test_standby_takes_over_when_the_leader_is_killed(
     assert code == 0 and out.startswith(f"intact: {len(sent)} entries"), out
     code, out = trm("audit", "replay", str(export), "--authority-key", pub, "--against", url)
     assert code == 0 and "no difference" in out, out
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("network_databases", ["postgres"], indirect=True)
+def test_leader_whose_lock_session_ends_steps_down(
+    local_network: Callable[..., Any],
+    network_databases: Callable[[list[str]], dict[str, str]],
+    rabbitmq_urls: tuple[str, str],
+) -> None:
+    """The server ends the leader's lock session: it exits 1, the standby leads and logs on."""
+    net = local_network(database_urls=network_databases([ROUTING]))
+    url = net.database_url(ROUTING)
+    first = start(net, url, "routing-a")
+    net.wait_for(lambda: LEADER_EVENT in events(net, "routing-a"), 30, "the first to lead")
+    second = start(net, url, "routing-b")
+    net.wait_for(lambda: STANDBY_EVENT in events(net, "routing-b"), 30, "the second to wait")
+    engine = open_database(url)
+    try:
+        with engine.connect() as conn:
+            backend = leader_pid(engine)
+            assert conn.execute(sa.select(sa.func.pg_terminate_backend(backend))).scalar()
+    finally:
+        engine.dispose()
+    assert first.wait(60) == 1
+    assert "lost the routing leader's lock" in (net.root / "logs" / "routing-a.log").read_text()
+    net.wait_for(lambda: LEADER_EVENT in events(net, "routing-b"), 30, "the standby to lead")
+    sent = send(net, rabbitmq_urls[0], 10, 0)
+    net.wait_for(lambda: set(sent) <= set(logged_ids(url)), 30, "the new leader to log")
+    assert net.stop(second) == 0
+    assert sorted(logged_ids(url)) == sorted(sent)
 
 
 @pytest.mark.parametrize("network_databases", ["sqlite"], indirect=True)
