@@ -46,10 +46,10 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 
 from broker.database import UTCDateTime, metadata, storage_errors
-from broker.directory import Directory
+from broker.directory import Directory, Role
 from broker.errors import AuditError, CheckpointInvalid, ProofInvalid, TrmError
 from broker.keys import Sender
-from broker.transport import AmqpSettings, Delivery
+from broker.transport import AmqpSettings, Delivery, Outgoing
 
 if TYPE_CHECKING:
     from adapters.home import Home
@@ -86,6 +86,7 @@ witness_conflicts_table = sa.Table(
     sa.Column("cosigned_note", sa.Text(), nullable=False),
     sa.Column("offered_note", sa.Text(), nullable=False),
     sa.Column("offered_sha256", sa.LargeBinary(32), nullable=False),
+    sa.Column("reported_at", UTCDateTime(), nullable=True),
     sa.UniqueConstraint("origin", "offered_sha256"),
 )
 """Validly signed checkpoints refused because they contradict the cosigned one: fork evidence."""
@@ -264,6 +265,7 @@ class Witness:
                     "detail": c.detail,
                     "cosigned_note": c.cosigned_note,
                     "offered_note": c.offered_note,
+                    "reported_at": None if c.reported_at is None else c.reported_at.isoformat(),
                 }
                 for c in conflicts
             ],
@@ -406,18 +408,20 @@ def run_witness(
     witnessing never stops the adapter it runs in.
     """
     from broker.topology import WITNESS_EXCHANGE, witness_queue
-    from broker.transport import Consumer, Outgoing, Publisher, run_with_reconnect
+    from broker.transport import Consumer, Publisher, run_with_reconnect
 
     def loop() -> None:
         consumer = Consumer(settings, witness_queue(participant))
         publisher = Publisher(settings, participant, exchange=WITNESS_EXCHANGE)
         try:
+            report_conflicts(witness, publisher.publish)
 
             def handle(delivery: Delivery) -> None:
                 answer = _answer(witness, participant, delivery.body)
                 if answer is not None:
                     log_id, body = answer
                     publisher.publish([Outgoing(f"answer-{participant}", (log_id,), body)])
+                report_conflicts(witness, publisher.publish)
 
             consumer.run(handle, stop)
         finally:
@@ -431,6 +435,45 @@ def run_witness(
         except TrmError as e:
             bound.error("witness failed; will retry", reason=e.reason, error=str(e))
             stop.wait(RETRY_SECONDS)
+
+
+def report_conflicts(witness: Witness, publish: Callable[[list[Outgoing]], None]) -> int:
+    """Send each conflict not yet reported to every auditor; how many went.
+
+    Each is marked ``reported_at`` once `publish` returned (RabbitMQ
+    confirmed it). A failure is logged and leaves the rest for the next call:
+    reporting never stops the witness.
+    """
+    from services.forkreport import report_body
+
+    t = witness_conflicts_table
+    try:
+        with storage_errors("reading unreported fork evidence"), witness.engine.connect() as conn:
+            pending = conn.execute(sa.select(t).where(t.c.reported_at.is_(None))).all()
+        if not pending:
+            return 0
+        directory = witness.directory()
+        auditors = tuple(p.id for p in directory.participants() if p.role is Role.AUDITOR)
+        for row in pending:
+            now = witness.clock()
+            if auditors:
+                body = report_body(
+                    witness.sender(now),
+                    origin=row.origin,
+                    kind=row.kind,
+                    detail=row.detail,
+                    detected_at=row.detected_at,
+                    cosigned_note=row.cosigned_note,
+                    offered_note=row.offered_note,
+                )
+                publish([Outgoing(f"fork-report-{row.id}", auditors, body)])
+            with storage_errors("marking fork evidence reported"), witness.engine.begin() as conn:
+                conn.execute(t.update().where(t.c.id == row.id).values(reported_at=now))
+            log.info("fork evidence reported", origin=row.origin, auditors=list(auditors))
+    except TrmError as e:
+        log.warning("fork evidence not reported yet; will retry", reason=e.reason, error=str(e))
+        return 0
+    return len(pending)
 
 
 def _answer(witness: Witness, participant: str, body: bytes) -> tuple[str, bytes] | None:
