@@ -437,3 +437,73 @@ def _show_mine(report: MembershipReport, as_json: bool) -> None:
     click.echo(f"{len(report.proven)} envelopes proven in the audit log{size}")
     for item in missing:
         click.echo(f"NOT PROVEN {item['envelope_id']} ({item['how']}): {item['problem']}")
+
+
+@audit.command("forks")
+@click.option(
+    "--home",
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="The auditor's home folder (keys, directory, amqp-password).",
+)
+@click.option("--amqp-url", default=None, help="RabbitMQ host [TRM_AMQP_URL].")
+@click.option("--vhost", default=None, help="RabbitMQ vhost [TRM_AMQP_VHOST].")
+@JSON
+def forks(home: Path, amqp_url: str | None, vhost: str | None, as_json: bool) -> None:
+    """Take the witnesses' fork reports from trm.witness.<id>, verify and keep them; exit 1 if any.
+
+    Each report must be signed by a witness of the installed directory (and
+    sent by it), carry two checkpoints signed by the routing participant
+    their origin names, and the two must conflict. Verified reports are kept
+    in HOME/fork-reports.jsonl and listed with those kept before; a report
+    that fails is listed as refused, with the reason, and dropped.
+    """
+    from adapters.home import Home
+    from services import forkreport
+
+    try:
+        settings = Home.resolve(home, amqp_url=amqp_url, vhost=vhost)
+        directory = settings.directory()
+        outcome = forkreport.take(
+            home, settings.amqp_settings(), settings.participant_id, directory
+        )
+        kept, refused = _kept_forks(home, directory), outcome.refused
+    except TrmError as e:
+        raise click.ClickException(f"{e.reason}: {e}") from e
+    if as_json:
+        shown = {
+            "forks": [r.shown() for r in kept],
+            "refused": [{"sent_by": who, "reason": why} for who, why in refused],
+            "new": len(outcome.verified),
+        }
+        click.echo(json.dumps(shown))
+    else:
+        _print_forks(kept, refused)
+    if kept:
+        sys.exit(1)
+
+
+def _kept_forks(home: Path, directory: Directory) -> list[Any]:
+    """The kept reports, verified again with the directory (a kept one never fails silently)."""
+    from services import forkreport
+
+    return [
+        forkreport.verify_report(wire, directory, sent_by=forkreport.sender_of(wire))
+        for wire in forkreport.stored(home)
+    ]
+
+
+def _print_forks(kept: list[Any], refused: list[tuple[str | None, str]]) -> None:
+    for report in kept:
+        click.echo(
+            f"FORK {report.origin} reported by {report.witness} ({report.kind}, {report.strength}, "
+            f"sizes {report.sizes[0]} and {report.sizes[1]}, {report.detected_at}): {report.detail}"
+        )
+        for label, note in (("cosigned", report.cosigned_note), ("offered", report.offered_note)):
+            click.echo(f"  {label} note:")
+            for line in note.splitlines():
+                click.echo(f"    {line}")
+    for who, why in refused:
+        click.echo(f"REFUSED a report sent by {who}: {why}")
+    if not kept:
+        click.echo("no fork reported")
