@@ -34,6 +34,7 @@ from schemas.examples import example
 from services.audit import verify_export
 from services.auditlog import (
     ZERO_HASH,
+    Appender,
     AuditLog,
     LogEntry,
     format_time,
@@ -384,3 +385,21 @@ def test_storage_failures_are_translated(world: World, tmp_path: Path) -> None:
     log = world.log(engine)
     with pytest.raises(StorageError, match="audit log"):
         log.size()
+
+
+def test_a_second_entry_at_a_taken_index_is_refused(engine: sa.Engine) -> None:
+    """Two writers that both read the same tail cannot both log: the index is unique.
+
+    The routing service's locks keep this from happening; the table refuses
+    it as well, so that the log cannot fork even if they were bypassed.
+    """
+    with engine.begin() as conn:
+        first = AuditLog.appender(conn)
+        first.append(b"first", received_at=T0, verification="ok")
+        first.flush()
+    with pytest.raises(StorageError, match="appending to the audit log"), engine.begin() as conn:
+        stale = Appender(conn, 0, ZERO_HASH)  # a writer that read the log while it was empty
+        stale.append(b"second", received_at=T0, verification="ok")
+        stale.flush()
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(log_entries_table.c.body)).scalars().all() == [b"first"]
