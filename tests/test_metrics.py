@@ -111,11 +111,13 @@ def no_identifier_in_labels(samples: Samples, secrets: set[str]) -> None:
             assert not any(secret in text for secret in secrets), (name, key, text)
 
 
-def test_adapter_and_routing_endpoints(local_network: Callable[..., Any], tmp_path) -> None:
+def test_adapter_and_routing_endpoints(
+    local_network: Callable[..., Any], network_databases, tmp_path
+) -> None:
     """Outbox, receipts awaited, resends, quarantine, queue depth, keys and broker node on two
     adapters; ingest, log size and overdue cases on the routing service; no case or id in a
-    label."""
-    net: LocalNetwork = local_network()
+    label. On SQLite and PostgreSQL."""
+    net: LocalNetwork = local_network(database_urls=network_databases([KZ, UZ, ROUTING]))
     cases = [f"iom-kz.KZ-METRICS-{n}" for n in range(3)]
     sent = [str(net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=c).id) for c in cases]
     secrets = {*cases, *sent}
