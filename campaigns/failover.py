@@ -45,6 +45,12 @@ class _Routing:
         )
 
     def leads(self) -> bool:
+        """Whether this process has logged ``routing.leader``; RuntimeError if it died first."""
+        if self.proc.poll() is not None and not self._logged_lead():
+            raise RuntimeError(f"routing process {self.proc.pid} exited {self.proc.returncode}")
+        return self._logged_lead()
+
+    def _logged_lead(self) -> bool:
         if not self.log.exists():
             return False
         lines = self.log.read_text().splitlines()
@@ -112,8 +118,10 @@ def run_routing_failover(root: Path, services: Services, *, messages: int, kills
     """Send `messages` in `kills` + 1 rounds, SIGKILLing the routing leader in each but the last."""
     with scratch_network(root, "postgres", [KZ, UZ, ROUTING], services) as net:
         url = net.database_url(ROUTING)
-        leader, standby = _Routing(net, url, 0), _Routing(net, url, 1)
+        # One after the other: started together, either might win the lock.
+        leader = _Routing(net, url, 0)
         net.wait_for(leader.leads, _TAKEOVER_LIMIT, "the first routing process to lead")
+        standby = _Routing(net, url, 1)
         sender = net.start_adapter(KZ)
         rounds = kills + 1
         sent: list[str] = []
