@@ -7,15 +7,19 @@ the next publishes fail (before or after the messages reached the queues, as
 when a confirm is lost) or deliver them twice. `MemoryPublisher` implements
 `broker.outbox.Publisher`. `make_network` creates participants with real keys
 and a directory signed by a throwaway authority, for tests that seal and open
-real envelopes.
+real envelopes. `read_only` makes a folder unwritable, root included, for the
+length of a block.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -217,3 +221,24 @@ class MemoryPublisher:
     ) -> None:
         """Keep the message in the broker's quarantine list."""
         self.broker._quarantine(Quarantined(participant_id, body, reason, detail))
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """`folder` unwritable inside the block, then writable again.
+
+    Root ignores permission bits, so for root the folder is made immutable
+    (``chattr +i``); anyone else gets mode 0500.
+    """
+    root = os.geteuid() == 0
+    if root:
+        subprocess.run(["chattr", "+i", str(folder)], check=True)
+    else:
+        folder.chmod(0o500)
+    try:
+        yield
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o700)

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from uuid import UUID
 
 import pytest
@@ -25,6 +22,7 @@ from broker.database import erasures_table, outbox_table, quarantine_table, rece
 from broker.directory import Role
 from broker.envelope import SealedEnvelope, read_header, seal
 from broker.errors import ProtocolViolation
+from broker.testing import read_only
 from broker.transport import Outgoing, Publisher
 from schemas.base import Message, MessageKind
 from schemas.control import DeliveryReceipt
@@ -433,22 +431,6 @@ def test_withdrawal_for_a_case_never_seen_halts_it_there(net):
     net.wait_for(
         lambda: _confirmations(net, case) == {POLICE: 0, UZ: 1}, WAIT, "both confirmations"
     )
-
-
-@contextmanager
-def read_only(folder: Path) -> Iterator[None]:
-    """`folder` unwritable even for root (immutable), then writable again."""
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "+i", str(folder)], check=True)
-    else:
-        folder.chmod(0o500)
-    try:
-        yield
-    finally:
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-        else:
-            folder.chmod(0o700)
 
 
 def test_erasure_in_a_read_only_folder_is_recorded_and_retried(net):

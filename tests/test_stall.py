@@ -8,13 +8,8 @@ quarantine."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pika
@@ -36,6 +31,7 @@ from broker.directory import (
 )
 from broker.envelope import SealedEnvelope
 from broker.keys import load_authority, rotate_keys
+from broker.testing import read_only
 from broker.topology import inbox_queue, quarantine_queue
 from schemas.base import MessageKind
 from trm.cli import cli
@@ -157,22 +153,6 @@ def test_a_receipt_without_a_key_waits_and_never_blocks_the_batch(
 # --- a case folder that cannot be written -------------------------------------------------
 
 
-@contextmanager
-def read_only(folder: Path) -> Iterator[None]:
-    """`folder` unwritable even for root (immutable), then writable again."""
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "+i", str(folder)], check=True)
-    else:
-        folder.chmod(0o500)
-    try:
-        yield
-    finally:
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-        else:
-            folder.chmod(0o700)
-
-
 def _health(net: LocalNetwork, participant: str) -> tuple[int, dict[str, tuple[bool, str]]]:
     """`trm health --json` of `participant`: exit code and check -> (ok, detail)."""
     result = CliRunner().invoke(
@@ -202,7 +182,6 @@ def test_an_unwritable_case_folder_holds_the_delivery_with_backoff(
     assert code == 0 and checks["adapter"][0], checks
     folder = net.settings(UZ).case_dir
     with read_only(folder):
-        started = time.monotonic()
         travel = net.send(KZ, K.TRAVEL_ARRANGED, to=[UZ], case=case)
         net.wait_for(lambda: not _health(net, UZ)[1]["adapter"][0], WAIT, "health to fail")
         code, checks = _health(net, UZ)
@@ -210,7 +189,11 @@ def test_an_unwritable_case_folder_holds_the_delivery_with_backoff(
         ok, detail = checks["adapter"]
         assert not ok and "case_system" in detail and "cannot write" in detail, detail
         assert all(ok for name, (ok, _) in checks.items() if name != "adapter"), checks
-        time.sleep(max(0.0, 6.0 - (time.monotonic() - started)))
+        net.wait_for(
+            lambda: sum(e["event"] == HOLD_LINE for e in _log_events(net, UZ)) >= 3,
+            WAIT,
+            "three tries of the held delivery",
+        )
         assert str(travel.id) not in net.inbox_ids(UZ)
     net.wait_for(lambda: str(travel.id) in net.inbox_ids(UZ), WAIT, "applied once writable")
     assert (folder / f"{travel.id}.json").exists()
