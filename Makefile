@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 services:
-	scripts/ensure-services
+	scripts/ensure-services rabbitmq postgres compose chromium
 
 demo: $(STAMP)
 	scripts/ensure-services rabbitmq
