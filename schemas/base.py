@@ -52,9 +52,15 @@ CountryCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
 
 
 class Strict(BaseModel):
-    """Base of every model: strict types, immutable, unknown fields refused."""
+    """Base of every model: strict types, immutable, unknown fields refused.
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    A field's docstring becomes its ``description`` in the JSON Schema, so a
+    partner reading the schemas (and the console's forms) sees what it means.
+    """
+
+    model_config = ConfigDict(
+        strict=True, frozen=True, extra="forbid", use_attribute_docstrings=True
+    )
 
 
 class Message(Strict):
