@@ -106,6 +106,9 @@ _Fields = tuple[int, bytes, datetime, bytes, bytes, bytes]
 _OnEntry = Callable[[int, datetime, bytes, bytes], None]
 """Called with each entry's index, receive time, verification and envelope, in order."""
 
+Progress = Callable[[int, int], None]
+"""Called as an export is verified: bytes of its entries read so far, and in all."""
+
 
 @dataclass(frozen=True)
 class VerifyReport:
@@ -656,8 +659,8 @@ class _Workers:
 
     def parts(
         self, path: Path, start: int, size: int, scan: _Scan
-    ) -> Iterator[tuple[_Part, _Tally]]:
-        """Each range's part and tally, read from entry `scan.count` on as `scan` takes them.
+    ) -> Iterator[tuple[_Part, _Tally, int]]:
+        """Each range's part, tally and end, read from entry `scan.count` on as `scan` takes them.
 
         Workers read a range not knowing its first entry's index; a range
         whose first index is not the one expected, or that holds a bad line,
@@ -667,13 +670,13 @@ class _Workers:
         ranges = _ranges(path, start, size)
         if self.pool is None:
             for begin, end in ranges:
-                yield _verify_part(path, begin, end, scan.count, self.verifier)
+                yield (*_verify_part(path, begin, end, scan.count, self.verifier), end)
             return
         for begin, end, future in self._submitted(path, ranges):
             part, tally = future.result()
             if part.problem or part.error or part.first_index not in (None, scan.count):
                 part, tally = _verify_part(path, begin, end, scan.count, self.verifier)
-            yield part, tally
+            yield part, tally, end
 
     def _submitted(
         self, path: Path, ranges: Iterator[tuple[int, int]]
@@ -693,17 +696,23 @@ class _Workers:
 
 
 def _read_and_verify(
-    path: Path, directory: Directory, workers: int, findings: _Findings
+    path: Path,
+    directory: Directory,
+    workers: int,
+    findings: _Findings,
+    progress: Progress | None = None,
 ) -> tuple[_Scan, _Tally]:
     """Read the export once, verifying every envelope; a line problem ends the read."""
     header, start, size = _layout(path)
     scan, total = _Scan(header, MerkleTree()), _Tally()
     pool = _Workers(directory, workers)
     try:
-        for part, tally in pool.parts(path, start, size, scan):
+        for part, tally, end in pool.parts(path, start, size, scan):
             total.add(tally, findings)
             if not scan.take(part, findings):
                 break
+            if progress is not None:
+                progress(end - start, size - start)
     finally:
         pool.close()
     return scan, total
@@ -914,6 +923,7 @@ def verify_export(
     trusted_checkpoint: bytes | None = None,
     log_id: str | None = None,
     quorum: int | None = None,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Check an export offline; LogTampered naming the first bad entry, else a report.
 
@@ -929,9 +939,11 @@ def verify_export(
     without it, the one the first checkpoint's origin names, which the
     directory must list with role routing. The export's header is never
     trusted: it must agree with that identity (LogTampered for the export).
+    `progress`, if given, is called after each range of entries is verified.
     """
     findings = _Findings()
-    scan, tally = _read_and_verify(path, directory, workers or os.cpu_count() or 1, findings)
+    cores = workers or os.cpu_count() or 1
+    scan, tally = _read_and_verify(path, directory, cores, findings, progress)
     broken = findings.best is not None and findings.best[1] == _STRUCTURE
     log = _log_id(scan, directory, log_id, trusted_checkpoint)
     verified: list[_Verified] = []

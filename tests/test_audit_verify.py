@@ -186,6 +186,19 @@ def test_genuine_export_verifies(genuine: Export) -> None:
     assert reports == [report] * len(LAYOUTS)
 
 
+def test_progress_reports_each_range_up_to_the_whole_export(genuine: Export) -> None:
+    """Verifying over small ranges reports bytes read after each, rising to the whole export."""
+    seen: list[tuple[int, int]] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(audit, "CHUNK_BYTES", 2500)
+        verify_export(
+            genuine.path, genuine.world.directory, workers=1, progress=lambda *p: seen.append(p)
+        )
+    done = [d for d, _ in seen]
+    assert len(seen) > 1 and done == sorted(done) and len({t for _, t in seen}) == 1
+    assert done[-1] == seen[0][1] > 0
+
+
 def respelled(path: Path, tmp_path: Path) -> Path:
     """The same export in other valid JSON: spaces after separators, every '/' escaped."""
     lines = [json.dumps(line).replace("/", "\\/") for line in read_lines(path)]
