@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -184,6 +186,124 @@ def envelope_rates(world: World, seconds: float, raw: dict[str, float]) -> dict[
             "open_over_raw": open_rate / raw_open,
         }
     return results
+
+
+# --- the ceiling: a message's raw cryptography on every core --------------------------------
+
+Step = tuple[str, int]
+"""One raw primitive a message costs (`PRIMITIVES`) and the bytes it covers."""
+PRIMITIVES = ("sign", "verify", "wrap", "unwrap", "encrypt", "decrypt")
+
+
+def seal_steps(envelope_bytes: int, payload_bytes: int, recipients: int = 1) -> list[Step]:
+    """What sealing costs: the signature, one wrap per recipient, the payload's encryption."""
+    return [("sign", envelope_bytes), *[("wrap", 32)] * recipients, ("encrypt", payload_bytes)]
+
+
+def open_steps(envelope_bytes: int, payload_bytes: int) -> list[Step]:
+    """What opening costs: the verification, one unwrap, the payload's decryption."""
+    return [("verify", envelope_bytes), ("unwrap", 32), ("decrypt", payload_bytes)]
+
+
+def message_cost(payload_bytes: int = PAYLOAD_BYTES) -> dict[str, Any]:
+    """The raw cryptography of one message end to end, in the design as built.
+
+    The sender seals the envelope for its one recipient and the recipient
+    opens it; the recipient seals a delivery receipt for the sender, who opens
+    it. Both are hybrid (ML-KEM-768 + X25519) recipients, as in
+    `benchmarks.e2e`. The sizes are those of a real envelope and receipt
+    sealed here.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        world = build_world(Path(folder))
+        message = message_of_size(payload_bytes)
+        sender = world.keys["iom-kz"].sender(NOW)
+        envelope = seal(
+            message,
+            case="iom-kz.KZ-2026-0042",
+            sender=sender,
+            recipients=["iom-uz"],
+            directory=world.directory,
+            seq=1,
+            now=NOW,
+        )
+        receipt = seal(
+            example(MessageKind.DELIVERY_RECEIPT),
+            case="iom-kz.KZ-2026-0042",
+            sender=world.keys["iom-uz"].sender(NOW),
+            recipients=["iom-kz"],
+            directory=world.directory,
+            seq=1,
+            reply_to=envelope.id,
+            now=NOW,
+        )
+    receipt_payload = len(encode_payload(example(MessageKind.DELIVERY_RECEIPT)))
+    steps = [
+        *seal_steps(len(envelope.raw), payload_bytes),
+        *open_steps(len(envelope.raw), payload_bytes),
+        *seal_steps(len(receipt.raw), receipt_payload),
+        *open_steps(len(receipt.raw), receipt_payload),
+    ]
+    counts = {name: sum(1 for op, _ in steps if op == name) for name in PRIMITIVES}
+    return {
+        "steps": steps,
+        "per_message": counts,
+        "envelope_bytes": len(envelope.raw),
+        "receipt_bytes": len(receipt.raw),
+    }
+
+
+def _steps_rate(steps: Sequence[Step], seconds: float, start_at: float) -> float:
+    """Messages per second of doing every step in a row, on this process's core.
+
+    Keys and inputs are made first; the loop starts at wall-clock `start_at`,
+    so that workers started together measure at the same time.
+    """
+    signer = _crypto.new_signing_key()
+    public = signer.public_key()
+    private = _crypto.new_decryption_key(Suite.MLKEM768_X25519)
+    encryption = private.public()
+    content_key = _crypto.new_content_key()
+    aad = bytes(300)
+    calls: list[Callable[[], object]] = []
+    for op, size in steps:
+        data = os.urandom(size)
+        if op == "sign":
+            calls.append(partial(_crypto.sign, signer, data))
+        elif op == "verify":
+            calls.append(partial(_crypto.verify, public, _crypto.sign(signer, data), data))
+        elif op == "wrap":
+            calls.append(partial(_crypto.wrap, encryption, content_key, b"info"))
+        elif op == "unwrap":
+            wrapped = _crypto.wrap(encryption, content_key, b"info")
+            calls.append(partial(_crypto.unwrap, private, wrapped, b"info"))
+        elif op == "encrypt":
+            calls.append(partial(_crypto.encrypt, content_key, data, aad))
+        else:
+            sealed = _crypto.encrypt(content_key, data, aad)
+            calls.append(partial(_crypto.decrypt, content_key, sealed, aad))
+    for call in calls:
+        call()
+    wait = start_at - time.time()
+    if wait > 0:
+        time.sleep(wait)
+    done, began = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - began) < seconds:
+        for call in calls:
+            call()
+        done += 1
+    return done / elapsed
+
+
+def ceiling(steps: Sequence[Step], workers: int, seconds: float = 1.0) -> dict[str, float]:
+    """Messages per second `steps` allow on one core, and on `workers` cores at once."""
+    one = _steps_rate(steps, seconds, 0.0)
+    with ProcessPoolExecutor(workers) as pool:
+        start_at = time.time() + 1.5
+        rates = list(
+            pool.map(_steps_rate, [steps] * workers, [seconds] * workers, [start_at] * workers)
+        )
+    return {"one_core_per_s": one, "all_cores_per_s": sum(rates), "workers": workers}
 
 
 def run(seconds: float = 0.5) -> dict[str, Any]:

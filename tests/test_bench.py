@@ -16,14 +16,23 @@ from trm.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
 RATIOS = (
+    "throughput_over_ceiling",
+    "throughput_over_crypto_ceiling",
+    "throughput_over_durable_raw",
     "throughput_ratio",
+    "latency_p99_over_durable_raw",
     "latency_p99_ratio",
-    "audit_verify_ratio_per_core",
+    "routing_ingest_over_verify_all_cores",
     "routing_ingest_ratio",
+    "audit_verify_ratio_1_core",
+    "audit_verify_ratio_all_cores",
 )
 RAW_FIGURES = (
+    "ceiling_per_s",
     "raw_throughput_per_s",
+    "durable_raw_throughput_per_s",
     "raw_latency_p99_s",
+    "durable_raw_latency_p99_s",
     "raw_ed25519_verify_per_s",
     "raw_consume_per_s",
 )
@@ -36,7 +45,7 @@ def _positive(value: object) -> bool:
 @pytest.mark.rabbitmq
 @pytest.mark.slow
 def test_bench_json_has_every_ratio_and_raw_figure(rabbitmq_urls, monkeypatch) -> None:
-    """A tiny `trm bench --json` gives positive ratios and raw figures; the table shows all four."""
+    """A tiny `trm bench --json` gives positive ratios and baselines; the table shows each goal."""
     amqp, management = rabbitmq_urls
     monkeypatch.chdir(REPO)
     result = CliRunner().invoke(
@@ -64,17 +73,32 @@ def test_bench_json_has_every_ratio_and_raw_figure(rabbitmq_urls, monkeypatch) -
     for key in ("p50", "p95", "p99"):
         assert _positive(figures["trm"]["latency"][key]), key
         assert _positive(figures["raw"]["latency"][key]), key
+    for sync in ("fsync_each", "syncfs_batch"):
+        durable = figures["durable_raw"][sync]
+        assert _positive(durable["throughput_per_s"]), sync
+        assert durable["latency"]["messages"] == figures["trm"]["latency"]["messages"], sync
     assert _positive(figures["routing"]["ingest_per_s"])
+    assert _positive(figures["routing"]["raw_verify_all_cores_per_s"])
     assert _positive(figures["crypto"]["ceiling_per_s"])
-    assert _positive(figures["throughput_over_crypto_ceiling"])
+    assert figures["ceiling_per_s"] == min(
+        figures["crypto"]["ceiling_per_s"], figures["durable_raw_throughput_per_s"]
+    )
+    # The design as built: a sealed envelope and a sealed receipt, each opened.
+    assert figures["crypto"]["per_message"] == dict.fromkeys(
+        ("sign", "verify", "wrap", "unwrap", "encrypt", "decrypt"), 2
+    )
     assert figures["machine"]["cpus"] >= 1
-    from benchmarks.run import table
+    from benchmarks.run import GOALS, table
 
+    assert set(figures["goals"]) == set(GOALS) <= set(figures)
     text = table(figures)
-    labels = ("ratio trm/raw", "ratio trm/raw p99", "ratio ingest/raw", "ratio audit/raw")
-    for label in (*labels, "ratio trm/crypto ceiling"):
+    labels = ("ratio trm/ceiling", "ratio trm/crypto ceiling", "ratio trm/durable raw")
+    labels += ("ratio trm/plain raw", "ratio trm/durable raw p99", "ratio ingest/raw verify")
+    for label in (*labels, "ratio audit/raw, 1 core", "durable raw, fsync each"):
         assert label in text
-    assert text.count("goal") == 4
+    for goal in GOALS.values():
+        assert f"goal {goal}" in text
+    assert text.count("goal ") == len(GOALS)
 
 
 def test_bench_outside_a_checkout_says_where_to_run(tmp_path: Path) -> None:
