@@ -403,18 +403,22 @@ def _validated(what: str, build: Callable[[], M]) -> M:
         raise SchemaViolation(f"{what} is not valid: {e}") from e
 
 
-def case_summary(home: Home, case: str) -> dict[str, Any]:
-    """The case as this home knows it, for `trm case show`: metadata only, no payload."""
+def case_summary(home: Home, case: str, *, engine: Engine | None = None) -> dict[str, Any]:
+    """The case as this home knows it, for `trm case show`: metadata only, no payload.
+
+    `engine` is the home's database if already open (else it is opened and closed here).
+    """
     from adapters.erasure import Erasures
 
-    engine = home.open_database()
+    db = home.open_database() if engine is None else engine
     try:
-        view = case_parties(home, engine, case)
+        view = case_parties(home, db, case)
         erasures = Erasures(
-            engine, home.case_system(), sender=home.sender, directory=home.directory
+            db, home.case_system(), sender=home.sender, directory=home.directory
         ).status(case)
     finally:
-        engine.dispose()
+        if engine is None:
+            db.dispose()
     consent = view.consent
     return {
         "case": view.case,

@@ -32,6 +32,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("cases", "routing", "cases"),
     ("audit", "audit", "audit"),
     ("witness", "witness", "witness"),
+    ("console", "console", "console"),
     ("demo", "demo", "demo"),
     ("bench", "bench", "bench"),
 )

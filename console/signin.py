@@ -1,0 +1,81 @@
+"""Signing staff in and out: ``POST /auth/login`` and ``POST /auth/logout``.
+
+The sign-in form itself is a page (``GET /login``, `console.web`); it
+posts ``username``, ``password`` and optionally ``next`` here. Success sets
+the session cookie (HttpOnly, SameSite=Strict, Secure behind TLS) and
+redirects to ``next``; a refusal redirects back to ``/login?error=REASON``
+(``sign_in_refused`` or ``rate_limited``) with the status of the refusal
+in ``X-Trm-Refusal``, and sets no cookie.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import RedirectResponse
+
+from console import trail
+from console.accounts import Session, sign_in, sign_out
+from console.auth import SESSION_COOKIE, console_of, csrf_protect, same_origin
+from console.errors import ConsoleError, CsrfRefused
+
+router = APIRouter(prefix="/auth", tags=["sign-in"], include_in_schema=False)
+
+LOGIN_PAGE = "/login"
+
+
+def safe_next(target: str | None) -> str:
+    """`target` if it is a path on this console, else ``/``: never a redirect elsewhere."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    username: Annotated[str, Form(max_length=64)],
+    password: Annotated[str, Form(max_length=1024)],
+    next_page: Annotated[str | None, Form(alias="next", max_length=2000)] = None,
+) -> RedirectResponse:
+    """Start a session, or go back to the sign-in page saying why not."""
+    console = console_of(request)
+    if not same_origin(request):
+        raise CsrfRefused("the sign-in form was posted from another site")
+    try:
+        session = sign_in(console.engine, username, password, _client(request), console.policy)
+    except ConsoleError as e:
+        query = urlencode({"error": e.reason, "next": safe_next(next_page)})
+        refused = RedirectResponse(f"{LOGIN_PAGE}?{query}", status_code=303)
+        refused.headers["X-Trm-Refusal"] = str(e.status)
+        return refused
+    trail.record(console.engine, trail.user_actor(username), trail.Action.SIGN_IN)
+    response = RedirectResponse(safe_next(next_page), status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        session.token,
+        httponly=True,
+        samesite="strict",
+        secure=console.policy.secure_cookie,
+        path="/",
+    )
+    return response
+
+
+@router.post("/logout")
+def logout(
+    request: Request, session: Annotated[Session, Depends(csrf_protect())]
+) -> RedirectResponse:
+    """End the session (the form must carry its CSRF token)."""
+    console = console_of(request)
+    sign_out(console.engine, session.token)
+    trail.record(console.engine, trail.user_actor(session.user.username), trail.Action.SIGN_OUT)
+    response = RedirectResponse(LOGIN_PAGE, status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
