@@ -1016,6 +1016,7 @@ def replay_export(
     case: str | None = None,
     *,
     authority: Ed25519PublicKey | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, CaseState]:
     """Every case's state rebuilt from the export's ``ok`` entries, in log order.
 
@@ -1025,7 +1026,8 @@ def replay_export(
     covered by any checkpoint, so its directory is trusted for nothing
     until then. AuditError if neither is given or the embedded one does not
     verify. The export's structure and hash chain are checked on the way
-    (LogTampered); signatures are `verify_export`'s job.
+    (LogTampered); signatures are `verify_export`'s job. `progress`, if
+    given, is called after each range of entries is read, as by `verify_export`.
     """
     events: list[Event] = []
 
@@ -1046,6 +1048,8 @@ def replay_export(
     for begin, end in _ranges(path, start, size):
         if not scan.take(_read_part(path, begin, end, scan.count, collect), findings):
             break
+        if progress is not None:
+            progress(end - start, size - start)
     _check_chain(scan, 0, findings)
     findings.raise_first()
     return replay(events, roles)

@@ -21,7 +21,7 @@ import json
 import re
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -450,13 +450,16 @@ class AuditLog:
         *,
         now: datetime | None = None,
         directory: Directory | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> ExportSummary:
         """Write the log as JSON lines (see docs/audit.md), signing a checkpoint first if it grew.
 
         The export ends at the newest checkpoint, so every exported entry is
         covered by a signature. `directory`, when given, is embedded in the
         header (the signed file, verifiable with the authority's key) so that
-        a replay knows the participants' roles.
+        a replay knows the participants' roles. `progress`, if given, is
+        called with the entries written and the entries to write, after each
+        batch read from the database.
         """
         if self.signer is not None:
             self.checkpoint(now)
@@ -464,15 +467,20 @@ class AuditLog:
             tmp = out.with_name(f".{out.name}.tmp")
             try:
                 with tmp.open("wb") as f:
-                    summary = self._write(f, directory)
+                    summary = self._write(f, directory, progress)
                 tmp.replace(out)
             except OSError as e:
                 tmp.unlink(missing_ok=True)
                 raise AuditError(f"cannot write the export {out}: {e.strerror}") from e
             return summary
-        return self._write(out, directory)
+        return self._write(out, directory, progress)
 
-    def _write(self, out: IO[bytes], directory: Directory | None) -> ExportSummary:
+    def _write(
+        self,
+        out: IO[bytes],
+        directory: Directory | None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ExportSummary:
         with storage_errors("exporting the audit log"), self.engine.connect() as conn:
             checkpoints = list(
                 conn.execute(
@@ -498,6 +506,10 @@ class AuditLog:
             if done is not None:
                 mark = {"type": "checkpoint", "key_name": done.key_name, "note": done.note}
                 out.write(_line(mark))
+            if progress is not None and (entry.index + 1) % _EXPORT_BATCH == 0:
+                progress(entry.index + 1, size)
+        if progress is not None:
+            progress(size, size)
         root = bytes(checkpoints[-1].root).hex() if checkpoints else EMPTY_ROOT.hex()
         log.info("audit log exported", entries=size, checkpoints=len(checkpoints))
         return ExportSummary(

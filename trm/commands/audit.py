@@ -32,6 +32,7 @@ from services.cases import CaseState, timeline
 from services.casestore import CaseStore
 from services.checkpoint import origin_for
 from services.proofs import check_proof, consistency_proof, inclusion_proof
+from trm.progress import Meter
 
 if TYPE_CHECKING:
     from services.membership import MembershipReport
@@ -133,8 +134,8 @@ def _verified_directory(directory_file: Path, authority_key: Path) -> Directory:
 def export(home: Path, out: Path, database_url: str | None, as_json: bool) -> None:
     """Sign a checkpoint if the log grew, then write entries and checkpoints as JSON lines."""
     directory = load_home_directory(home)
-    with _routing_log(home, database_url) as log:
-        summary = log.export(out, directory=directory)
+    with _routing_log(home, database_url) as log, Meter("export") as meter:
+        summary = log.export(out, directory=directory, progress=meter.update)
     if as_json:
         click.echo(json.dumps({"file": str(out), **asdict(summary)}))
     else:
@@ -178,14 +179,16 @@ def verify(
     try:
         directory = _verified_directory(directory_file, authority_key)
         trusted = checkpoint_file.read_bytes() if checkpoint_file else None
-        report = verify_export(
-            file,
-            directory,
-            workers=workers,
-            trusted_checkpoint=trusted,
-            log_id=log_id,
-            quorum=quorum,
-        )
+        with Meter("verify", unit="bytes") as meter:
+            report = verify_export(
+                file,
+                directory,
+                workers=workers,
+                trusted_checkpoint=trusted,
+                log_id=log_id,
+                quorum=quorum,
+                progress=meter.update,
+            )
     except LogTampered as e:
         if as_json:
             click.echo(json.dumps({"intact": False, "index": e.index, "problem": e.problem}))
@@ -231,7 +234,8 @@ def replay(
     """Rebuild every case's handoff history from the export alone and print it."""
     authority = read_pinned_authority(authority_key)
     roles = read_directory(directory_file, authority=authority) if directory_file else None
-    states = replay_export(file, roles, case=case, authority=authority)
+    with Meter("replay", unit="bytes") as meter:
+        states = replay_export(file, roles, case=case, authority=authority, progress=meter.update)
     if against is not None:
         _compare(states, against, case, as_json)
         return
