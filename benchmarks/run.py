@@ -49,6 +49,7 @@ import structlog
 
 from benchmarks import durable, raw
 from broker.transport import AmqpSettings
+from trm.progress import Meter
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
@@ -252,6 +253,8 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict[s
     return results
 
 
+STAGES = 10
+"""The steps `run` reports as it goes: its calls of `progress`."""
 DURABLE_SYNCS = {"fsync_each": True, "syncfs_batch": False}
 """The durable raw baseline's two ways of syncing the receiver's files (`benchmarks.durable`)."""
 
@@ -406,10 +409,13 @@ def table(r: dict[str, Any]) -> str:
 def main_with(config: Config, *, as_json: bool, echo: Callable[[str], None] = print) -> None:
     """Run with `config` and print the table, or the JSON object with `as_json`."""
 
-    def progress(text: str) -> None:
-        print(f"bench: {text}", file=sys.stderr, flush=True)
+    with Meter("bench", STAGES, unit="steps") as meter:
 
-    results = run(config, progress)
+        def progress(text: str) -> None:
+            meter.update(meter.done + (meter.note != ""), note=text)
+
+        results = run(config, progress)
+        meter.update(STAGES)
     echo(json.dumps(results, indent=2) if as_json else table(results))
 
 

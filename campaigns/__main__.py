@@ -33,6 +33,7 @@ from campaigns.identity import run_identity
 from campaigns.network import Services
 from campaigns.replay import run_replay
 from campaigns.report import Row, render_table, to_json
+from trm.progress import Meter
 
 
 @dataclass(frozen=True)
@@ -144,17 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     databases = ["sqlite", "postgres"] if args.database == "both" else [args.database]
     chosen = args.only or list(NAMES)
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="trm-chaos-") as scratch:
+    runs = [(name, db) for name in NAMES if name in chosen for db in _databases(name, databases)]
+    with (
+        tempfile.TemporaryDirectory(prefix="trm-chaos-") as scratch,
+        Meter("campaigns", len(runs), unit="runs") as meter,
+    ):
         work = args.work or Path(scratch)
         plan = _plan(sizes, args.full, Services(), work)
-        for name in NAMES:
-            if name not in chosen:
-                continue
-            for database in _databases(name, databases):
-                rows.append(_run_one(name, database, plan[name]))
-                if not args.json:
-                    print(f"{name} [{database}]: {'PASS' if rows[-1].passed else 'FAIL'}",
-                          file=sys.stderr, flush=True)  # fmt: skip
+        for name, database in runs:
+            meter.update(meter.done, note=f"{name} [{database}]")
+            rows.append(_run_one(name, database, plan[name]))
+            meter.advance()
+            if not args.json:
+                meter.echo(f"{name} [{database}]: {'PASS' if rows[-1].passed else 'FAIL'}")
     if not ensure_rabbitmq_running():
         rows.append(Row("rabbitmq_left_running", musts={"RabbitMQ runs at the end": False}))
     print(to_json(rows) if args.json else render_table(rows))

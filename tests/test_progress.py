@@ -151,3 +151,18 @@ def test_audit_commands_show_progress_on_a_terminal_only(
     assert code == 0, err_pipe
     assert f"{command}: " not in err_pipe and "\r" not in err_pipe
     assert out_pipe == out_tty
+
+
+def test_echo_prints_a_line_above_the_meter_or_plainly_when_piped() -> None:
+    """On a terminal a line printed mid-work clears the meter, which is drawn again below it."""
+    clock, out = Clock(), Terminal()
+    meter = Meter("campaigns", 4, unit="runs", stream=out, clock=clock)
+    meter.update(1)
+    meter.echo("hostile [sqlite]: PASS")
+    drawn, printed, again = out.getvalue().split("\r")[1:]
+    assert drawn == "campaigns: 1 of 4 runs (25 %)"
+    assert printed == f"{'hostile [sqlite]: PASS':<{len(drawn)}}\n"
+    assert again == drawn
+    piped = io.StringIO()
+    Meter("campaigns", 4, stream=piped).echo("hostile [sqlite]: PASS")
+    assert piped.getvalue() == "hostile [sqlite]: PASS\n"

@@ -87,6 +87,15 @@ class Meter:
         """`count` more are done."""
         self.update(self.done + count, note=note)
 
+    def echo(self, text: str) -> None:
+        """Print `text` as a line of its own on the stream, above the meter if it is drawn."""
+        if self.enabled and self._drawn_at is not None:
+            self.stream.write(f"\r{text:<{self._width}}\n")
+            self._draw(self.clock())
+        else:
+            self.stream.write(f"{text}\n")
+        self.stream.flush()
+
     def finish(self) -> None:
         """Draw the final line and end it, leaving it on the terminal."""
         if not self.enabled:
