@@ -45,7 +45,58 @@ from schemas.base import CaseRef, MessageKind, ParticipantId
 from schemas.registry import MESSAGE_TYPES, decode_payload, model_for
 from schemas.vocabulary import ConsentPurpose
 
-router = APIRouter(prefix="/api/v1", tags=["api"])
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+
+class FieldError(_Response):
+    """One field a payload's schema refused: where and what, never the value."""
+
+    loc: list[str | int]
+    type: str
+    msg: str
+
+
+class RefusalDetail(_Response):
+    """Why a request was refused."""
+
+    reason: str
+    """Stable and machine-readable: ``not_signed_in``, ``forbidden``, ``not_found``,
+    ``schema_violation``, a case protocol reason, ``too_large``, ``storage``..."""
+    message: str
+    errors: list[FieldError] | None = None
+
+
+class Refusal(_Response):
+    """The body of every refusal the console itself makes."""
+
+    detail: RefusalDetail
+
+
+def _refusal(description: str) -> dict[str, Any]:
+    return {"model": Refusal, "description": description}
+
+
+router = APIRouter(
+    prefix="/api/v1",
+    tags=["api"],
+    responses={
+        400: _refusal("The Host header is not one the console is served as."),
+        401: _refusal("No token, or an unknown or revoked one."),
+        403: _refusal("The token lacks the scope this operation needs."),
+        413: _refusal("The body is over 1 MiB."),
+        422: _refusal(
+            "The request is not valid (`invalid_request`), or a payload failed its schema "
+            "(`schema_violation`): `errors` gives each field's path, never its value."
+        ),
+        503: _refusal("The database, the broker or the case system is unavailable."),
+    },
+)
 
 CASE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{2,63}$"
 """`schemas.base.CaseRef`'s pattern, for case references in paths."""
@@ -61,7 +112,7 @@ CasePath = Annotated[
     Path(pattern=CASE_PATTERN, max_length=64, description="A case reference."),
 ]
 After = Annotated[int, Query(ge=0, description="The cursor: only entries after it.")]
-Limit = Annotated[int, Query(ge=1, le=readmodel.MAX_PAGE)]
+Limit = Annotated[int, Query(ge=1, le=readmodel.MAX_PAGE, description="Rows at most.")]
 
 READ = Depends(require_scope(Scope.READ))
 SEND = Depends(require_scope(Scope.SEND))
@@ -69,10 +120,6 @@ RECEIPTS = Depends(require_scope(Scope.RECEIPTS))
 CONSENT = Depends(require_scope(Scope.CONSENT))
 QUARANTINE = Depends(require_scope(Scope.QUARANTINE))
 EVENTS = Depends(require_scope(Scope.EVENTS))
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SendRequest(_Request):
@@ -109,7 +156,7 @@ class WithdrawalRequest(_Request):
     note: str | None = Field(default=None, max_length=4000)
 
 
-class SentEnvelope(BaseModel):
+class SentEnvelope(_Response):
     """An envelope sealed and queued in the outbox; the adapter publishes it."""
 
     envelope_id: UUID
@@ -121,14 +168,14 @@ class SentEnvelope(BaseModel):
     reply_to: UUID | None
 
 
-class WithdrawalResult(BaseModel):
+class WithdrawalResult(_Response):
     """The withdrawal sent, and the erasure it caused here (None when data is kept)."""
 
     envelope: SentEnvelope
     erasure: Erasure | None
 
 
-class TrailEntry(BaseModel):
+class TrailEntry(_Response):
     """One recorded action (never what a payload said)."""
 
     id: int
@@ -177,7 +224,15 @@ def list_deliveries(
     return readmodel.deliveries(console_of(request).engine, after, limit=limit)
 
 
-@router.get("/deliveries/{envelope_id}", response_model=Payload, summary="One delivered payload")
+@router.get(
+    "/deliveries/{envelope_id}",
+    response_model=Payload,
+    summary="One delivered payload",
+    responses={
+        404: _refusal("Not delivered here, or its payload is not in the case folder."),
+        410: _refusal("The payload was erased: consent was withdrawn."),
+    },
+)
 def get_payload(request: Request, envelope_id: EnvelopeId, token: ApiToken = READ) -> Payload:
     """The decrypted payload of a delivered envelope, with its header fields (410 once erased)."""
     console = console_of(request)
@@ -200,7 +255,12 @@ def list_cases(
     return readmodel.cases(console_of(request).engine, limit=limit)
 
 
-@router.get("/cases/{case}", response_model=CaseTimeline, summary="A case and its timeline")
+@router.get(
+    "/cases/{case}",
+    response_model=CaseTimeline,
+    summary="A case and its timeline",
+    responses={404: _refusal("No message on this case was sent or received here.")},
+)
 def get_case(request: Request, case: CasePath, token: ApiToken = READ) -> CaseTimeline:
     """The case as this participant knows it, with every message sent and received on it."""
     console = console_of(request)
@@ -216,7 +276,10 @@ def list_routed_cases(request: Request, token: ApiToken = READ) -> list[RoutedCa
 
 
 @router.get(
-    "/envelopes/{envelope_id}", response_model=EnvelopeStatus, summary="An envelope's status"
+    "/envelopes/{envelope_id}",
+    response_model=EnvelopeStatus,
+    summary="An envelope's status",
+    responses={404: _refusal("This home neither sent nor received the envelope.")},
 )
 def get_envelope(
     request: Request, envelope_id: EnvelopeId, token: ApiToken = READ
@@ -256,7 +319,13 @@ def list_trail(
 # --- sending -------------------------------------------------------------------------
 
 
-@router.post("/messages", response_model=SentEnvelope, status_code=201, summary="Send a message")
+@router.post(
+    "/messages",
+    response_model=SentEnvelope,
+    status_code=201,
+    summary="Send a message",
+    responses={409: _refusal("The case protocol refuses this message; `reason` says why.")},
+)
 def send(request: Request, body: SendRequest, token: ApiToken = SEND) -> SentEnvelope:
     """Seal a message of any kind and queue it, checked exactly as `trm send` checks it."""
     from adapters.sending import send_message
@@ -320,6 +389,10 @@ def _done(request: Request, token: ApiToken, action: trail.Action, sealed: Seale
     response_model=SentEnvelope,
     status_code=201,
     summary="Confirm reception",
+    responses={
+        404: _refusal("The case is unknown here."),
+        409: _refusal("The case protocol refuses it (e.g. the case is halted)."),
+    },
 )
 def confirm(
     request: Request, case: CasePath, body: ReceptionRequest, token: ApiToken = RECEIPTS
@@ -347,6 +420,10 @@ def confirm(
     response_model=WithdrawalResult,
     status_code=201,
     summary="Withdraw consent",
+    responses={
+        404: _refusal("The case is unknown here."),
+        409: _refusal("The case protocol refuses it (e.g. already withdrawn)."),
+    },
 )
 def withdraw(
     request: Request, case: CasePath, body: WithdrawalRequest, token: ApiToken = CONSENT
@@ -404,6 +481,7 @@ def list_quarantine(request: Request, token: ApiToken = QUARANTINE) -> list[Quar
     "/quarantine/{record_id}/requeue",
     response_model=QuarantineRecord,
     summary="Requeue a quarantined envelope",
+    responses={404: _refusal("No such quarantine record.")},
 )
 def requeue(
     request: Request,

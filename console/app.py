@@ -34,8 +34,10 @@ from urllib.parse import urlencode
 
 import structlog
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 
 from adapters.home import Home
@@ -66,7 +68,7 @@ API_DESCRIPTION = (
     "JSON over HTTP for the participant's case management system, served on the machine "
     "that holds the participant's keys. Every request carries `Authorization: Bearer TOKEN` "
     "(`trm console token add NAME --scope ...`); each route names the scope it needs. "
-    "Refusals are `{\"detail\": {\"reason\": ..., \"message\": ...}}` with a stable "
+    'Refusals are `{"detail": {"reason": ..., "message": ...}}` with a stable '
     "`reason`; a payload refused by its schema adds `errors`, each with the field's `loc`."
 )
 
@@ -135,13 +137,24 @@ def application(lifespan: Any = None) -> FastAPI:
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the console's API (`trm console openapi`)."""
-    return get_openapi(
+    document = get_openapi(
         title="trm console",
         version=API_VERSION,
         summary="The participant console's API for case management systems.",
         description=API_DESCRIPTION,
         routes=api.router.routes,
     )
+    for route in api.router.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        scopes = [
+            str(scope)
+            for dependency in route.dependant.dependencies
+            if (scope := getattr(dependency.call, "scope", None)) is not None
+        ]
+        for method in route.methods or ():
+            document["paths"][route.path][method.lower()]["x-trm-scopes"] = scopes
+    return document
 
 
 def _mount_pages(app: FastAPI) -> None:
@@ -186,3 +199,13 @@ def _handle_errors(app: FastAPI) -> None:
             detail["errors"] = errors
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> Response:
+        # Where and what only: the client's values are not echoed back.
+        errors = [
+            {"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")}
+            for e in error.errors()
+        ]
+        detail = {"reason": "invalid_request", "message": "the request is not valid"}
+        return JSONResponse({"detail": detail | {"errors": errors}}, status_code=422)

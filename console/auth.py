@@ -141,6 +141,8 @@ def require_scope(scope: Scope) -> Callable[..., ApiToken]:
             raise Forbidden(f"the token {token.name!r} has no {scope} scope")
         return token
 
+    # Read by `console.app.openapi_document` to state each operation's scope.
+    dependency.scope = scope  # type: ignore[attr-defined]
     return dependency
 
 

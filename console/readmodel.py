@@ -49,7 +49,7 @@ _SYNC = threading.Lock()
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
 
 class EventType(StrEnum):

@@ -143,9 +143,9 @@ def run(
 )
 def openapi(out: Path | None) -> None:
     """Print the OpenAPI 3.1 document of the console's API (docs/openapi.json)."""
-    from console.app import openapi_document
+    from console.reference import openapi_text
 
-    text = json.dumps(openapi_document(), indent=2, ensure_ascii=False) + "\n"
+    text = openapi_text()
     if out is None:
         click.echo(text, nl=False)
         return
