@@ -463,8 +463,8 @@ def test_sign_in_is_rate_limited_per_client_address(net, app):
 
 def test_every_response_is_no_store_with_a_csp_and_no_inline_script(app, client, tokens):
     """API answers, refusals, redirects, the sign-in handler and any page or static file the
-    console serves: no-store, the CSP, nosniff, no referrer, no framing; HTML without inline
-    script."""
+    console serves: no-store, the CSP, nosniff, no referrer to other sites, no framing; HTML
+    without inline script."""
     sign_in(client, "worker")
     paths = ["/api/v1/outbox", "/api/v1/cases", "/api/v1/trail", "/api/v1/openapi.json"]
     paths += ["/api/v1/deliveries/not-a-uuid", "/nowhere", "/test/page"]
@@ -485,7 +485,7 @@ def test_every_response_is_no_store_with_a_csp_and_no_inline_script(app, client,
         assert headers["cache-control"] == "no-store", path
         assert headers["content-security-policy"] == CONTENT_SECURITY_POLICY, path
         assert headers["x-content-type-options"] == "nosniff"
-        assert headers["referrer-policy"] == "no-referrer"
+        assert headers["referrer-policy"] == "same-origin"
         assert headers["x-frame-options"] == "DENY"
         if "html" in headers.get("content-type", ""):
             assert not INLINE_SCRIPT.search(response.text), path
