@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -112,15 +113,30 @@ class DemoFailed(TrmError):
 
 
 class Demo:
-    """The demo on one local network, printing a line per step to `out`."""
+    """The demo on one local network, printing a line per step to `out`.
 
-    def __init__(self, workdir: Path, out: TextIO, *, amqp_url: str, management_url: str) -> None:
+    With `console`, after the story the adapters start again and each
+    participant's console is served (`trm.democonsoles`) until `stop` is set.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        out: TextIO,
+        *,
+        amqp_url: str,
+        management_url: str,
+        console: bool = False,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.workdir = workdir
         self.out = out
         self.amqp_url = amqp_url
         self.management_url = management_url
         self.case = EXAMPLE_CASE
         self.sent: list[SealedEnvelope] = []
+        self.console = console
+        self.stop = stop or threading.Event()
 
     def say(self, text: str) -> None:
         """One progress line."""
@@ -144,6 +160,10 @@ class Demo:
             self._step("witnesses", lambda: self._witnessed(net))
             self._step("shutdown", lambda: self._shutdown(net))
             self._step("audit", lambda: self._audit(net))
+            if self.console:
+                from trm.democonsoles import DemoConsoles
+
+                DemoConsoles(self, net).run()
         finally:
             net.close(keep_vhost=True)  # queues stay inspectable until the next run
         self.say(f"\ndone: everything is in {self.workdir}/ (directory.json, audit.jsonl, logs/)")
@@ -175,6 +195,15 @@ class Demo:
 
     def _start(self, net: LocalNetwork) -> None:
         started = time.monotonic()
+        self.start_processes(net)
+        took = time.monotonic() - started
+        self.say(
+            f"[start] adapters {', '.join(ADAPTERS)} (witnesses {', '.join(WITNESSES)}) and "
+            f"the routing service, each its own process, consuming after {took:.1f} s"
+        )
+
+    def start_processes(self, net: LocalNetwork) -> None:
+        """Start every adapter and the routing service; wait until each consumes."""
         for participant in ADAPTERS:
             net.start_adapter(participant)
         self._start_routing(net)
@@ -185,11 +214,6 @@ class Demo:
             lambda: all(queue_consumers(admin, queues).values()),
             STEP_TIMEOUT,
             "the adapters and the routing service to start consuming",
-        )
-        took = time.monotonic() - started
-        self.say(
-            f"[start] adapters {', '.join(ADAPTERS)} (witnesses {', '.join(WITNESSES)}) and "
-            f"the routing service, each its own process, consuming after {took:.1f} s"
         )
 
     def _start_routing(self, net: LocalNetwork) -> None:
@@ -493,8 +517,26 @@ def _receipts(net: LocalNetwork, sent: Sequence[SealedEnvelope]) -> int:
     return total
 
 
-def run_demo(workdir: Path, out: TextIO, *, amqp_url: str, management_url: str) -> None:
-    """Run the demo in `workdir` (wiped first if it holds a previous run)."""
+def run_demo(
+    workdir: Path,
+    out: TextIO,
+    *,
+    amqp_url: str,
+    management_url: str,
+    console: bool = False,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run the demo in `workdir` (wiped first if it holds a previous run).
+
+    With `console`, leave the consoles running after the story until `stop` is set.
+    """
     prepare_workdir(workdir)
     log_json_to(workdir / "logs" / "demo.log")
-    Demo(workdir, out, amqp_url=amqp_url, management_url=management_url).run()
+    Demo(
+        workdir,
+        out,
+        amqp_url=amqp_url,
+        management_url=management_url,
+        console=console,
+        stop=stop,
+    ).run()

@@ -28,7 +28,14 @@ from trm.demo import run_demo
     show_default=True,
     help="RabbitMQ management API, used to create the demo's vhost, users and permissions.",
 )
-def demo(workdir: Path, amqp_url: str, management_url: str) -> None:
+@click.option(
+    "--console",
+    "console",
+    is_flag=True,
+    help="After the story, leave the consoles of iom-kz, iom-uz, the NGO and the auditor "
+    "running (adapters too), print their addresses and a login for each, until Ctrl-C.",
+)
+def demo(workdir: Path, amqp_url: str, management_url: str, console: bool) -> None:
     """Walk a return KZ -> UZ -> NGO and a referral to its withdrawal, then audit them.
 
     Creates the directory authority and the participants iom-kz, iom-uz,
@@ -40,4 +47,10 @@ def demo(workdir: Path, amqp_url: str, management_url: str) -> None:
     verifies and replays the audit log; prints the return's timeline. Exits
     non-zero naming the step that failed.
     """
-    run_demo(workdir.resolve(), sys.stdout, amqp_url=amqp_url, management_url=management_url)
+    run_demo(
+        workdir.resolve(),
+        sys.stdout,
+        amqp_url=amqp_url,
+        management_url=management_url,
+        console=console,
+    )
