@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench chaos services clean
+.PHONY: demo test lint bench bench-scale chaos services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP) services lint
 bench: $(STAMP)
 	scripts/ensure-services rabbitmq
 	$(BIN)/trm bench
+
+bench-scale: $(STAMP)
+	scripts/ensure-services rabbitmq
+	$(BIN)/trm bench --scale
 
 chaos: $(STAMP) services
 	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'

@@ -116,3 +116,32 @@ def test_bench_outside_a_checkout_says_where_to_run(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "runs from a trm checkout" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_bench_scale_runs_every_part_tiny(rabbitmq_urls, monkeypatch) -> None:
+    """A tiny `trm bench --scale --json`: the backlog drained, the log's memory and verify."""
+    amqp, management = rabbitmq_urls
+    monkeypatch.chdir(REPO)
+    urls = ["--amqp-url", amqp, "--management-url", management]
+    result = CliRunner().invoke(
+        cli, ["bench", "--scale", "--quick", "--json", *urls], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    backlog, log = figures["backlog"], figures["log"]
+    assert backlog["messages"] == 12 and backlog["participants"] == 3
+    assert backlog["missions"] == 2 and backlog["ngos"] == 1
+    assert _positive(backlog["applied_per_s"]) and _positive(figures["backlog_over_ceiling"])
+    assert log["routing"]["log_entries"] == 1000 + 200
+    assert log["routing"]["rss_bytes"] > 0
+    assert log["export"]["entries"] == log["verify_all"]["entries"] >= 1000
+    assert log["verify_early"]["entries"] == 1000
+    for part in ("verify_early", "verify_all"):
+        assert _positive(log[part]["microseconds_per_entry"]), part
+        assert log[part]["peak_rss_bytes"] > 0, part
+    assert _positive(log["verify_cost_growth"])
+    from benchmarks.scale import table
+
+    assert "routing service RSS" in table(figures)

@@ -20,15 +20,15 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
 
 
-def load_runner(root: Path | None = None) -> ModuleType:
-    """The ``benchmarks.run`` module, from the path or from the checkout at `root` (cwd)."""
+def load_runner(root: Path | None = None, name: str = "run") -> ModuleType:
+    """The ``benchmarks.<name>`` module, from the path or from the checkout at `root` (cwd)."""
     folder = (root or Path.cwd()).resolve()
-    if (folder / "benchmarks" / "run.py").is_file() and str(folder) not in sys.path:
+    if (folder / "benchmarks" / f"{name}.py").is_file() and str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     try:
-        return import_module("benchmarks.run")
+        return import_module(f"benchmarks.{name}")
     except ModuleNotFoundError as e:
-        if e.name not in ("benchmarks", "benchmarks.run"):
+        if e.name not in ("benchmarks", f"benchmarks.{name}"):
             raise
         raise click.ClickException(
             f"trm bench runs from a trm checkout (no benchmarks/run.py under {folder}): "
@@ -45,6 +45,12 @@ def load_runner(root: Path | None = None) -> ModuleType:
     help="Messages per throughput run (default 20000; 300 with --quick).",
 )
 @click.option("--quick", is_flag=True, help="Small sizes: a smoke run of every figure.")
+@click.option(
+    "--scale",
+    is_flag=True,
+    help="The scale figures instead: 100 participants' backlog of 50,000 messages, a "
+    "1,000,000-entry log's routing memory and audit verify (tiny with --quick).",
+)
 @click.option(
     "--payload-bytes",
     type=click.IntRange(min=64),
@@ -70,11 +76,22 @@ def bench(
     as_json: bool,
     messages: int | None,
     quick: bool,
+    scale: bool,
     payload_bytes: int,
     amqp_url: str,
     management_url: str,
 ) -> None:
     """Measure trm against raw RabbitMQ and print the figures and the ratios."""
+    if scale:
+        scaling = load_runner(name="scale")
+        sized = scaling.Config.sized(
+            quick=quick,
+            payload_bytes=payload_bytes,
+            amqp_url=amqp_url,
+            management_url=management_url,
+        )
+        scaling.main_with(sized, as_json=as_json, echo=click.echo)
+        return
     runner = load_runner()
     config = runner.Config.sized(
         quick=quick,
