@@ -66,7 +66,9 @@ class AmqpSettings:
     """Where and as whom to connect to RabbitMQ.
 
     ``url`` is ``amqp://host:port`` or ``amqps://host:port``; credentials in it
-    are ignored here (use `from_url` to take them from a URL).
+    are ignored here (use `from_url` to take them from a URL). ``fallbacks``
+    are more nodes of the same cluster, tried in turn when ``url`` does not
+    answer (see `open_connection`).
     """
 
     url: str
@@ -77,6 +79,7 @@ class AmqpSettings:
     prefetch: int = 200
     confirm_window: int = 500
     connect_timeout: float = 10
+    fallbacks: tuple[str, ...] = ()
 
     @classmethod
     def from_url(
@@ -87,36 +90,55 @@ class AmqpSettings:
         username: str | None = None,
         password: str | None = None,
     ) -> AmqpSettings:
-        """Settings from an AMQP URL; keyword arguments override its parts."""
-        parts = urlsplit(url)
-        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        """Settings from an AMQP URL, or several separated by commas; keyword arguments
+        override their parts.
+
+        Several URLs name the nodes of one cluster: the user, password and
+        vhost come from the first, and a later URL may not name others.
+        """
+        urls = [part.strip() for part in url.split(",")]
+        if not all(urls):
             raise ConfigError(
-                f"TRM_AMQP_URL / --amqp-url must look like amqp://host:5672/vhost, "
-                f"got scheme {parts.scheme!r}"
+                f"TRM_AMQP_URL / --amqp-url holds an empty address in {len(urls)} "
+                "comma-separated ones: give amqp://host:5672/vhost,amqp://host2:5672/vhost"
             )
-        user = username if username is not None else unquote(parts.username or "")
-        secret = password if password is not None else unquote(parts.password or "")
+        first = _parse_url(urls[0])
+        user = username if username is not None else first.user
+        secret = password if password is not None else first.password
         if not user:
-            raise ConfigError(f"no RabbitMQ user given for {parts.hostname}: set it in the URL")
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        chosen_vhost = vhost if vhost is not None else (unquote(path) or "/")
-        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+            raise ConfigError(f"no RabbitMQ user given for {first.address}: set it in the URL")
+        chosen_vhost = vhost if vhost is not None else first.vhost
+        others = [_parse_url(other) for other in urls[1:]]
+        for other in others:
+            if (other.user and other.user != first.user) or (
+                other.path_given and other.vhost != first.vhost
+            ):
+                raise ConfigError(
+                    f"the AMQP addresses {first.address} and {other.address} name another user "
+                    "or vhost: every address in TRM_AMQP_URL / --amqp-url is a node of the same "
+                    "cluster, logged in to as the same user on the same vhost"
+                )
         return cls(
-            url=f"{parts.scheme}://{parts.hostname}:{port}",
+            url=first.address,
             vhost=chosen_vhost,
             username=user,
             password=secret,
+            fallbacks=tuple(dict.fromkeys(o.address for o in others if o.address != first.address)),
         )
 
-    def describe(self) -> str:
-        """``user@host:port vhost V``: for messages and logs (no password)."""
-        parts = urlsplit(self.url)
-        port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 5672)
-        return f"{self.username}@{parts.hostname}:{port} vhost {self.vhost!r}"
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every node address, ``url`` first."""
+        return (self.url, *self.fallbacks)
 
-    def parameters(self) -> pika.ConnectionParameters:
-        """pika connection parameters: heartbeats on, one attempt, bounded timeouts."""
-        parts = urlsplit(self.url)
+    def describe(self) -> str:
+        """``user@host:port vhost V`` (every node, comma-separated): for messages and logs."""
+        return f"{self.username}@{','.join(map(_host_port, self.addresses))} vhost {self.vhost!r}"
+
+    def parameters(self, address: str | None = None) -> pika.ConnectionParameters:
+        """pika connection parameters for ``address`` (``url`` when not given): heartbeats
+        on, one attempt, bounded timeouts."""
+        parts = urlsplit(address or self.url)
         if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
             raise ConfigError(f"AMQP URL must be amqp://host:port, got scheme {parts.scheme!r}")
         ssl_options = None
@@ -134,6 +156,38 @@ class AmqpSettings:
             blocked_connection_timeout=max(60.0, self.connect_timeout),
             ssl_options=ssl_options,
         )
+
+
+@dataclass(frozen=True)
+class _ParsedUrl:
+    address: str
+    user: str
+    password: str
+    vhost: str
+    path_given: bool
+
+
+def _parse_url(url: str) -> _ParsedUrl:
+    parts = urlsplit(url)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ConfigError(
+            f"TRM_AMQP_URL / --amqp-url must look like amqp://host:5672/vhost, "
+            f"got scheme {parts.scheme!r}"
+        )
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    port = parts.port or _DEFAULT_PORTS[parts.scheme]
+    return _ParsedUrl(
+        address=f"{parts.scheme}://{parts.hostname}:{port}",
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+        vhost=unquote(path) or "/",
+        path_given=bool(path),
+    )
+
+
+def _host_port(address: str) -> str:
+    parts = urlsplit(address)
+    return f"{parts.hostname}:{parts.port or _DEFAULT_PORTS.get(parts.scheme, 5672)}"
 
 
 @dataclass(frozen=True)
@@ -259,14 +313,41 @@ def _channel_error(code: int, text: str, where: str, doing: str) -> TrmError:
 _PIKA_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 
+_reached: dict[tuple[str, ...], str] = {}
+"""The node each list of addresses last reached: tried first next time."""
+_reached_lock = threading.Lock()
+
+
 def open_connection(settings: AmqpSettings) -> pika.BlockingConnection:
-    """A new blocking connection, or `BrokerUnavailable` / `AccessRefused`."""
-    parameters = settings.parameters()
+    """A new blocking connection, or `BrokerUnavailable` / `AccessRefused`.
+
+    With several addresses pika tries each in turn, starting from the node
+    this process last reached with them, so that a reconnection after a node
+    is lost goes straight to one that answered, and a dead node costs its
+    connect timeout once, not on every reconnection.
+    """
+    addresses = settings.addresses
+    with _reached_lock:
+        last = _reached.get(addresses)
+    order = list(addresses)
+    if last in order:
+        start = order.index(last)
+        order = order[start:] + order[:start]
     try:
-        connection = pika.BlockingConnection(parameters)
+        connection = pika.BlockingConnection([settings.parameters(a) for a in order])
     except _PIKA_ERRORS as e:
         raise translate(e, settings, "connecting") from e
-    CONNECTIONS.opened(connection, parameters.host, parameters.port)
+    params = connection._impl.params  # type: ignore[attr-defined]  # the node reached
+    node = f"{params.host}:{params.port}"
+    if len(addresses) > 1:
+        with _reached_lock:
+            previous = _reached.get(addresses)
+            _reached[addresses] = next(a for a in order if _host_port(a) == node)
+        if previous is not None and _host_port(previous) != node:
+            _log.warning("broker node changed", node=node, previous=_host_port(previous))
+        else:
+            _log.info("broker node connected", node=node)
+    CONNECTIONS.opened(connection, params.host, params.port)
     return connection
 
 
