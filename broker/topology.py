@@ -168,11 +168,14 @@ def declare(
     participants: Sequence[tuple[str, str]],
     *,
     delivery_limit: int = DELIVERY_LIMIT,
+    routing_queue: bool = True,
 ) -> list[str]:
     """Declare the exchanges, queues and bindings over AMQP; the queue names.
 
     ``settings`` must carry a user with configure permission on the vhost;
-    a participant's own credentials get `AccessRefused`.
+    a participant's own credentials get `AccessRefused`. Without
+    ``routing_queue`` there is no ``trm.routing`` here: a country broker
+    linked to the one where the routing service runs (`broker.federation`).
     """
     import pika.exceptions
 
@@ -205,11 +208,12 @@ def declare(
             channel.queue_declare(proofs, durable=True, arguments={"x-queue-type": "quorum"})
             channel.queue_bind(proofs, WITNESS_EXCHANGE, routing_key=proofs_key(participant_id))
             queues += [inbox, quarantine, witness, proofs]
-        channel.queue_declare(
-            ROUTING_QUEUE, durable=True, arguments=queue_arguments(routing_key, delivery_limit)
-        )
-        channel.queue_bind(ROUTING_QUEUE, EXCHANGE, routing_key="#")
-        queues.append(ROUTING_QUEUE)
+        if routing_queue:
+            channel.queue_declare(
+                ROUTING_QUEUE, durable=True, arguments=queue_arguments(routing_key, delivery_limit)
+            )
+            channel.queue_bind(ROUTING_QUEUE, EXCHANGE, routing_key="#")
+            queues.append(ROUTING_QUEUE)
     except (pika.exceptions.AMQPError, OSError) as e:
         error = translate(e, settings, "declaring the topology")
         if isinstance(error, AccessRefused | BrokerUnavailable | ProvisioningError):
@@ -379,8 +383,11 @@ def provision(
     keys_root: Path | None = None,
     passwords: Mapping[str, str] | None = None,
     delivery_limit: int = DELIVERY_LIMIT,
+    routing_queue: bool = True,
 ) -> ProvisionResult:
     """Create the vhost, users, permissions, exchanges, queues and bindings.
+
+    ``routing_queue`` False leaves out ``trm.routing`` (see `declare`).
 
     ``participants`` are (id, role) pairs. A password comes from
     ``passwords``, else ``keys_root/<id>/amqp-password``, else is generated
@@ -408,7 +415,9 @@ def provision(
             if (keys_root / participant_id).is_dir():
                 write_vhost(keys_root / participant_id, vhost)
     try:
-        queues = declare(admin, participants, delivery_limit=delivery_limit)
+        queues = declare(
+            admin, participants, delivery_limit=delivery_limit, routing_queue=routing_queue
+        )
     except TrmError:
         _log.error("provisioning failed", vhost=vhost)
         raise
