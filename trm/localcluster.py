@@ -122,6 +122,27 @@ def _port_open(port: int) -> bool:
         return False
 
 
+def _group_alive(group: int) -> bool:
+    """Whether a process of `group` runs; a zombie does not count.
+
+    A node restarted by another process (a test, a campaign) stays its
+    unreaped child once killed, and a zombie still belongs to its group.
+    """
+    try:
+        os.killpg(group, 0)
+    except OSError:
+        return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text(encoding="ascii").rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command: state, ppid, pgrp.
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return not Path("/proc/self/stat").exists()
+
+
 class LocalCluster:
     """A RabbitMQ cluster of `count` nodes on this machine, rooted at `root`."""
 
@@ -328,11 +349,7 @@ class LocalCluster:
             group = int(self.nodes[index].group_file.read_text(encoding="ascii").strip())
         except (OSError, ValueError):
             return None
-        try:
-            os.killpg(group, 0)
-        except OSError:
-            return None
-        return group
+        return group if _group_alive(group) else None
 
     def stop_node(self, index: int) -> None:
         """Stop node `index` cleanly (SIGTERM: RabbitMQ shuts down in order); killed after 60 s."""
@@ -368,11 +385,10 @@ class LocalCluster:
             process = self._processes.get(index)
             if process is not None:
                 process.poll()  # reaps our own child, which would otherwise linger as a zombie
-            try:
-                os.killpg(group, 0)
-            except OSError:
-                if not _port_open(node.amqp_port) and not _port_open(node.dist_port):
-                    return
+            if not _group_alive(group) and not (
+                _port_open(node.amqp_port) or _port_open(node.dist_port)
+            ):
+                return
             time.sleep(0.1)
         raise ConfigError(f"node {node.name} (group {group}) did not end within {seconds:.0f} s")
 

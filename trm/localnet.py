@@ -83,12 +83,15 @@ _ENV_CLEARED = (
 
 
 def _host_url(amqp_url: str) -> str:
-    """The AMQP URL without credentials or vhost: adapters log in as themselves."""
-    parts = urlsplit(amqp_url)
-    netloc = parts.hostname or "127.0.0.1"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, "/", "", ""))
+    """The AMQP URL(s) without credentials or vhost: adapters log in as themselves."""
+    hosts = []
+    for address in amqp_url.split(","):
+        parts = urlsplit(address.strip())
+        netloc = parts.hostname or "127.0.0.1"
+        if parts.port:
+            netloc += f":{parts.port}"
+        hosts.append(urlunsplit((parts.scheme, netloc, "/", "", "")))
+    return ",".join(hosts)
 
 
 def local_password(management_url: str, participant_id: str) -> str:
@@ -113,6 +116,8 @@ class LocalNetwork:
     directory_file: Path
     participants: dict[str, Path]
     database_urls: dict[str, str] = field(default_factory=dict)
+    sites: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Participants on another broker than ``amqp_url``: (AMQP URL, management URL)."""
     _processes: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
     _engines: dict[str, Engine] = field(default_factory=dict, repr=False)
     _homes: dict[str, Home] = field(default_factory=dict, repr=False)
@@ -138,10 +143,15 @@ class LocalNetwork:
         return Home.resolve(
             self.home(participant_id),
             database_url=database_url or self.database_url(participant_id),
-            amqp_url=_host_url(self.amqp_url),
+            amqp_url=_host_url(self.broker_of(participant_id)),
             vhost=self.vhost,
             environ={},
         )
+
+    def broker_of(self, participant_id: str | None) -> str:
+        """The AMQP URL(s) of the broker `participant_id` connects to."""
+        site = self.sites.get(participant_id or "")
+        return site[0] if site else self.amqp_url
 
     def environment(
         self,
@@ -151,9 +161,10 @@ class LocalNetwork:
     ) -> dict[str, str]:
         """The environment of a process on this network (as `participant_id`, if given)."""
         merged = {k: v for k, v in os.environ.items() if k not in _ENV_CLEARED}
-        merged["TRM_AMQP_URL"] = _host_url(self.amqp_url)
+        merged["TRM_AMQP_URL"] = _host_url(self.broker_of(participant_id))
         merged["TRM_AMQP_VHOST"] = self.vhost
-        merged["TRM_AMQP_MANAGEMENT_URL"] = self.management_url
+        site = self.sites.get(participant_id or "")
+        merged["TRM_AMQP_MANAGEMENT_URL"] = site[1] if site else self.management_url
         merged["PYTHONUNBUFFERED"] = "1"
         if participant_id is not None:
             merged["TRM_DATABASE_URL"] = database_url or self.database_url(participant_id)
@@ -299,14 +310,48 @@ class LocalNetwork:
             engine.dispose()
         if keep_vhost:
             return
-        client = ManagementClient(self.management_url)
-        if client.vhost_exists(self.vhost):
-            client.delete_vhost(self.vhost)
-        for participant_id in self.participants:
-            if client.get_user(participant_id) is not None and not client.user_vhosts(
-                participant_id
-            ):
-                client.delete_user(participant_id)
+        managements = dict.fromkeys([self.management_url, *(m for _a, m in self.sites.values())])
+        for management_url in managements:
+            client = ManagementClient(management_url)
+            if client.vhost_exists(self.vhost):
+                client.delete_vhost(self.vhost)
+            for user in self.participants:
+                if client.get_user(user) is not None and not client.user_vhosts(user):
+                    client.delete_user(user)
+
+    def add_site(
+        self,
+        participants: Sequence[str],
+        *,
+        amqp_url: str,
+        management_url: str,
+        routing_queue: bool = False,
+    ) -> None:
+        """Provision this network's vhost on another broker for `participants`, who use it.
+
+        Their users get the passwords their homes hold. The brokers are linked
+        by `broker.federation`, not here.
+        """
+        passwords = {
+            p: (self.home(p) / PASSWORD_FILE).read_text(encoding="utf-8").strip()
+            for p in participants
+        }
+        roles = self.directory_roles()
+        provision(
+            ManagementClient(management_url),
+            amqp_url,
+            self.vhost,
+            [(p, roles[p]) for p in participants],
+            passwords=passwords,
+            routing_queue=routing_queue,
+        )
+        for participant_id in participants:
+            self.sites[participant_id] = (amqp_url, management_url)
+
+    def directory_roles(self) -> dict[str, str]:
+        """Each participant's role, from the network's directory."""
+        directory = self._home_of(next(iter(self.participants))).directory()
+        return {card.id: str(card.role) for card in directory.participants()}
 
 
 def create_network(
@@ -320,6 +365,7 @@ def create_network(
     suite: Suite = Suite.MLKEM768_X25519,
     witnesses: Sequence[str] = (),
     quorum: int = 0,
+    provisioned: Sequence[str] | None = None,
 ) -> LocalNetwork:
     """Build a network under `root` (wiped first) and provision it on a vhost.
 
@@ -330,6 +376,9 @@ def create_network(
     deleted and created again. `database_urls` gives some participants
     another database than ``HOME/trm.db``. Homes are ``ROOT/<id>``, beside
     ``ROOT/authority``, ``ROOT/logs`` and ``ROOT/directory.json``.
+    `provisioned` names the participants whose users and queues go on this
+    broker (all when None; the others on another, see `LocalNetwork.add_site`);
+    ``trm.routing`` goes where the routing participant is.
     """
     clashing = {p for p, *_ in participants} & {"authority", "logs"}
     if clashing:
@@ -375,12 +424,16 @@ def create_network(
     if client.vhost_exists(chosen_vhost):
         client.delete_vhost(chosen_vhost)
     passwords = {pid: local_password(management_url, pid) for pid in homes}
+    here = [(p, str(role)) for p, role, _c, _parent in participants]
+    if provisioned is not None:
+        here = [(p, role) for p, role in here if p in provisioned]
     provision(
         client,
         amqp_url,
         chosen_vhost,
-        [(p, str(role)) for p, role, _country, _parent in participants],
+        here,
         passwords=passwords,
+        routing_queue=provisioned is None or any(role == Role.ROUTING for _p, role in here),
     )
     for participant_id, home in homes.items():
         _write_password(home / PASSWORD_FILE, passwords[participant_id])
