@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from broker.management import DEFAULT_MANAGEMENT_URL, ManagementClient
-from broker.topology import DELIVERY_LIMIT, provision
+from broker.topology import DELIVERY_LIMIT, ROUTING_ROLE, provision
 from broker.transport import DEFAULT_AMQP_URL, AmqpSettings
 
 _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -117,6 +117,15 @@ def broker() -> None:
     show_default=True,
     help="Deliveries before a message goes to the quarantine.",
 )
+@click.option(
+    "--participant",
+    "only",
+    multiple=True,
+    metavar="ID",
+    help="Provision only this participant on this broker (repeatable): a country broker "
+    "linked to others with trm broker link. trm.routing goes only where the routing "
+    "participant is. Default: every participant in the directory.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def provision_command(
     directory_file: Path,
@@ -128,17 +137,27 @@ def provision_command(
     passwords: tuple[str, ...],
     password_files: tuple[str, ...],
     delivery_limit: int,
+    only: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Create the vhost, a user per participant, permissions, exchanges and queues.
 
-    Idempotent: running it again changes nothing.
+    Idempotent: running it again changes nothing. On a cluster every queue is
+    a quorum queue with a replica on each node (up to RabbitMQ's default
+    initial group size of 3, the nodes running when it is declared).
     """
     from broker.directory import read_directory
     from broker.keys import read_pinned_authority
 
     directory = read_directory(directory_file, authority=read_pinned_authority(authority_key))
     participants = [(p.id, str(p.role)) for p in directory.participants()]
+    if only:
+        unknown = sorted(set(only) - {p for p, _ in participants})
+        if unknown:
+            raise click.BadParameter(
+                f"{', '.join(unknown)} not in the directory", param_hint="--participant"
+            )
+        participants = [(p, role) for p, role in participants if p in only]
     amqp_url = _url(amqp_url, "TRM_AMQP_URL_FILE")
     chosen_vhost = vhost or AmqpSettings.from_url(amqp_url).vhost
     result = provision(
@@ -149,6 +168,7 @@ def provision_command(
         keys_root=keys_root,
         passwords=_passwords(passwords, password_files),
         delivery_limit=delivery_limit,
+        routing_queue=not only or any(role == ROUTING_ROLE for _p, role in participants),
     )
     if as_json:
         click.echo(
@@ -213,3 +233,110 @@ def status(vhost: str, management_url: str, as_json: bool) -> None:
             f"{row['queue']:40} {row['type']:8} {row['messages']:>9} {row['ready']:>9} "
             f"{row['unacked']:>8} {row['consumers']:>9}"
         )
+
+
+_VHOST = click.option(
+    "--vhost",
+    envvar="TRM_AMQP_VHOST",
+    required=True,
+    help="The network's vhost, the same on both brokers [TRM_AMQP_VHOST].",
+)
+_MANAGEMENT = click.option(
+    "--management-url",
+    envvar="TRM_AMQP_MANAGEMENT_URL",
+    default=DEFAULT_MANAGEMENT_URL,
+    show_default=True,
+    help="Management API URL of this broker's administrator [TRM_AMQP_MANAGEMENT_URL, or a "
+    "file named by TRM_AMQP_MANAGEMENT_URL_FILE].",
+)
+
+
+@broker.command("link-user")
+@_VHOST
+@_MANAGEMENT
+@click.option("--user", required=True, help="The link's user on this broker, e.g. trm-link-uz.")
+@click.option(
+    "--password-file",
+    type=_EXISTING_FILE,
+    required=True,
+    help="A file holding the link user's password (give it to the other site's operator).",
+)
+def link_user(vhost: str, management_url: str, user: str, password_file: Path) -> None:
+    """On the upstream broker: a user the other site's federation link logs in as.
+
+    It may declare, bind and consume only federation's own queue of
+    trm.handoff: no publishing, no participant's queue. Idempotent.
+    """
+    from broker.federation import grant_link_user, link_permissions
+
+    client = ManagementClient(_url(management_url, "TRM_AMQP_MANAGEMENT_URL_FILE"))
+    grant_link_user(client, vhost, user, _read_secret(password_file, "--password-file"))
+    allowed = link_permissions()
+    click.echo(f"link user {user} on vhost {vhost}")
+    click.echo(f"  configure {allowed.configure}")
+    click.echo(f"  write     {allowed.write}")
+    click.echo(f"  read      {allowed.read}")
+
+
+@broker.command("link")
+@_VHOST
+@_MANAGEMENT
+@click.option("--name", required=True, help="The upstream's name: the other site, e.g. site-kz.")
+@click.option(
+    "--upstream-url-file",
+    type=_EXISTING_FILE,
+    required=True,
+    help="A file holding amqp://LINK-USER:PASSWORD@host:5672/VHOST of the other broker "
+    "(its nodes comma-separated for a cluster); the password stays out of the command line.",
+)
+@click.option(
+    "--max-hops",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Links an envelope may cross; 1 keeps two sites linked both ways free of loops.",
+)
+def link_command(
+    vhost: str, management_url: str, name: str, upstream_url_file: Path, max_hops: int
+) -> None:
+    """On the downstream broker: federate trm.handoff from the other site's broker.
+
+    Envelopes published there for participants whose inboxes are here (or for
+    trm.routing, if the routing service runs here) cross the link with their
+    validated user_id kept (trust-user-id). Run it on each side for a link both
+    ways. Idempotent. docs/deployment.md says what each operator then trusts.
+    """
+    from broker.federation import link
+
+    client = ManagementClient(_url(management_url, "TRM_AMQP_MANAGEMENT_URL_FILE"))
+    link(
+        client,
+        vhost,
+        name,
+        _read_secret(upstream_url_file, "--upstream-url-file"),
+        max_hops=max_hops,
+    )
+    click.echo(f"trm.handoff on vhost {vhost} federated from upstream {name}")
+
+
+@broker.command("links")
+@_VHOST
+@_MANAGEMENT
+@click.option("--json", "as_json", is_flag=True, help="Print the links as JSON.")
+def links(vhost: str, management_url: str, as_json: bool) -> None:
+    """The federation links of trm.handoff on this broker; exit 1 unless all are running."""
+    from broker.federation import link_status
+
+    found = link_status(
+        ManagementClient(_url(management_url, "TRM_AMQP_MANAGEMENT_URL_FILE")), vhost
+    )
+    if as_json:
+        click.echo(json.dumps([vars(item) for item in found], indent=2))
+    else:
+        for item in found:
+            detail = f" ({item.error})" if item.error else ""
+            click.echo(f"{item.upstream:24} {item.status:10} {item.node}{detail}")
+        if not found:
+            click.echo(f"no federation link of trm.handoff on vhost {vhost}")
+    if not found or any(item.status != "running" for item in found):
+        raise SystemExit(1)

@@ -1,0 +1,367 @@
+"""A local three-node RabbitMQ cluster and a second, federated country broker, both beside
+the machine's default broker: the cluster script, quorum replicas, an adapter failing over
+to another node, and a return case crossing two linked brokers with its receipts.
+
+The cluster starts once for the module (scripts/rabbitmq-cluster, after one full start and
+stop); the last test removes it with the script and checks nothing is left."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+import pytest
+import sqlalchemy as sa
+
+from broker.database import open_database, receipts_table
+from broker.federation import grant_link_user, link_permissions, link_status
+from broker.management import ManagementClient
+from broker.topology import EXCHANGE, ROUTING_QUEUE, inbox_queue
+from schemas.base import MessageKind
+from services.auditlog import log_entries_table
+from trm.localcluster import LocalCluster
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "rabbitmq-cluster"
+CLUSTER_BASE = 5680
+SITE_BASE = 5690
+KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
+CASE = "iom-kz.KZ-2026-0777"
+
+
+def _script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPT), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def _epmd_names() -> str:
+    return subprocess.run(
+        ["epmd", "-names"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), 1):
+            return True
+    except OSError:
+        return False
+
+
+def _leftovers(cluster: LocalCluster) -> list[str]:
+    """What a stopped cluster left behind: folders, epmd names, open ports, processes."""
+    found = []
+    if cluster.root.exists():
+        found.append(str(cluster.root))
+    names = _epmd_names()
+    found += [node.name for node in cluster.nodes if f"name {node.name.split('@')[0]} " in names]
+    for node in cluster.nodes:
+        found += [
+            f"port {p}"
+            for p in (node.amqp_port, node.management_port, node.dist_port)
+            if _listening(p)
+        ]
+    processes = subprocess.run(
+        ["ps", "-eo", "args"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    found += [f"process of {n.name}" for n in cluster.nodes if n.name in processes]
+    return found
+
+
+def _default_broker_answers() -> bool:
+    return (
+        ManagementClient("http://guest:guest@127.0.0.1:15672/").request("GET", "/overview")
+        is not None
+    )
+
+
+class _Sites:
+    """The cluster (site A) and the single-node country broker (site B), with what cycle 1 saw."""
+
+    def __init__(self) -> None:
+        self.cluster = LocalCluster(count=3, base_port=CLUSTER_BASE)
+        self.site = LocalCluster(count=1, base_port=SITE_BASE)
+        self.first_cycle: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def sites(rabbitmq_urls: tuple[str, str]) -> Iterator[_Sites]:
+    """Start and remove the cluster once with the script, start it again and a second broker."""
+    found = _Sites()
+    try:
+        started = _script("start", "--base-port", str(CLUSTER_BASE))
+        found.first_cycle["start"] = (started.returncode, started.stdout, started.stderr)
+        found.first_cycle["running"] = found.cluster.running()
+        stopped = _script("stop", "--base-port", str(CLUSTER_BASE))
+        found.first_cycle["stop"] = (stopped.returncode, stopped.stderr)
+        found.first_cycle["leftovers"] = _leftovers(found.cluster)
+        with ThreadPoolExecutor(1) as pool:
+            site = pool.submit(found.site.start)
+            again = _script("start", "--base-port", str(CLUSTER_BASE))
+            site.result()
+        assert again.returncode == 0, again.stderr
+        yield found
+    finally:
+        found.site.stop()
+        found.cluster.stop()
+        assert _default_broker_answers()
+
+
+@pytest.fixture
+def local_network(tmp_path: Path) -> Iterator[Any]:
+    """A factory of `trm.localnet` networks on the brokers given, each closed afterwards."""
+    from trm.localnet import DEMO_PARTICIPANTS, LocalNetwork, create_network
+
+    networks: list[LocalNetwork] = []
+
+    def make(**options: Any) -> LocalNetwork:
+        net = create_network(tmp_path / f"net{len(networks)}", DEMO_PARTICIPANTS, **options)
+        networks.append(net)
+        return net
+
+    try:
+        yield make
+    finally:
+        for net in networks:
+            net.close()
+
+
+def _admin(url: str, vhost: str) -> pika.BlockingConnection:
+    params = pika.URLParameters(url)
+    params.virtual_host = vhost
+    return pika.BlockingConnection(params)
+
+
+def test_provisioning_puts_every_quorum_queue_on_all_three_nodes(sites, local_network):
+    """On the cluster every queue trm broker provision declares is a quorum queue with a member
+    on each of the three nodes."""
+    cluster = sites.cluster
+    net = local_network(amqp_url=cluster.amqp_url, management_url=cluster.management_url)
+    client = ManagementClient(cluster.management_url)
+    queues = [
+        q for q in client.request("GET", f"/queues/{net.vhost}") if q["name"].startswith("trm.")
+    ]
+    assert {q["name"] for q in queues} >= {inbox_queue(KZ), inbox_queue(UZ), ROUTING_QUEUE}
+    nodes = sorted(node.name for node in cluster.nodes)
+    for queue in queues:
+        assert queue["type"] == "quorum", queue["name"]
+        assert sorted(queue["members"]) == nodes, queue["name"]
+
+
+def _consumer_node(client: ManagementClient, vhost: str, queue: str) -> str | None:
+    found = client.request("GET", f"/queues/{vhost}/{queue}")
+    for detail in found.get("consumer_details", []):
+        name = detail.get("channel_details", {}).get("connection_name", "")
+        if name:
+            return str(detail["channel_details"].get("node"))
+    return None
+
+
+def test_an_adapter_fails_over_to_another_node_and_goes_on_delivering(sites, local_network):
+    """The node iom-uz's adapter consumes through is stopped: the adapter reconnects to another
+    node of TRM_AMQP_URL by itself and the next request is applied; the node it reached is
+    in its log."""
+    cluster = sites.cluster
+    # Node 2 first in every participant's list, so that stopping it forces a failover.
+    order = [cluster.nodes[1].amqp_url, cluster.nodes[0].amqp_url, cluster.nodes[2].amqp_url]
+    net = local_network(amqp_url=",".join(order), management_url=cluster.management_url)
+    client = ManagementClient(cluster.management_url)
+    net.start_adapter(KZ)
+    net.start_adapter(UZ)
+    first = net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=CASE)
+    net.wait_for(lambda: str(first.id) in net.inbox_ids(UZ), 60, "the first request at iom-uz")
+    net.wait_for(
+        lambda: _consumer_node(client, net.vhost, inbox_queue(UZ)) is not None, 30, "a consumer"
+    )
+    assert _consumer_node(client, net.vhost, inbox_queue(UZ)) == cluster.nodes[1].name
+    cluster.stop_node(1)
+    try:
+        second = net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=f"{CASE}-2")
+        net.wait_for(lambda: str(second.id) in net.inbox_ids(UZ), 90, "the second request")
+        node = _consumer_node(client, net.vhost, inbox_queue(UZ))
+        assert node in (cluster.nodes[0].name, cluster.nodes[2].name)
+    finally:
+        cluster.start_node(1)
+    lines = [
+        json.loads(line)
+        for line in (net.root / "logs" / f"{UZ}.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    changed = [line for line in lines if line.get("event") == "broker node changed"]
+    assert changed and changed[-1]["previous"] == f"127.0.0.1:{cluster.nodes[1].amqp_port}"
+    assert net.inbox_ids(UZ) == {str(first.id), str(second.id)}
+
+
+def _trm(*args: str) -> str:
+    from click.testing import CliRunner
+
+    from trm.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _link_sites(net: Any, sites: _Sites) -> None:
+    """Federate trm.handoff both ways between the cluster and the country broker, with
+    trm broker link-user on each upstream and trm broker link on each downstream."""
+    secret = net.root / "link-password"
+    secret.write_text(uuid.uuid4().hex)
+    a, b = sites.cluster, sites.site
+    for broker, user in ((a, "trm-link-uz"), (b, "trm-link-kz")):
+        _trm(
+            "broker",
+            "link-user",
+            "--vhost",
+            net.vhost,
+            "--management-url",
+            broker.management_url,
+            "--user",
+            user,
+            "--password-file",
+            str(secret),
+        )
+    password = secret.read_text()
+    to_a = net.root / "upstream-a"
+    to_a.write_text(
+        ",".join(
+            f"amqp://trm-link-uz:{password}@127.0.0.1:{n.amqp_port}/{net.vhost}" for n in a.nodes
+        )
+    )
+    to_b = net.root / "upstream-b"
+    to_b.write_text(f"amqp://trm-link-kz:{password}@127.0.0.1:{SITE_BASE}/{net.vhost}")
+    for broker, name, upstream in ((b, "site-kz", to_a), (a, "site-uz", to_b)):
+        _trm(
+            "broker",
+            "link",
+            "--vhost",
+            net.vhost,
+            "--management-url",
+            broker.management_url,
+            "--name",
+            name,
+            "--upstream-url-file",
+            str(upstream),
+        )
+    for broker in (a, b):
+        client = ManagementClient(broker.management_url)
+        net.wait_for(
+            lambda c=client: [s.status for s in link_status(c, net.vhost)] == ["running"],
+            60,
+            "the federation link running",
+        )
+    assert "running" in _trm(
+        "broker", "links", "--vhost", net.vhost, "--management-url", b.management_url
+    )
+
+
+def test_a_return_case_crosses_two_federated_brokers_with_its_receipts(sites, local_network):
+    """iom-kz on the cluster sends a return request to iom-uz and its NGO on another broker;
+    both apply it, the NGO's acknowledgement comes back to both missions, every receipt comes
+    back, and the routing service (on the cluster) logs each envelope exactly once."""
+    cluster, site = sites.cluster, sites.site
+    net = local_network(
+        amqp_url=cluster.amqp_url,
+        management_url=cluster.management_url,
+        provisioned=[KZ, ROUTING],
+    )
+    net.add_site([UZ, NGO], amqp_url=site.amqp_url, management_url=site.management_url)
+    _link_sites(net, sites)
+    database = f"sqlite:///{net.root / 'routing.db'}"
+    net.start_process(
+        ["routing", "run", "--home", str(net.home(ROUTING)), "--database-url", database],
+        "routing",
+    )
+    for participant_id in (KZ, UZ, NGO):
+        net.start_adapter(participant_id)
+    request = net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ, NGO], case=CASE)
+    for reader in (UZ, NGO):
+        net.wait_for(lambda r=reader: str(request.id) in net.inbox_ids(r), 60, f"at {reader}")
+    ack = net.send(
+        NGO, MessageKind.RECEPTION_CONFIRMED, to=[KZ, UZ], case=CASE, reply_to=request.id
+    )
+    for mission in (KZ, UZ):
+        net.wait_for(lambda m=mission: str(ack.id) in net.inbox_ids(m), 60, f"ack at {mission}")
+
+    def receipts(participant_id: str) -> set[tuple[str, str]]:
+        with net.engine(participant_id).connect() as conn:
+            rows = conn.execute(sa.select(receipts_table.c.envelope_id, receipts_table.c.recipient))
+            return {(r.envelope_id, r.recipient) for r in rows}
+
+    net.wait_for(lambda: len(receipts(KZ)) == 2 and len(receipts(NGO)) == 2, 60, "receipts")
+    assert receipts(KZ) == {(str(request.id), UZ), (str(request.id), NGO)}
+    assert receipts(NGO) == {(str(ack.id), KZ), (str(ack.id), UZ)}
+    # Two envelopes and four receipts, each logged once, with a verified signature.
+    engine = open_database(database)
+
+    def logged() -> list[tuple[str, str]]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(log_entries_table.c.envelope_id, log_entries_table.c.verification)
+            )
+            return [(r.envelope_id, r.verification) for r in rows]
+
+    try:
+        net.wait_for(lambda: len(logged()) >= 6, 60, "six envelopes in the routing log")
+        entries = logged()
+    finally:
+        engine.dispose()
+    assert len(entries) == len({e for e, _v in entries}) == 6
+    assert {v for _e, v in entries} == {"ok"}
+    assert {str(request.id), str(ack.id)} <= {e for e, _v in entries}
+    b = ManagementClient(site.management_url)
+    assert b.get_queue(net.vhost, ROUTING_QUEUE) is None
+    assert b.get_queue(net.vhost, inbox_queue(KZ)) is None
+
+
+def test_the_link_user_may_not_publish_nor_read_an_inbox(sites, local_network):
+    """The federation link's user on the upstream broker is refused publishing to trm.handoff
+    and consuming a participant's inbox."""
+    cluster = sites.cluster
+    net = local_network(amqp_url=cluster.amqp_url, management_url=cluster.management_url)
+    client = ManagementClient(cluster.management_url)
+    grant_link_user(client, net.vhost, "trm-link-test", "link-secret-1")
+    allowed = link_permissions()
+    assert client.get_permissions(net.vhost, "trm-link-test") is not None
+    url = f"amqp://trm-link-test:link-secret-1@127.0.0.1:{CLUSTER_BASE}/"
+    try:
+        connection = _admin(url, net.vhost)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="403"):
+            channel.basic_publish(EXCHANGE, UZ, b"x", mandatory=True)
+        connection.close()
+        connection = _admin(url, net.vhost)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="403"):
+            connection.channel().basic_get(inbox_queue(UZ))
+        connection.close()
+    finally:
+        client.delete_user("trm-link-test")
+    assert "trm\\.inbox" not in allowed.read and allowed.write.startswith("^federation")
+
+
+def test_the_script_removes_the_cluster_it_started_twice(sites):
+    """scripts/rabbitmq-cluster started the three nodes and removed them without a trace, and
+    does it again: no folder, no epmd name, no port, no process; the default broker answers."""
+    first = sites.first_cycle
+    assert first["start"][0] == 0, first["start"][2]
+    assert first["start"][1].strip() == sites.cluster.amqp_url
+    assert first["running"] == sorted(node.name for node in sites.cluster.nodes)
+    assert first["stop"][0] == 0, first["stop"][1]
+    assert first["leftovers"] == []
+    assert sites.cluster.running() == sorted(node.name for node in sites.cluster.nodes)
+    stopped = _script("stop", "--base-port", str(CLUSTER_BASE))
+    assert stopped.returncode == 0, stopped.stderr
+    assert _leftovers(sites.cluster) == []
+    assert _default_broker_answers()
