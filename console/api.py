@@ -100,7 +100,7 @@ router = APIRouter(
 
 CASE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{2,63}$"
 """`schemas.base.CaseRef`'s pattern, for case references in paths."""
-RECORD_PATTERN = r"^([0-9]{1,18}|b-[0-9a-f]{12})$"
+RECORD_PATTERN = r"^([0-9]{1,10}|b-[0-9a-f]{12})$"
 """A quarantine record: a local row number or ``b-`` and a digest prefix (`trm quarantine list`)."""
 POLL_SECONDS = 0.5
 """How often an event stream looks for new feed entries."""
@@ -111,7 +111,9 @@ CasePath = Annotated[
     str,
     Path(pattern=CASE_PATTERN, max_length=64, description="A case reference."),
 ]
-After = Annotated[int, Query(ge=0, description="The cursor: only entries after it.")]
+MAX_CURSOR = 2**31 - 1
+"""The largest cursor or trail id: the columns are 32-bit integers on PostgreSQL."""
+After = Annotated[int, Query(ge=0, le=MAX_CURSOR, description="The cursor: only entries after it.")]
 Limit = Annotated[int, Query(ge=1, le=readmodel.MAX_PAGE, description="Rows at most.")]
 
 READ = Depends(require_scope(Scope.READ))
@@ -304,7 +306,9 @@ def list_outbox(
 def list_trail(
     request: Request,
     limit: Limit = readmodel.PAGE,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_CURSOR, description="Only entries older than this id.")
+    ] = None,
     token: ApiToken = READ,
 ) -> list[TrailEntry]:
     """The console's record of actions, newest first."""
@@ -535,13 +539,14 @@ def requeue(
 async def events(
     request: Request,
     after: Annotated[
-        int | None, Query(ge=0, description="Resume after this cursor (default: now).")
+        int | None,
+        Query(ge=0, le=MAX_CURSOR, description="Resume after this cursor (default: now)."),
     ] = None,
     last_event_id: Annotated[
         str | None,
         Header(
             alias="Last-Event-ID",
-            pattern=r"^[0-9]{1,18}$",
+            pattern=r"^[0-9]{1,10}$",
             description="Sent by a reconnecting EventSource: resume after it.",
         ),
     ] = None,
@@ -550,7 +555,7 @@ async def events(
     """New deliveries, receipts and quarantine records as server-sent events."""
     console = console_of(request)
     if last_event_id is not None:
-        cursor = int(last_event_id)
+        cursor = min(int(last_event_id), MAX_CURSOR)
     elif after is not None:
         cursor = after
     else:

@@ -492,3 +492,21 @@ def test_every_response_is_no_store_with_a_csp_and_no_inline_script(app, client,
     assert {200, 404, 422} <= seen
     assert "script-src 'self';" in CONTENT_SECURITY_POLICY
     assert "unsafe-inline" not in CONTENT_SECURITY_POLICY
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/deliveries?after=9223372036854775808",
+        "/api/v1/events?after=9223372036854775808",
+        "/api/v1/trail?before=9223372036854775808",
+        "/api/v1/deliveries?after=-1",
+    ],
+)
+def test_a_cursor_out_of_range_is_422_not_a_database_error(app, client, path):
+    """A cursor past the columns' range (found by fuzzing: it overflowed SQLite) is refused
+    by validation, before any query."""
+    token = add_token(engine_of(app), f"cursor-{abs(hash(path)) % 10**8}", ["read", "events"])
+    response = client.get(path, headers=bearer(token))
+    assert response.status_code == 422
+    assert response.json()["detail"]["reason"] == "invalid_request"
