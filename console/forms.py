@@ -161,8 +161,7 @@ class _SchemaReader:
             node = concrete[0] if len(concrete) == 1 else node
         target = self.resolve(node)
         help_text = help_text or _first_line(target.get("description", ""))
-        label = target.get("title") if "$ref" not in node else None
-        label = node.get("title") or label or key.replace("_", " ").capitalize()
+        label = key.replace("_", " ").capitalize()
         if target.get("type") == "object":
             return Group(path, label, required, help_text, self.children(target, f"{path}."))
         if target.get("type") == "array":

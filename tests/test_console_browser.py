@@ -79,7 +79,7 @@ def consoles(net: LocalNetwork) -> Iterator[dict[str, ServedConsole]]:
     """A console per participant of the story, each with a case worker's account."""
     served: dict[str, ServedConsole] = {}
     try:
-        for participant, language in ((KZ, "en"), (NGO, "ru"), (AUDITOR, "en")):
+        for participant, language in ((KZ, "en"), (NGO, "en"), (AUDITOR, "en")):
             served[participant] = serve_console(net.settings(participant))
             served[participant].add_login("worker", StaffRole.CASE_WORKER, language)
         yield served
@@ -199,6 +199,7 @@ def test_mission_corrects_a_field_error_then_sends_a_return_request(net, console
     expect(field.locator(".error")).to_be_visible(timeout=UI_WAIT)
     assert page.locator(".error").count() == 1
     assert (net.outbox_pending(KZ), len(_outbox_ids(net))) == before
+    page.locator("#f-person").scroll_into_view_if_needed()
     shot(page, "form-error")
 
     page.fill("#f-person-nationality", "UZ")
