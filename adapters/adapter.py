@@ -43,7 +43,7 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -51,13 +51,26 @@ import structlog
 
 from adapters.erasure import Erasures
 from adapters.home import LOCAL_DOWN, Home
-from broker.errors import LocalUnavailable, StorageError, TransportError, TrmError
+from broker.errors import (
+    BrokerUnavailable,
+    LocalUnavailable,
+    StorageError,
+    TransportError,
+    TrmError,
+)
 from broker.inbox import Inbox, Outcome
 from broker.outbox import Outbox, Relay
 from broker.quarantine import as_first_published
 from broker.reception import RESEND_AFTER, RESEND_TRIES, ReceptionPolicy
 from broker.topology import inbox_queue
-from broker.transport import AmqpSettings, Consumer, Delivery, Publisher, run_with_reconnect
+from broker.transport import (
+    AmqpSettings,
+    Consumer,
+    Delivery,
+    Outgoing,
+    Publisher,
+    run_with_reconnect,
+)
 from services.witness import Witness, run_witness
 
 log = structlog.get_logger(__name__)
@@ -90,7 +103,10 @@ class LocalState:
         self.since = _now()
         self.cause: str | None = None
         self.attempts = 0
+        self.publishing: dict[str, str] | None = None
+        """Since when and why RabbitMQ takes none of the relay's envelopes, if it does not."""
         self._unwritable = False
+        self._lock = threading.Lock()
 
     def running(self) -> None:
         """The local side took a batch (or the adapter started): record it if it was down."""
@@ -111,6 +127,23 @@ class LocalState:
         self.attempts += 1
         self._write()
 
+    def publishing_stalled(self, cause: str) -> None:
+        """The relay's publish failed with `cause`: envelopes wait in the outbox."""
+        if self.publishing is None:
+            self._log.error("adapter.publishing_stalled", cause=cause)
+            self.publishing = {"since": _now(), "cause": cause}
+        else:
+            self.publishing["cause"] = cause
+        self._write()
+
+    def publishing_resumed(self) -> None:
+        """RabbitMQ confirmed the relay's publish again."""
+        if self.publishing is None:
+            return
+        self._log.info("adapter.publishing_resumed", stalled_since=self.publishing["since"])
+        self.publishing = None
+        self._write()
+
     def stopped(self) -> None:
         """The adapter stopped."""
         self._set("stopped", None)
@@ -127,10 +160,13 @@ class LocalState:
             "since": self.since,
             "cause": self.cause,
             "attempts": self.attempts,
+            "publishing": self.publishing,
             "updated_at": _now(),
         }
         try:
-            self.home.write_status(status)
+            # The consumer and the relay both record their state here.
+            with self._lock:
+                self.home.write_status(status)
         except OSError as e:
             if not self._unwritable:
                 self._unwritable = True
@@ -140,6 +176,31 @@ class LocalState:
                     error=e.strerror,
                     hint="set TRM_STATUS_FILE to a writable path for trm health",
                 )
+
+
+class _Reported:
+    """The relay's publisher, recording in the status file whether RabbitMQ takes envelopes."""
+
+    def __init__(self, publisher: Publisher, state: LocalState) -> None:
+        self._publisher = publisher
+        self._state = state
+
+    def publish(self, messages: Sequence[Outgoing], timeout: float = 30) -> None:
+        """Publish as `Publisher.publish`; a broker that confirms nothing is recorded."""
+        try:
+            self._publisher.publish(messages, timeout)
+        except BrokerUnavailable as e:
+            self._state.publishing_stalled(str(e))
+            raise
+        self._state.publishing_resumed()
+
+    def publish_quarantine(
+        self, body: bytes, *, participant_id: str, reason: str, detail: str
+    ) -> None:
+        """As `Publisher.publish_quarantine`."""
+        self._publisher.publish_quarantine(
+            body, participant_id=participant_id, reason=reason, detail=detail
+        )
 
 
 def _now() -> str:
@@ -355,7 +416,7 @@ class Adapter:
             try:
                 Relay(
                     outbox,
-                    publisher,
+                    _Reported(publisher, self.local),
                     batch=self.relay_batch,
                     max_retry_delay=RETRY_MAX_SECONDS,
                     reception=self.reception,

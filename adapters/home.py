@@ -40,7 +40,7 @@ from adapters.casesystem import INBOX_DIR, CaseSystem, FileCaseSystem, load_case
 from broker.database import home_database_url, open_database, storage_errors
 from broker.directory import DIRECTORY_FILE, Directory, reload_home_directory
 from broker.envelope import Recipient
-from broker.errors import ConfigError, LocalUnavailable, TrmError
+from broker.errors import BrokerUnavailable, ConfigError, LocalUnavailable, TrmError
 from broker.keys import ParticipantKeys, Sender, load_keys
 from broker.topology import PASSWORD_FILE, read_vhost
 from broker.transport import AmqpSettings
@@ -287,6 +287,13 @@ def check_health(home: Home) -> list[tuple[str, bool, str]]:
                 f"{status.get('cause')}; {status.get('attempts')} tries, the last at "
                 f"{status.get('updated_at')}. The deliveries wait in the queue; fix the "
                 "database or case system and the adapter takes them by itself"
+            )
+        publishing = status.get("publishing")
+        if state != "stopped" and isinstance(publishing, dict):
+            raise BrokerUnavailable(
+                f"the adapter (pid {pid}) cannot publish since {publishing.get('since')}: "
+                f"{publishing.get('cause')}. The envelopes wait in the outbox (trm send keeps "
+                "queueing) and go once RabbitMQ confirms them again"
             )
         return f"{state} since {status.get('since')} (pid {pid})"
 

@@ -468,8 +468,9 @@ class Publisher:
             raise pika.exceptions.StreamLostError("the channel closed while waiting")
         if not done():
             raise BrokerUnavailable(
-                f"RabbitMQ at {self._settings.describe()} sent no confirm in time; "
-                "the batch will be published again"
+                f"RabbitMQ at {self._settings.describe()} sent no confirm in time: a quorum "
+                "queue confirms nothing while a majority of its cluster's nodes is down (or the "
+                "broker is overloaded); the batch will be published again"
             )
 
     def publish(self, messages: Sequence[Outgoing], timeout: float = 30) -> None:
