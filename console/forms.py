@@ -203,7 +203,7 @@ class _SchemaReader:
             values = tuple(str(v) for v in node["enum"])
             return Field(path, label, Widget.SELECT, required, help_text, values)
         if kind == "boolean":
-            return Field(path, label, Widget.CHECKBOX, required and "const" in node, help_text)
+            return Field(path, label, Widget.CHECKBOX, required, help_text)
         if kind == "integer":
             return Field(
                 path,
