@@ -417,6 +417,25 @@ class LocalCluster:
 
     # --- status ---------------------------------------------------------------------
 
+    def leftovers(self) -> list[str]:
+        """What is left of the cluster: its root, epmd names, listening ports, processes."""
+        found = [str(self.root)] if self.root.exists() else []
+        names = subprocess.run(
+            ["epmd", "-names"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.split()
+        found += [n.name for n in self.nodes if n.name.split("@")[0] in names]
+        found += [
+            f"port {port}"
+            for node in self.nodes
+            for port in (node.amqp_port, node.management_port, node.dist_port)
+            if _port_open(port)
+        ]
+        processes = subprocess.run(
+            ["ps", "-eo", "args"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+        found += [f"a process of {n.name}" for n in self.nodes if n.name in processes]
+        return found
+
     def running(self) -> list[str]:
         """The cluster's running nodes, as node 1 (else the first that answers) sees them."""
         for index in range(self.count):
