@@ -64,11 +64,11 @@ def _cell(text: str) -> str:
 
 
 def _response_row(status: str, response: dict[str, Any]) -> str:
-    content = response.get("content", {})
-    media, schema = next(iter(content.items()), (None, {}))
-    shown = "" if media is None else _type(schema.get("schema", {}))
-    if media not in (None, "application/json"):
-        shown = f"`{media}`"
+    content: dict[str, Any] = response.get("content", {})
+    shown = ""
+    for media, body in content.items():
+        shown = _type(body.get("schema", {})) if media == "application/json" else f"`{media}`"
+        break
     return f"| {status} | {_cell(response.get('description', ''))} | {shown} |"
 
 

@@ -104,3 +104,24 @@ def test_read_marks_are_per_user(engine) -> None:
     assert [d.read for d in deliveries(engine, 0, reader="amina").deliveries] == [True]
     assert [d.read for d in deliveries(engine, 0, reader="oleg").deliveries] == [False]
     assert [d.read for d in deliveries(engine, 0).deliveries] == [None]
+
+
+def test_a_quarantine_record_after_a_purge_is_announced_though_its_number_is_reused(engine):
+    """`trm quarantine purge` empties the table and SQLite may number the next record 1 again:
+    the feed still gives it a new entry."""
+
+    def quarantined(at: datetime) -> None:
+        with engine.begin() as conn:
+            conn.execute(
+                quarantine_table.insert().values(
+                    sender="iom-tj", reason="bad_signature", detail="d", received_at=at, body=b"x"
+                )
+            )
+
+    quarantined(T0)
+    first = events_since(engine, 0)
+    with engine.begin() as conn:
+        conn.execute(quarantine_table.delete())
+    quarantined(T0 + timedelta(minutes=5))
+    later = events_since(engine, first[-1].seq)
+    assert [(e.event, e.at) for e in later] == [(EventType.QUARANTINE, T0 + timedelta(minutes=5))]
