@@ -19,13 +19,14 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import anyio
+import structlog
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.erasure import Erasures
 from broker.envelope import SealedEnvelope
-from broker.errors import ConfigError, SchemaViolation
+from broker.errors import ConfigError, SchemaViolation, TrmError
 from console import readmodel, trail
 from console.auth import console_of, require_scope
 from console.errors import NotFound
@@ -81,6 +82,8 @@ class Refusal(_Response):
 def _refusal(description: str) -> dict[str, Any]:
     return {"model": Refusal, "description": description}
 
+
+log = structlog.get_logger(__name__)
 
 router = APIRouter(
     prefix="/api/v1",
@@ -572,7 +575,12 @@ async def _stream(request: Request, cursor: int, seconds: float) -> Any:
     quiet_since = clock()
     yield "retry: 2000\n\n"
     while clock() < end and not await request.is_disconnected():
-        found = await anyio.to_thread.run_sync(readmodel.events_since, engine, cursor)
+        try:
+            found = await anyio.to_thread.run_sync(readmodel.events_since, engine, cursor)
+        except TrmError as e:
+            # The headers are sent: end the stream; the client resumes from its last id.
+            log.warning("console.stream_ended", reason=e.reason, cursor=cursor)
+            return
         for event in found:
             yield f"id: {event.seq}\nevent: {event.event}\ndata: {event.model_dump_json()}\n\n"
             cursor = event.seq
