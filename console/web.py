@@ -270,7 +270,6 @@ def _routed_cases(request: Request, session: Session) -> HTMLResponse:
             "deadline": None if c.deadline is None else c.deadline.due,
             "overdue": c.deadline is not None and c.deadline.status == "overdue",
             "owed_by": c.owed_by,
-            "parties": [],
         }
         for c in found
     ]
@@ -310,7 +309,7 @@ def case_page(request: Request, case: CasePath, session: Reader) -> HTMLResponse
         )
     view = actions.case_view(engine, case)
     step = actions.next_step(home, engine, case)
-    entries = [_entry(request, session, e) for e in timeline.timeline]
+    entries = [_entry(request, session, case, e) for e in timeline.timeline]
     facts = {
         "case": timeline.case,
         "owner": timeline.owner,
@@ -333,7 +332,9 @@ def case_page(request: Request, case: CasePath, session: Reader) -> HTMLResponse
     )
 
 
-def _entry(request: Request, session: Session, entry: readmodel.TimelineEntry) -> dict[str, Any]:
+def _entry(
+    request: Request, session: Session, case: str, entry: readmodel.TimelineEntry
+) -> dict[str, Any]:
     console = console_of(request)
     payload: dict[str, Any] | None = None
     erased = False
@@ -354,7 +355,7 @@ def _entry(request: Request, session: Session, entry: readmodel.TimelineEntry) -
                 trail.user_actor(session.user.username),
                 trail.Action.READ_PAYLOAD,
                 envelope_id=entry.envelope_id,
-                case=None,
+                case=case,
             )
     return {
         "envelope_id": entry.envelope_id,

@@ -79,7 +79,7 @@ def consoles(net: LocalNetwork) -> Iterator[dict[str, ServedConsole]]:
     """A console per participant of the story, each with a case worker's account."""
     served: dict[str, ServedConsole] = {}
     try:
-        for participant, language in ((KZ, "en"), (NGO, "en"), (AUDITOR, "en")):
+        for participant, language in ((KZ, "en"), (NGO, "en"), (AUDITOR, "en"), (ROUTING, "en")):
             served[participant] = serve_console(net.settings(participant))
             served[participant].add_login("worker", StaffRole.CASE_WORKER, language)
         yield served
@@ -278,6 +278,18 @@ def _logged(net: LocalNetwork, envelope_id: str) -> bool:
 
     state = CaseStore(net.engine(ROUTING)).get(f"{KZ}.KZ-2026-0503")
     return state is not None and any(e.event.envelope_id == envelope_id for e in state.entries)
+
+
+def test_routing_operator_sees_every_case_and_its_headers(consoles, browser) -> None:
+    """The routing operator's start page lists every case the service tracks, each with its
+    stage, and a case's page its headers only."""
+    page = signed_in(browser, consoles[ROUTING])
+    rows = page.locator("tr[data-case]")
+    expect(rows.filter(has_text=CASE)).to_have_count(1)
+    expect(rows.filter(has_text=CASE)).to_contain_text("received")
+    rows.filter(has_text=CASE).locator("a").click()
+    expect(page.locator("table.headers tr[data-envelope]").first).to_be_visible()
+    assert EXAMPLE_PERSON_NAME not in page.content()
 
 
 def test_login_page_in_russian(consoles, browser) -> None:

@@ -187,7 +187,7 @@ def test_pages_render_without_inline_script_in_the_users_language(client) -> Non
     """Each page of a mission's home answers 200 in English for the worker, with no inline
     script; the case page shows what iom-kz sent and only actions a worker may take."""
     signed(client, "worker")
-    for path in ("/", f"/cases/{CASE}", "/outbox", "/new/return_request", "/login"):
+    for path in ("/", f"/cases/{CASE}", "/outbox", "/quarantine", "/new/return_request", "/login"):
         page = client.get(path)
         assert page.status_code == 200, path
         assert not INLINE_SCRIPT.search(page.text), path
