@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -207,3 +210,55 @@ def local_network(rabbitmq_urls: tuple[str, str], tmp_path: Path) -> Iterator[Ca
     finally:
         for net in networks:
             net.close()
+
+
+@dataclass
+class LocalSites:
+    """A local three-node cluster and a single-node second country broker, and how the
+    cluster script's first start and stop went."""
+
+    cluster: Any
+    site: Any
+    first_cycle: dict[str, Any] = field(default_factory=dict)
+
+
+def _cluster_script(*args: str) -> subprocess.CompletedProcess[str]:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq-cluster"
+    return subprocess.run(
+        [str(script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+@pytest.fixture(scope="session")
+def local_sites(rabbitmq_urls: tuple[str, str]) -> Iterator[LocalSites]:
+    """A RabbitMQ cluster on 5680-5682 and a second broker on 5690, beside the default one.
+
+    The cluster is started and removed once with scripts/rabbitmq-cluster, then started
+    again with it; at the end both are removed and nothing may be left of them, and the
+    default broker must still answer.
+    """
+    from broker.management import ManagementClient
+    from trm.localcluster import LocalCluster
+
+    sites = LocalSites(LocalCluster(count=3, base_port=5680), LocalCluster(count=1, base_port=5690))
+    base = str(sites.cluster.base_port)
+    try:
+        started = _cluster_script("start", "--base-port", base)
+        sites.first_cycle["start"] = (started.returncode, started.stdout, started.stderr)
+        sites.first_cycle["running"] = sites.cluster.running()
+        stopped = _cluster_script("stop", "--base-port", base)
+        sites.first_cycle["stop"] = (stopped.returncode, stopped.stderr)
+        sites.first_cycle["leftovers"] = sites.cluster.leftovers()
+        with ThreadPoolExecutor(1) as pool:
+            site = pool.submit(sites.site.start)
+            again = _cluster_script("start", "--base-port", base)
+            site.result()
+        assert again.returncode == 0, again.stderr
+        yield sites
+    finally:
+        sites.site.stop()
+        removed = _cluster_script("stop", "--base-port", base)
+        sites.cluster.stop()
+        assert removed.returncode == 0, removed.stderr
+        assert sites.cluster.leftovers() == [] and sites.site.leftovers() == []
+        assert ManagementClient(rabbitmq_urls[1]).request("GET", "/overview") is not None

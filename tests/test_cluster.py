@@ -2,17 +2,14 @@
 the machine's default broker: the cluster script, quorum replicas, an adapter failing over
 to another node, and a return case crossing two linked brokers with its receipts.
 
-The cluster starts once for the module (scripts/rabbitmq-cluster, after one full start and
-stop); the last test removes it with the script and checks nothing is left."""
+Both come from the session's `local_sites` (tests/conftest.py): the cluster script starts and
+removes the cluster once, starts it again, and removes it at the end leaving nothing."""
 
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,95 +24,11 @@ from broker.management import ManagementClient
 from broker.topology import EXCHANGE, ROUTING_QUEUE, inbox_queue
 from schemas.base import MessageKind
 from services.auditlog import log_entries_table
-from trm.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "rabbitmq-cluster"
-CLUSTER_BASE = 5680
-SITE_BASE = 5690
 KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
 CASE = "iom-kz.KZ-2026-0777"
-
-
-def _script(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SCRIPT), *args], capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def _epmd_names() -> str:
-    return subprocess.run(
-        ["epmd", "-names"], capture_output=True, text=True, timeout=10, check=False
-    ).stdout
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), 1):
-            return True
-    except OSError:
-        return False
-
-
-def _leftovers(cluster: LocalCluster) -> list[str]:
-    """What a stopped cluster left behind: folders, epmd names, open ports, processes."""
-    found = []
-    if cluster.root.exists():
-        found.append(str(cluster.root))
-    names = _epmd_names()
-    found += [node.name for node in cluster.nodes if f"name {node.name.split('@')[0]} " in names]
-    for node in cluster.nodes:
-        found += [
-            f"port {p}"
-            for p in (node.amqp_port, node.management_port, node.dist_port)
-            if _listening(p)
-        ]
-    processes = subprocess.run(
-        ["ps", "-eo", "args"], capture_output=True, text=True, timeout=10, check=False
-    ).stdout
-    found += [f"process of {n.name}" for n in cluster.nodes if n.name in processes]
-    return found
-
-
-def _default_broker_answers() -> bool:
-    return (
-        ManagementClient("http://guest:guest@127.0.0.1:15672/").request("GET", "/overview")
-        is not None
-    )
-
-
-class _Sites:
-    """The cluster (site A) and the single-node country broker (site B), with what cycle 1 saw."""
-
-    def __init__(self) -> None:
-        self.cluster = LocalCluster(count=3, base_port=CLUSTER_BASE)
-        self.site = LocalCluster(count=1, base_port=SITE_BASE)
-        self.first_cycle: dict[str, Any] = {}
-
-
-@pytest.fixture(scope="module")
-def sites(rabbitmq_urls: tuple[str, str]) -> Iterator[_Sites]:
-    """Start and remove the cluster once with the script, start it again and a second broker."""
-    found = _Sites()
-    try:
-        started = _script("start", "--base-port", str(CLUSTER_BASE))
-        found.first_cycle["start"] = (started.returncode, started.stdout, started.stderr)
-        found.first_cycle["running"] = found.cluster.running()
-        stopped = _script("stop", "--base-port", str(CLUSTER_BASE))
-        found.first_cycle["stop"] = (stopped.returncode, stopped.stderr)
-        found.first_cycle["leftovers"] = _leftovers(found.cluster)
-        with ThreadPoolExecutor(1) as pool:
-            site = pool.submit(found.site.start)
-            again = _script("start", "--base-port", str(CLUSTER_BASE))
-            site.result()
-        assert again.returncode == 0, again.stderr
-        yield found
-    finally:
-        found.site.stop()
-        found.cluster.stop()
-        assert _default_broker_answers()
 
 
 @pytest.fixture
@@ -143,10 +56,10 @@ def _admin(url: str, vhost: str) -> pika.BlockingConnection:
     return pika.BlockingConnection(params)
 
 
-def test_provisioning_puts_every_quorum_queue_on_all_three_nodes(sites, local_network):
+def test_provisioning_puts_every_quorum_queue_on_all_three_nodes(local_sites, local_network):
     """On the cluster every queue trm broker provision declares is a quorum queue with a member
     on each of the three nodes."""
-    cluster = sites.cluster
+    cluster = local_sites.cluster
     net = local_network(amqp_url=cluster.amqp_url, management_url=cluster.management_url)
     client = ManagementClient(cluster.management_url)
     queues = [
@@ -168,11 +81,11 @@ def _consumer_node(client: ManagementClient, vhost: str, queue: str) -> str | No
     return None
 
 
-def test_an_adapter_fails_over_to_another_node_and_goes_on_delivering(sites, local_network):
+def test_an_adapter_fails_over_to_another_node_and_goes_on_delivering(local_sites, local_network):
     """The node iom-uz's adapter consumes through is stopped: the adapter reconnects to another
     node of TRM_AMQP_URL by itself and the next request is applied; the node it reached is
     in its log."""
-    cluster = sites.cluster
+    cluster = local_sites.cluster
     # Node 2 first in every participant's list, so that stopping it forces a failover.
     order = [cluster.nodes[1].amqp_url, cluster.nodes[0].amqp_url, cluster.nodes[2].amqp_url]
     net = local_network(amqp_url=",".join(order), management_url=cluster.management_url)
@@ -213,7 +126,7 @@ def _trm(*args: str) -> str:
     return result.output
 
 
-def _link_sites(net: Any, sites: _Sites) -> None:
+def _link_sites(net: Any, sites: Any) -> None:
     """Federate trm.handoff both ways between the cluster and the country broker, with
     trm broker link-user on each upstream and trm broker link on each downstream."""
     secret = net.root / "link-password"
@@ -240,7 +153,7 @@ def _link_sites(net: Any, sites: _Sites) -> None:
         )
     )
     to_b = net.root / "upstream-b"
-    to_b.write_text(f"amqp://trm-link-kz:{password}@127.0.0.1:{SITE_BASE}/{net.vhost}")
+    to_b.write_text(f"amqp://trm-link-kz:{password}@127.0.0.1:{b.nodes[0].amqp_port}/{net.vhost}")
     for broker, name, upstream in ((b, "site-kz", to_a), (a, "site-uz", to_b)):
         _trm(
             "broker",
@@ -266,18 +179,18 @@ def _link_sites(net: Any, sites: _Sites) -> None:
     )
 
 
-def test_a_return_case_crosses_two_federated_brokers_with_its_receipts(sites, local_network):
+def test_a_return_case_crosses_two_federated_brokers_with_its_receipts(local_sites, local_network):
     """iom-kz on the cluster sends a return request to iom-uz and its NGO on another broker;
     both apply it, the NGO's acknowledgement comes back to both missions, every receipt comes
     back, and the routing service (on the cluster) logs each envelope exactly once."""
-    cluster, site = sites.cluster, sites.site
+    cluster, site = local_sites.cluster, local_sites.site
     net = local_network(
         amqp_url=cluster.amqp_url,
         management_url=cluster.management_url,
         provisioned=[KZ, ROUTING],
     )
     net.add_site([UZ, NGO], amqp_url=site.amqp_url, management_url=site.management_url)
-    _link_sites(net, sites)
+    _link_sites(net, local_sites)
     database = f"sqlite:///{net.root / 'routing.db'}"
     net.start_process(
         ["routing", "run", "--home", str(net.home(ROUTING)), "--database-url", database],
@@ -325,16 +238,16 @@ def test_a_return_case_crosses_two_federated_brokers_with_its_receipts(sites, lo
     assert b.get_queue(net.vhost, inbox_queue(KZ)) is None
 
 
-def test_the_link_user_may_not_publish_nor_read_an_inbox(sites, local_network):
+def test_the_link_user_may_not_publish_nor_read_an_inbox(local_sites, local_network):
     """The federation link's user on the upstream broker is refused publishing to trm.handoff
     and consuming a participant's inbox."""
-    cluster = sites.cluster
+    cluster = local_sites.cluster
     net = local_network(amqp_url=cluster.amqp_url, management_url=cluster.management_url)
     client = ManagementClient(cluster.management_url)
     grant_link_user(client, net.vhost, "trm-link-test", "link-secret-1")
     allowed = link_permissions()
     assert client.get_permissions(net.vhost, "trm-link-test") is not None
-    url = f"amqp://trm-link-test:link-secret-1@127.0.0.1:{CLUSTER_BASE}/"
+    url = f"amqp://trm-link-test:link-secret-1@127.0.0.1:{cluster.nodes[0].amqp_port}/"
     try:
         connection = _admin(url, net.vhost)
         channel = connection.channel()
@@ -351,17 +264,16 @@ def test_the_link_user_may_not_publish_nor_read_an_inbox(sites, local_network):
     assert "trm\\.inbox" not in allowed.read and allowed.write.startswith("^federation")
 
 
-def test_the_script_removes_the_cluster_it_started_twice(sites):
-    """scripts/rabbitmq-cluster started the three nodes and removed them without a trace, and
-    does it again: no folder, no epmd name, no port, no process; the default broker answers."""
-    first = sites.first_cycle
+def test_the_script_starts_and_removes_the_cluster_and_starts_it_again(local_sites):
+    """scripts/rabbitmq-cluster started three nodes as one cluster, removed them without a
+    trace (no folder, epmd name, port or process) and started them again; the default
+    broker answers. (At the session's end the script removes it again, checked the same.)"""
+    first, cluster = local_sites.first_cycle, local_sites.cluster
     assert first["start"][0] == 0, first["start"][2]
-    assert first["start"][1].strip() == sites.cluster.amqp_url
-    assert first["running"] == sorted(node.name for node in sites.cluster.nodes)
+    assert first["start"][1].strip() == cluster.amqp_url
+    assert first["running"] == sorted(node.name for node in cluster.nodes)
     assert first["stop"][0] == 0, first["stop"][1]
     assert first["leftovers"] == []
-    assert sites.cluster.running() == sorted(node.name for node in sites.cluster.nodes)
-    stopped = _script("stop", "--base-port", str(CLUSTER_BASE))
-    assert stopped.returncode == 0, stopped.stderr
-    assert _leftovers(sites.cluster) == []
-    assert _default_broker_answers()
+    assert cluster.running() == sorted(node.name for node in cluster.nodes)
+    overview = ManagementClient("http://guest:guest@127.0.0.1:15672/").request("GET", "/overview")
+    assert overview["cluster_name"] != cluster.cluster_name

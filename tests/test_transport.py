@@ -135,6 +135,59 @@ def test_settings_from_url_take_parts_and_hide_password() -> None:
     assert (override.vhost, override.username, override.password) == ("v", "u", "p")
 
 
+def test_settings_take_a_clusters_nodes_comma_separated() -> None:
+    """Several URLs give one user, password and vhost (from the first) and every node in turn;
+    describe names each node and never the password."""
+    settings = AmqpSettings.from_url(
+        "amqp://iom-kz:pw-1@rmq1:5672/trm, amqp://rmq2:5673/trm ,amqp://rmq3/"
+    )
+    assert settings.addresses == ("amqp://rmq1:5672", "amqp://rmq2:5673", "amqp://rmq3:5672")
+    assert (settings.username, settings.password, settings.vhost) == ("iom-kz", "pw-1", "trm")
+    assert [p.port for p in (settings.parameters(a) for a in settings.addresses)] == [
+        5672,
+        5673,
+        5672,
+    ]
+    assert settings.describe() == "iom-kz@rmq1:5672,rmq2:5673,rmq3:5672 vhost 'trm'"
+    assert "pw-1" not in settings.describe() + repr(settings)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://iom-kz:pw@rmq1/trm,,amqp://rmq2/trm",
+        "amqp://iom-kz:pw@rmq1/trm,amqp://iom-uz:pw@rmq2/trm",
+        "amqp://iom-kz:pw@rmq1/trm,amqp://rmq2/other",
+        "amqp://iom-kz:pw@rmq1/trm,http://rmq2/trm",
+    ],
+)
+def test_settings_refuse_a_node_list_that_is_not_one_cluster(url: str) -> None:
+    """An empty address, another user or vhost, or a non-AMQP address in the list is refused
+    naming the setting."""
+    with pytest.raises(TrmError, match="TRM_AMQP_URL"):
+        AmqpSettings.from_url(url)
+
+
+def test_a_dead_first_node_is_skipped_for_one_that_answers(rabbitmq_urls) -> None:
+    """With a node nobody listens on first, a connection reaches the next address and logs
+    the node it reached, each time."""
+    from structlog.testing import capture_logs
+
+    from broker.transport import open_connection
+
+    live = AmqpSettings.from_url(rabbitmq_urls[0])
+    settings = AmqpSettings.from_url(
+        f"amqp://{live.username}:{live.password}@127.0.0.1:1/,{live.url}/"
+    )
+    with capture_logs() as logs:
+        first = open_connection(settings)
+        first.close()
+        second = open_connection(settings)
+        second.close()
+    reached = [e["node"] for e in logs if e["event"] == "broker node connected"]
+    assert reached == [live.url.removeprefix("amqp://")] * 2
+
+
 def test_settings_refuse_a_non_amqp_url() -> None:
     """A URL that is not amqp:// or amqps:// is refused with a message naming the setting."""
     with pytest.raises(TrmError, match="TRM_AMQP_URL"):
