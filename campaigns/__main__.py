@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from campaigns.cluster import run_federation_cut, run_node_kills, run_node_outages
 from campaigns.crashes import (
     ensure_rabbitmq_running,
     run_broker_restarts,
@@ -47,16 +48,26 @@ class Sizes:
     hostile: int
     replays: int
     leader_kills: int
+    node_kills: int = 3
+    federated: int = 200
 
 
 SHORT = Sizes(
     messages=300, kills=5, restarts=1, hard_kills=0, hostile=400, replays=100, leader_kills=3
 )
 FULL = Sizes(
-    messages=10000, kills=50, restarts=5, hard_kills=1, hostile=1200, replays=1000, leader_kills=20
+    messages=10000,
+    kills=50,
+    restarts=5,
+    hard_kills=1,
+    hostile=1200,
+    replays=1000,
+    leader_kills=20,
+    federated=5000,
 )
 """The issues' sizes: 10,000 messages per crash campaign, 50 kills, 5 restarts and a kill -9;
-the routing leader killed 20 times."""
+the routing leader killed 20 times; the inbox's leading node SIGKILLed 3 times; 5,000
+messages across a federation link cut."""
 NAMES = (
     "identity",
     "fuzz",
@@ -66,9 +77,18 @@ NAMES = (
     "relay_crashes",
     "broker_restarts",
     "routing_failover",
+    "cluster_node_kills",
+    "cluster_node_outages",
+    "federation_cut",
 )
 PER_DATABASE = {"consumer_crashes", "relay_crashes", "broker_restarts"}
-SQLITE_ONLY = {"hostile_input", "replay"}
+SQLITE_ONLY = {
+    "hostile_input",
+    "replay",
+    "cluster_node_kills",
+    "cluster_node_outages",
+    "federation_cut",
+}
 POSTGRES_ONLY = {"routing_failover"}
 """A standby routing service needs PostgreSQL (on SQLite a second one refuses to start)."""
 NO_DATABASE = {"identity", "fuzz"}
@@ -111,6 +131,15 @@ def _plan(
             messages=sizes.messages,
             kills=sizes.leader_kills,
         ),
+        "cluster_node_kills": lambda db: run_node_kills(
+            root("nodekills", db), db, services, messages=sizes.messages, kills=sizes.node_kills
+        ),
+        "cluster_node_outages": lambda db: run_node_outages(
+            root("outages", db), db, services, messages=sizes.messages
+        ),
+        "federation_cut": lambda db: run_federation_cut(
+            root("federation", db), db, services, messages=sizes.federated
+        ),
     }
 
 
@@ -141,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             hostile=sizes.hostile,
             replays=sizes.replays,
             leader_kills=sizes.leader_kills,
+            node_kills=sizes.node_kills,
+            federated=sizes.federated,
         )
     databases = ["sqlite", "postgres"] if args.database == "both" else [args.database]
     chosen = args.only or list(NAMES)
