@@ -30,6 +30,7 @@ from broker.errors import ConfigError, SchemaViolation, TrmError
 from console import readmodel, trail
 from console.auth import console_of, require_scope
 from console.errors import NotFound
+from console.metrics import STREAMS
 from console.readmodel import (
     CaseEntry,
     CaseTimeline,
@@ -569,6 +570,15 @@ async def events(
 
 
 async def _stream(request: Request, cursor: int, seconds: float) -> Any:
+    STREAMS.inc()
+    try:
+        async for chunk in _events(request, cursor, seconds):
+            yield chunk
+    finally:
+        STREAMS.dec()
+
+
+async def _events(request: Request, cursor: int, seconds: float) -> Any:
     engine = console_of(request).engine
     clock = anyio.current_time
     end = clock() + seconds

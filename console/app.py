@@ -57,6 +57,7 @@ from console.accounts import SessionPolicy
 from console.auth import Console
 from console.errors import ConsoleError, NotSignedIn
 from console.guards import MAX_BODY, BodyLimit, HostCheck, SecurityHeaders
+from console.metrics import RequestMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -113,6 +114,7 @@ def create_app(
     app.add_middleware(BodyLimit, limit=max_body)
     app.add_middleware(HostCheck, allowed=console.allowed_hosts)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(RequestMetrics)
     return app
 
 

@@ -20,6 +20,7 @@ from console import trail
 from console.accounts import Session, sign_in, sign_out
 from console.auth import SESSION_COOKIE, console_of, csrf_protect, same_origin
 from console.errors import ConsoleError, CsrfRefused
+from console.metrics import SIGN_INS_REFUSED
 
 router = APIRouter(prefix="/auth", tags=["sign-in"], include_in_schema=False)
 
@@ -51,6 +52,7 @@ def login(
     try:
         session = sign_in(console.engine, username, password, _client(request), console.policy)
     except ConsoleError as e:
+        SIGN_INS_REFUSED.labels(reason=e.reason).inc()
         query = urlencode({"error": e.reason, "next": safe_next(next_page)})
         refused = RedirectResponse(f"{LOGIN_PAGE}?{query}", status_code=303)
         refused.headers["X-Trm-Refusal"] = str(e.status)

@@ -510,3 +510,22 @@ def test_a_cursor_out_of_range_is_422_not_a_database_error(app, client, path):
     response = client.get(path, headers=bearer(token))
     assert response.status_code == 422
     assert response.json()["detail"]["reason"] == "invalid_request"
+
+
+def test_metrics_count_requests_by_route_template_never_by_id(app, client, tokens):
+    """A request for an envelope id is counted under its route's template; neither the id
+    nor a case reference appears in any label; a refused sign-in is counted by reason."""
+    from prometheus_client import generate_latest
+
+    from broker.metrics import REGISTRY
+
+    envelope_id = "01a231e0-d0df-7048-8128-e2e80e063535"
+    client.get(f"/api/v1/envelopes/{envelope_id}", headers=bearer(tokens["reader"]))
+    client.get("/api/v1/cases/iom-kz.METRICS-1", headers=bearer(tokens["reader"]))
+    sign_in(client, "worker", "not the password 1")
+    text = generate_latest(REGISTRY).decode()
+    assert 'route="/api/v1/envelopes/{envelope_id}",status="404"' in text
+    assert 'route="/api/v1/cases/{case}",status="404"' in text
+    assert 'trm_console_sign_ins_refused_total{reason="sign_in_refused"}' in text
+    assert envelope_id not in text
+    assert "METRICS-1" not in text

@@ -16,6 +16,7 @@ import click
 from broker.errors import ConfigError
 from trm import logs
 from trm.commands.adapter import _home, _home_options, _reasons
+from trm.commands.metrics import metrics_options
 
 
 @click.group()
@@ -78,6 +79,7 @@ def _engine(
     default=None,
     help="Append JSON log lines here instead of stderr.",
 )
+@metrics_options
 @_reasons
 def run(
     home: Path,
@@ -92,6 +94,8 @@ def run(
     tls_cert: Path | None,
     tls_key: Path | None,
     log_file: Path | None,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Serve the console until SIGTERM or SIGINT."""
     import structlog
@@ -111,6 +115,11 @@ def run(
             allowed_hosts=served_as(host, port, allowed_hosts),
             policy=SessionPolicy(secure_cookie=secure_cookie or tls_cert is not None),
         )
+        if metrics_port is not None:
+            from broker.metrics import serve
+            from console.metrics import ConsoleCollector
+
+            serve(metrics_port, metrics_host, ConsoleCollector(app.state.console.engine))
         config = uvicorn.Config(
             app,
             host=host,
