@@ -16,6 +16,8 @@ elsewhere, so that a home can be mounted read-only (docker/compose.yml):
 | case system | ``--case-system`` | ``TRM_CASE_SYSTEM`` | one JSON file per message |
 | adapter status | | ``TRM_STATUS_FILE`` | ``HOME/adapter-status.json`` |
 
+``TRM_AMQP_URL`` may list a cluster's nodes, comma-separated; a connection
+tries them in turn (`broker.transport.open_connection`).
 ``HOME/amqp-vhost`` is written by `trm broker provision --keys-root`, so that
 once provisioned a home knows its vhost and no command repeats it.
 The RabbitMQ user is always the participant id; credentials in the AMQP URL
