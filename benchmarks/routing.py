@@ -125,11 +125,12 @@ def ingest(
     payload_bytes: int,
     prefetch: int,
     hostile_every: int = 0,
+    verify_workers: int = 0,
 ) -> dict[str, Any]:
     """Pre-load `messages` envelopes into ``trm.routing``, run the service, time the drain.
 
     With `hostile_every` (see `preload`), ``clean_per_s`` counts the clean
-    envelopes only.
+    envelopes only. `verify_workers` is the service's ``--verify-workers``.
     """
     with network(root, amqp_url, management_url) as net:
         envelope_bytes = preload(net, messages, payload_bytes, hostile_every)
@@ -142,6 +143,8 @@ def ingest(
             *net.command(net.routing, "routing", "run"),
             "--log-file",
             str(root / "routing.log"),
+            "--verify-workers",
+            str(verify_workers),
         ]
         started = time.monotonic()
         with running(net, args, net.routing) as process:
@@ -159,6 +162,7 @@ def ingest(
         "preloaded": depth,
         "envelope_bytes": envelope_bytes,
         "prefetch": prefetch,
+        "verify_workers": verify_workers,
         "seconds": seconds,
         "ingest_per_s": messages / seconds,
         "wall_seconds_with_startup": wall,

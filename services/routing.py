@@ -48,7 +48,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from broker.database import storage_errors
 from broker.directory import DIRECTORY_FILE, Directory, reload_home_directory
-from broker.envelope import MAX_AGE, CheckedEnvelope, EnvelopeVerifier, SealedEnvelope, seal
+from broker.envelope import MAX_AGE, CheckedEnvelope, SealedEnvelope, seal
 from broker.errors import ConfigError, ReplayedEnvelope, TransportError, TrmError
 from broker.keys import ParticipantKeys, load_keys
 from broker.metrics import LOGGED, REDELIVERED
@@ -62,6 +62,7 @@ from broker.transport import (
     Publisher,
     run_with_reconnect,
 )
+from broker.verifierpool import VerifierPool
 from schemas.control import Reminder as ReminderMessage
 from schemas.header import EnvelopeHeader
 from services import membership
@@ -198,13 +199,18 @@ class RoutingService:
         max_age: timedelta | None = MAX_AGE,
         keys: ParticipantKeys | None = None,
         batch: int = DEFAULT_BATCH,
+        verify_workers: int = 0,
     ) -> None:
         """The routing participant whose key folder is `home`, on the migrated `engine`.
 
-        `batch` caps how many waiting deliveries are logged in one transaction.
+        `batch` caps how many waiting deliveries are logged in one transaction;
+        `verify_workers` processes verify a batch's envelopes beside this one
+        (`broker.verifierpool`; 0: all in this process).
         """
         if batch < 1:
             raise ConfigError(f"the routing batch must be at least 1, got {batch}")
+        if verify_workers < 0:
+            raise ConfigError(f"the verify workers must be 0 or more, got {verify_workers}")
         self.keys = keys if keys is not None else load_keys(home)
         self.participant = self.keys.card.id
         self.engine = engine
@@ -223,7 +229,7 @@ class RoutingService:
         self.relay_wake = threading.Event()
         self._log = log.bind(participant=self.participant)
         self._roles: tuple[int, Mapping[str, str]] = (-1, {})
-        self._verifier: tuple[Directory | None, EnvelopeVerifier | None] = (None, None)
+        self._verifiers = VerifierPool(verify_workers)
         self._appended = 0
         self._counter = threading.Lock()
 
@@ -254,12 +260,9 @@ class RoutingService:
         if not arrivals:
             return []
         directory = self.directory()
-        verifier = self._verifier_for(directory)
-        checked = []
-        for raw, user_id in arrivals:
-            at = self.clock()
-            found = verifier.check(raw, at=at, amqp_user_id=user_id, max_age=self.max_age)
-            checked.append((found, at))
+        stamped = [(raw, self.clock(), user_id) for raw, user_id in arrivals]
+        results = self._verifiers.check_batch(directory, stamped, max_age=self.max_age)
+        checked = [(r, at) for r, (_, at, _) in zip(results, stamped, strict=True)]
         with storage_errors("recording envelopes"), self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_ROUTING_LOCK)))
@@ -319,14 +322,6 @@ class RoutingService:
         if verification == VERIFIED and header is not None:
             return self._track(writes, header, at, directory, index)
         return Outcome(envelope_id, verification, index)
-
-    def _verifier_for(self, directory: Directory) -> EnvelopeVerifier:
-        """`verify_envelope` with this directory's keys parsed once, until a new one comes."""
-        held, verifier = self._verifier
-        if held is not directory or verifier is None:
-            verifier = EnvelopeVerifier(directory)
-            self._verifier = (directory, verifier)
-        return verifier
 
     def _track(
         self,
@@ -540,6 +535,7 @@ class RoutingService:
             pass  # a short wait, so that the main thread runs signal handlers promptly
         for thread in threads:
             thread.join()
+        self._verifiers.close()
         # A leader that lost its lock leaves the last checkpoint to its successor.
         note = self.checkpoint() if held.leading else None
         self._log.info("routing service stopped", checkpoint_signed=note is not None)

@@ -127,6 +127,15 @@ def amqp_password(home: Path) -> str:
     "--checkpoint-interval", type=click.FloatRange(min=0.01), default=60.0, show_default=True
 )
 @click.option("--deadline-poll", type=click.FloatRange(min=0.01), default=30.0, show_default=True)
+@click.option(
+    "--verify-workers",
+    envvar="TRM_VERIFY_WORKERS",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Processes that verify envelopes beside the service's own [TRM_VERIFY_WORKERS]; "
+    "0 verifies all in the service's process.",
+)
 @_POLICIES
 @click.option(
     "--log-file",
@@ -143,6 +152,7 @@ def run(
     checkpoint_every: int,
     checkpoint_interval: float,
     deadline_poll: float,
+    verify_workers: int,
     policies: Path | None,
     log_file: Path | None,
     metrics_port: int | None,
@@ -165,6 +175,7 @@ def run(
             policies=_policies(policies),
             timers=timers,
             keys=keys,
+            verify_workers=verify_workers,
         )
         service.directory()  # refuse to start without a verified directory
         if metrics_port is not None:
