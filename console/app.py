@@ -11,6 +11,8 @@ What the pages (`console.web`, mounted when present) build on:
   and `console.auth.csrf_protect(*roles)` for every state-changing form
   post: the form carries ``session.csrf_token`` in a hidden field named
   `console.auth.CSRF_FIELD` (or a script sends it as ``X-CSRF-Token``).
+- Bodies are limited to 1 MiB; a page route taking larger uploads declares
+  ``UPLOAD_LIMITS = {"/its/path": bytes}`` in `console.web`.
 - `console.readmodel`: deliveries (read or unread per user, `mark_read`),
   payloads, cases and timelines, envelope status, outbox, quarantine,
   routed cases; `console.trail.record` for what a page does.
@@ -26,7 +28,7 @@ as; bodies over 1 MiB are refused with 413.
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -88,11 +90,14 @@ def create_app(
     allowed_hosts: Collection[str] | None = None,
     policy: SessionPolicy | None = None,
     max_body: int = MAX_BODY,
+    upload_limits: Mapping[str, int] | None = None,
     stream_seconds: float = 300.0,
 ) -> FastAPI:
     """The console of `home`: API, sign-in and (when installed) pages, behind the guards.
 
-    `allowed_hosts` defaults to the names of ``127.0.0.1:8470``.
+    `allowed_hosts` defaults to the names of ``127.0.0.1:8470``. `upload_limits` gives
+    paths that take bodies over `max_body` their own limit; by default the pages'
+    ``console.web.UPLOAD_LIMITS``, if they declare one.
     """
     engine = home.open_database()
     console = Console(
@@ -111,7 +116,8 @@ def create_app(
     app = application(lifespan)
     app.state.console = console
     # Added innermost first: the headers wrap every refusal of the other two.
-    app.add_middleware(BodyLimit, limit=max_body)
+    uploads = app.state.upload_limits if upload_limits is None else upload_limits
+    app.add_middleware(BodyLimit, limit=max_body, uploads=uploads)
     app.add_middleware(HostCheck, allowed=console.allowed_hosts)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestMetrics)
@@ -167,6 +173,7 @@ def _mount_pages(app: FastAPI) -> None:
         if e.name != "console.web":
             raise
         web = None
+    app.state.upload_limits = dict(getattr(web, "UPLOAD_LIMITS", {}))
     if web is not None:
         app.include_router(web.router)
     if STATIC.is_dir():

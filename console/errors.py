@@ -66,3 +66,10 @@ class AccountError(ConsoleError):
 
     reason = "account"
     status = 422
+
+
+class UploadTooLarge(ConsoleError):
+    """An upload streamed past its route's limit (`console.guards.BodyLimit`)."""
+
+    reason = "too_large"
+    status = 413

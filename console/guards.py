@@ -7,14 +7,18 @@
   as is refused (400), so that a web page whose name an attacker points at
   127.0.0.1 (DNS rebinding) cannot reach it from the victim's browser.
 - `BodyLimit`: a request body over the limit is refused (413) before any
-  route reads it, whether it declared its length or streamed it.
+  route reads it, whether it declared its length or streamed it. A route
+  taking larger uploads (an audit export) is given its own limit; its body
+  is counted as the route reads it, not held in memory first.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
 from typing import Any
+
+from console.errors import UploadTooLarge
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -105,22 +109,29 @@ class HostCheck:
 
 
 class BodyLimit:
-    """Refuses (413) a request whose body exceeds `limit` bytes."""
+    """Refuses (413) a request whose body exceeds `limit` bytes, or its path's in `uploads`."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
-        """Wrap `app`."""
+    def __init__(
+        self, app: ASGIApp, limit: int = MAX_BODY, uploads: Mapping[str, int] | None = None
+    ) -> None:
+        """Wrap `app`; `uploads` maps exact paths to their own, larger limits."""
         self.app = app
         self.limit = limit
+        self.uploads = dict(uploads or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Refuse a declared oversize body at once; count a streamed one as it arrives."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.uploads.get(scope.get("path", ""), self.limit)
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
-                await _refuse(send, 413, "too_large", f"the body is over {self.limit} bytes")
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await _refuse(send, 413, "too_large", f"the body is over {limit} bytes")
                 return
+        if limit != self.limit:
+            await self.app(scope, _counted(receive, limit), send)
+            return
         # Read the whole body first (it is at most `limit`), so no route has
         # started work when it turns out to be too large.
         chunks: list[bytes] = []
@@ -140,6 +151,22 @@ class BodyLimit:
             more = bool(message.get("more_body", False))
         body = b"".join(chunks)
         await self.app(scope, _replay([{"type": "http.request", "body": body}], receive), send)
+
+
+def _counted(receive: Receive, limit: int) -> Receive:
+    """`receive`, raising UploadTooLarge (answered 413) once the body passed `limit` bytes."""
+    size = 0
+
+    async def counting() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise UploadTooLarge(f"the upload is over {limit} bytes")
+        return message
+
+    return counting
 
 
 def _replay(messages: list[Message], then: Receive | None = None) -> Receive:

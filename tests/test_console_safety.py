@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import pytest
 import sqlalchemy as sa
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 
 from broker.testing import DEFAULT_PARTICIPANTS
@@ -529,3 +529,37 @@ def test_metrics_count_requests_by_route_template_never_by_id(app, client, token
     assert 'trm_console_sign_ins_refused_total{reason="sign_in_refused"}' in text
     assert envelope_id not in text
     assert "METRICS-1" not in text
+
+
+def test_a_route_given_a_larger_upload_limit_takes_it_and_refuses_past_it(net):
+    """A path with its own limit (an audit export's) takes a 2 MiB upload; past its 3 MiB
+    limit it is 413 whether declared or streamed; every other path keeps 1 MiB."""
+    limit = 3 * 1024 * 1024
+    uploads = create_app(
+        net.settings(KZ), allowed_hosts=[HOST], upload_limits={"/test/upload": limit}
+    )
+
+    @uploads.post("/test/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        form = await request.form()
+        return {"size": len(await form["file"].read())}  # type: ignore[union-attr]
+
+    def streamed(size: int) -> Iterator[bytes]:
+        boundary = b"--b\r\nContent-Disposition: form-data; name=file; filename=x\r\n\r\n"
+        yield boundary
+        for _ in range(size // 65536):
+            yield b"x" * 65536
+        yield b"\r\n--b--\r\n"
+
+    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+    with TestClient(uploads, base_url=f"http://{HOST}") as browser:
+        ok = browser.post("/test/upload", files={"file": ("x", b"x" * (2 * 1024 * 1024))})
+        assert ok.status_code == 200
+        assert ok.json() == {"size": 2 * 1024 * 1024}
+        declared = browser.post("/test/upload", files={"file": ("x", b"x" * (limit + 1))})
+        assert declared.status_code == 413
+        over = browser.post("/test/upload", headers=multipart, content=streamed(limit + 65536))
+        assert over.status_code == 413
+        assert over.json()["detail"]["reason"] == "too_large"
+        elsewhere = browser.post("/api/v1/messages", content=b"x" * (2 * 1024 * 1024))
+        assert elsewhere.status_code == 413
