@@ -9,7 +9,7 @@ the app was created with.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -144,8 +144,3 @@ def require_scope(scope: Scope) -> Callable[..., ApiToken]:
     # Read by `console.app.openapi_document` to state each operation's scope.
     dependency.scope = scope  # type: ignore[attr-defined]
     return dependency
-
-
-def has_scopes(token: ApiToken, scopes: Collection[Scope]) -> bool:
-    """Whether `token` holds every one of `scopes`."""
-    return all(s in token.scopes for s in scopes)
