@@ -1,10 +1,22 @@
-"""`trm demo`: the three stories end to end, twice in a row, leaking nothing."""
+"""`trm demo`: the three stories end to end, twice in a row, leaking nothing; the second
+time with --console, whose consoles sign their printed logins in until Ctrl-C."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
+from queue import Queue
+from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from click.testing import CliRunner
@@ -22,6 +34,7 @@ from trm.demo import (
     prepare_workdir,
     run_demo,
 )
+from trm.democonsoles import CONSOLES
 from trm.reference import render
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
@@ -32,14 +45,103 @@ DELIVERED = ("inbox",)  # the case system's folder: the only place a payload may
 
 @pytest.fixture(scope="module")
 def demo_run(rabbitmq_urls: tuple[str, str], tmp_path_factory: pytest.TempPathFactory):
-    """The demo run twice in the same folder; the second run's output and folder."""
+    """The demo run twice in the same folder, the second time as `trm demo --console` whose
+    consoles are signed in to (see `consoles_run`) before Ctrl-C; its output and folder."""
     amqp, management = rabbitmq_urls
     workdir = tmp_path_factory.mktemp("demo") / "demo-run"
     first = io.StringIO()
     run_demo(workdir, first, amqp_url=amqp, management_url=management)
-    second = io.StringIO()
-    run_demo(workdir, second, amqp_url=amqp, management_url=management)
-    return second.getvalue(), workdir, management
+    second = consoles_run(workdir, amqp, management)
+    return second, workdir, management
+
+
+def consoles_run(workdir: Path, amqp: str, management: str) -> str:
+    """`trm demo --console` in a process: once its consoles run, each printed login must
+    sign in over HTTP (a wrong password must not), then SIGINT must end it with exit 0."""
+    env = {**os.environ, "TRM_AMQP_URL": amqp, "TRM_AMQP_MANAGEMENT_URL": management}
+    with (workdir.parent / "stderr.log").open("w") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trm", "demo", "--workdir", str(workdir), "--console"],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+    lines: Queue[str | None] = Queue()
+    threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
+    try:
+        printed = _until_ready(lines)
+        logins = {m.group(1): m.groups()[1:] for m in map(CONSOLE_LINE.match, printed) if m}
+        assert set(logins) == {participant for participant, _ in CONSOLES}, printed[-12:]
+        for participant, (url, username, password) in logins.items():
+            status, cookie = _sign_in(url, username, password)
+            assert status == 303 and cookie.startswith("trm_session="), participant
+            assert f"{username} <span" in _start_page(url, cookie), participant
+            assert _sign_in(url, username, password + "x")[1] == "", participant
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    rest = []
+    while (line := lines.get(timeout=WAIT)) is not None:
+        rest.append(line)
+    assert any(x.startswith("[console] consoles and") for x in rest), rest
+    return "\n".join(printed + rest) + "\n"
+
+
+READY = "[console] running until Ctrl-C"
+CONSOLE_LINE = re.compile(
+    r"^\[console\] (\S+)\s+(http://127\.0\.0\.1:\d+)/\s+user (\S+)\s+password (\S+)$"
+)
+WAIT = 300.0
+"""Only for a hung run: the story and its consoles take well under a minute."""
+
+
+def _pump(proc: subprocess.Popen[str], lines: Queue[str | None]) -> None:
+    """Each line the demo prints into `lines`, then None at its end."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def _until_ready(lines: Queue[str | None]) -> list[str]:
+    """The lines printed up to the consoles' ready line."""
+    seen: list[str] = []
+    while (line := lines.get(timeout=WAIT)) is not None:
+        seen.append(line)
+        if line == READY:
+            return seen
+    raise AssertionError(f"the demo ended before serving its consoles: {seen[-12:]}")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _sign_in(url: str, username: str, password: str) -> tuple[int, str]:
+    """Post the sign-in form as the console's own page does; (status, session cookie)."""
+    request = urllib.request.Request(  # noqa: S310 - the loopback address the demo printed
+        f"{url}/auth/login",
+        data=urlencode({"username": username, "password": password, "next": "/"}).encode(),
+        method="POST",
+        headers={"Origin": url},
+    )
+    try:
+        urllib.request.build_opener(_NoRedirect).open(request, timeout=30)
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("set-cookie", "").split(";", 1)[0]
+    return 200, ""
+
+
+def _start_page(url: str, cookie: str) -> str:
+    request = urllib.request.Request(f"{url}/", headers={"Cookie": cookie})  # noqa: S310
+    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
+        return str(answer.read().decode())
 
 
 def test_demo_prints_every_stage(demo_run) -> None:
@@ -50,6 +152,15 @@ def test_demo_prints_every_stage(demo_run) -> None:
         assert step.kind in line and step.sender in line and f"routing stage {step.stage}" in line
     assert "intact:" in output
     assert "no difference" in output
+
+
+def test_console_prints_an_address_and_login_for_each_console(demo_run) -> None:
+    """--console printed an address and a login for both missions, the NGO and the auditor
+    (each signed in, in `consoles_run`), and stopped cleanly on Ctrl-C."""
+    output, _, _ = demo_run
+    found = {m.group(1) for m in map(CONSOLE_LINE.match, output.splitlines()) if m}
+    assert found == {participant for participant, _ in CONSOLES}
+    assert any(x.startswith("[console] consoles and") for x in output.splitlines())
 
 
 def test_demo_leaves_its_files(demo_run) -> None:

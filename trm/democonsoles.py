@@ -1,7 +1,7 @@
 """``trm demo --console``: the participants' consoles left running after the story.
 
-Once the demo's story and audit are done, the adapters and the routing
-service start again, a second return is walked up to the person's
+Once the demo's story and audit are done, the adapters of both missions
+and the NGO start again, a second return is walked up to the person's
 departure (so the NGO has a reception to confirm in its console), and a
 console is served for each mission, the NGO and the auditor
 (`trm.consoles`), each with one account whose random password is printed
@@ -18,6 +18,8 @@ from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from broker.topology import inbox_queue, queue_consumers
+from broker.transport import AmqpSettings
 from schemas.base import MessageKind
 from trm.consoles import ServedConsole, serve_console
 from trm.localnet import LocalNetwork
@@ -34,6 +36,8 @@ CONSOLES: tuple[tuple[str, str], ...] = (
     ("auditor", "auditor"),
 )
 """(participant, username) of each console the demo serves."""
+ADAPTERS = ("iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod")
+"""The consoles' participants whose adapters run again (the auditor has none)."""
 WAITING = (
     (MessageKind.RETURN_REQUEST, "iom-kz", ("iom-uz", "ngo-uz-istiqbolli-avlod")),
     (MessageKind.RETURN_ACCEPTED, "iom-uz", ("iom-kz", "ngo-uz-istiqbolli-avlod")),
@@ -57,7 +61,7 @@ class DemoConsoles:
 
         say = self.demo.say
         say("")
-        self.demo.start_processes(self.net)
+        self._start_adapters()
         for kind, sender, to in WAITING:
             sealed = self.net.send(sender, kind, to=to, case=SECOND_CASE)
             for recipient in to:
@@ -89,6 +93,21 @@ class DemoConsoles:
                 served.stop()
         codes = self.net.stop_all()
         say(f"[console] consoles and {len(codes)} processes stopped")
+
+    def _start_adapters(self) -> None:
+        """Start the adapters of the consoles' participants; wait until each consumes."""
+        from trm.demo import STEP_TIMEOUT
+
+        participants = [p for p, _ in CONSOLES if p in ADAPTERS]
+        for participant in participants:
+            self.net.start_adapter(participant)
+        admin = AmqpSettings.from_url(self.demo.amqp_url, vhost=self.net.vhost)
+        queues = [inbox_queue(p) for p in participants]
+        self.net.wait_for(
+            lambda: all(queue_consumers(admin, queues).values()),
+            STEP_TIMEOUT,
+            f"the adapters of {', '.join(participants)} to start consuming",
+        )
 
 
 def _has(net: LocalNetwork, participant: str, envelope_id: str) -> bool:
