@@ -45,7 +45,14 @@ from console.accounts import Role, Session
 from console.audits import UPLOADS, AuditJob, AuditJobs
 from console.auth import WRITERS, console_of, csrf_protect, current_user
 from console.errors import Forbidden, Gone, NotFound
-from console.i18n import language_from_header, language_of, set_language, translator
+from console.i18n import (
+    field_label,
+    language_from_header,
+    language_of,
+    set_language,
+    translator,
+    value_label,
+)
 from schemas.base import MessageKind
 
 router = APIRouter(include_in_schema=False)
@@ -93,8 +100,11 @@ def _when(moment: datetime | None) -> str:
     return "" if moment is None else moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _choice_label(value: str) -> str:
-    return value.replace("_", " ")
+def _item_label(lang: str, item: forms.Field | forms.Group) -> str:
+    """A form field's label, or a list row's (the list's label and the row's number)."""
+    if isinstance(item, forms.Group) and item.row_of is not None:
+        return f"{field_label(lang, item.row_of)} {int(item.name.rsplit('.', 1)[1]) + 1}"
+    return field_label(lang, item.name)
 
 
 def _case_url(case: str) -> str:
@@ -147,8 +157,9 @@ def render(
         notices=notices,
         static=lambda name: f"/static/{name}",
         when=_when,
-        label=_choice_label,
-        choice_label=_choice_label,
+        label=lambda name: field_label(lang, name),
+        item_label=lambda item: _item_label(lang, item),
+        choice_label=lambda value: value_label(lang, value),
         case_url=_case_url,
         **context,
     )

@@ -22,7 +22,7 @@ from console import forms
 from console.accounts import Role, add_user
 from console.app import create_app
 from console.audits import JobState
-from console.i18n import CATALOGUES, translate
+from console.i18n import CATALOGUES, field_label, translate, value_label
 from schemas.base import MessageKind
 from schemas.examples import example
 from schemas.registry import MESSAGE_TYPES
@@ -60,9 +60,18 @@ def test_every_word_a_template_uses_is_in_the_catalogue() -> None:
     used |= {f"role.{r}" for r in Role} | {f"audit.state.{s}" for s in JobState}
     used |= {"direction.sent", "direction.received"}
     used |= {f"nav.new.{k}" for k in OPENING_KINDS}
-    assert len(used) > 100
+    for kind in MessageKind:
+        for item in _items(forms.form_for(kind).children):
+            key = next(p for p in reversed(item.name.split(".")) if not p.isdigit())
+            used.add(f"label.{key}")
+            if isinstance(item, forms.Field):
+                used |= {f"value.{choice}" for choice in item.choices}
+    assert len(used) > 300
     assert sorted(used - set(CATALOGUES["en"])) == []
     assert translate("ru", "inbox.unread", count=3) == "новых: 3"
+    assert field_label("ru", "person.full_name") == "Полное имя"
+    assert value_label("ru", "held_by_exploiter") == "у эксплуататора"
+    assert value_label("ru", NGO) == NGO
 
 
 # --- forms from the schemas ---------------------------------------------------------------
@@ -115,6 +124,13 @@ def test_form_fields_take_help_choices_and_widgets_from_the_schema() -> None:
     assert fields["consent.given_at"].widget is forms.Widget.DATETIME
     assert fields["notes"].widget is forms.Widget.TEXTAREA
     assert fields["person.full_name"].required and not fields["person.date_of_birth"].required
+
+
+def _items(items: Any) -> Iterator[forms.Field | forms.Group]:
+    for item in items:
+        yield item
+        if isinstance(item, forms.Group):
+            yield from _items(item.children)
 
 
 def _leaves(items: Any) -> Iterator[forms.Field]:
