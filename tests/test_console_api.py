@@ -241,3 +241,57 @@ def test_a_return_request_over_the_api_end_to_end(net, uz):
         ("cli:", "token_add", None),
     ]
     assert uz_trail[1]["envelope_id"] == envelope_id
+
+
+def test_the_quarantine_over_the_api_lists_streams_and_requeues(net, uz):
+    """An envelope iom-uz refuses (KZ's return request with its signature broken, published
+    past `trm send`) is listed with its reason, streamed as a quarantine event and shown as
+    quarantined by its status; requeued through the API it is refused again, with the
+    requeue in the trail."""
+    from broker.envelope import seal
+    from broker.transport import Outgoing, Publisher
+
+    start = httpx.get(f"{uz.url}/api/v1/deliveries", headers=uz.headers).json()["cursor"]
+    home = net.settings(KZ)
+    rogue = seal(
+        example(MessageKind.RETURN_REQUEST),
+        case=f"{KZ}.API-ROGUE",
+        sender=home.sender(),
+        recipients=[UZ],
+        directory=home.directory(),
+        seq=1,
+    )
+    publisher = Publisher(home.amqp_settings(), KZ)
+    try:
+        broken = rogue.raw[:-1] + bytes([rogue.raw[-1] ^ 1])
+        publisher.publish([Outgoing(str(rogue.id), (UZ,), broken)])
+    finally:
+        publisher.close()
+
+    streamed = read_events(uz, str(rogue.id), after=start)
+    assert streamed[-1]["event"] == "quarantine"
+    listed = httpx.get(f"{uz.url}/api/v1/quarantine", headers=uz.headers).json()
+    [record] = [r for r in listed if r["envelope_id"] == str(rogue.id)]
+    assert (record["sender"], record["reason"], record["in_database"]) == (
+        KZ,
+        "bad_signature",
+        True,
+    )
+    status = httpx.get(f"{uz.url}/api/v1/envelopes/{rogue.id}", headers=uz.headers).json()
+    assert status["state"] == "quarantined"
+
+    requeued = httpx.post(f"{uz.url}/api/v1/quarantine/{record['id']}/requeue", headers=uz.headers)
+    assert requeued.status_code == 200, requeued.text
+    assert requeued.json()["requeued_at"] is not None
+
+    def refused_again() -> bool:
+        rows = httpx.get(f"{uz.url}/api/v1/quarantine", headers=uz.headers).json()
+        again = [r for r in rows if r["envelope_id"] == str(rogue.id)]
+        return bool(again) and all(r["requeued_at"] is None for r in again)
+
+    net.wait_for(refused_again, WAIT, "iom-uz to refuse the requeued envelope again")
+    trail_entries = httpx.get(f"{uz.url}/api/v1/trail", headers=uz.headers).json()
+    assert (trail_entries[0]["action"], trail_entries[0]["envelope_id"]) == (
+        "requeue",
+        str(rogue.id),
+    )
