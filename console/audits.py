@@ -12,11 +12,13 @@ headers only, which is all an export holds.
 from __future__ import annotations
 
 import secrets
+import shutil
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
 from broker.directory import Directory
 from broker.errors import LogTampered, TrmError
@@ -83,17 +85,18 @@ class AuditJobs:
     def start(
         self,
         name: str,
-        export: bytes,
+        export: BinaryIO,
         directory: Directory,
         *,
         checkpoint: bytes | None = None,
         checkpoint_name: str | None = None,
     ) -> AuditJob:
-        """Keep `export` and verify it on a thread; the job, running."""
+        """Keep a copy of `export` (read to its end) and verify it on a thread; the job."""
         job_id = secrets.token_hex(8)
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.folder / f"{job_id}.jsonl"
-        path.write_bytes(export)
+        with path.open("wb") as kept:
+            shutil.copyfileobj(export, kept)
         job = AuditJob(job_id, name[:200], checkpoint_name, path, datetime.now(UTC))
         with self._lock:
             self._jobs[job_id] = job

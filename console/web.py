@@ -20,10 +20,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
+import anyio
 import jinja2
 from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
@@ -879,18 +881,28 @@ async def audit_verify(request: Request, session: Writer) -> Response:
         return _audit_page(request, session, error=t("audit.missing"), status=422)
     checkpoint = None
     if isinstance(kept, UploadFile) and kept.filename:
-        checkpoint = await kept.read()
-    job = _jobs(request).start(
+        checkpoint = await kept.read(MAX_CHECKPOINT + 1)
+    if checkpoint is not None and len(checkpoint) > MAX_CHECKPOINT:
+        t = translator(str(session.user.language))
+        return _audit_page(request, session, error=t("audit.checkpoint_too_large"), status=413)
+    start = partial(
+        _jobs(request).start,
         export.filename,
-        await export.read(),
+        export.file,
         console_of(request).home.directory(),
         checkpoint=checkpoint or None,
         checkpoint_name=kept.filename if isinstance(kept, UploadFile) and checkpoint else None,
     )
+    job = await anyio.to_thread.run_sync(start)  # copying a large export blocks
     return _back_to(f"/audit/jobs/{job.id}")
 
 
 JobPath = Annotated[str, PathParam(pattern=r"^[0-9a-f]{16}$")]
+MAX_CHECKPOINT = 64 * 1024
+"""Bytes a kept checkpoint (a signed note with its cosignatures) may have."""
+UPLOAD_LIMITS = {"/audit/verify": 1 << 30}
+"""Paths taking bodies over the console's 1 MiB, and their limits (`console.app`): an
+auditor's export of a large log runs to hundreds of MiB; it is spooled to disk as it comes."""
 
 
 def _job(request: Request, job_id: str) -> AuditJob:

@@ -245,8 +245,9 @@ def _fill_return_request(page: Page, *, nationality: str) -> None:
 
 
 def test_auditor_uploads_an_export_and_sees_it_verified(net, consoles, browser, tmp_path):
-    """The routing log exported as the demo exports it verifies in the auditor's console,
-    progress shown until intact; a case from it shows headers and no payload."""
+    """The routing log exported as the demo exports it, with the checkpoint the auditor kept,
+    verifies in the auditor's console, progress shown until intact; a case from it shows
+    headers and no payload."""
     opened = sharing_with(example(MessageKind.RETURN_REQUEST), (KZ, UZ, NGO))
     sealed = net.send(KZ, MessageKind.RETURN_REQUEST, to=[UZ], case=f"{KZ}.KZ-2026-0503",
                       message=opened)  # fmt: skip
@@ -259,13 +260,21 @@ def test_auditor_uploads_an_export_and_sees_it_verified(net, consoles, browser, 
         env=net.environment(ROUTING), capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    from services.auditlog import AuditLog
+
+    newest = AuditLog.reader(net.engine(ROUTING)).latest_checkpoint()
+    assert newest is not None
+    kept = tmp_path / "kept-checkpoint.txt"
+    kept.write_bytes(newest[2])
 
     page = signed_in(browser, consoles[AUDITOR])
     page.set_input_files("#export", str(export))
+    page.set_input_files("#checkpoint", str(kept))
     page.click("form[action='/audit/verify'] button[type=submit]")
     job = page.locator("#job")
     expect(job).to_have_attribute("data-state", "intact", timeout=UI_WAIT)
     expect(job.locator(".verdict-ok")).to_be_visible()
+    expect(job).to_contain_text("kept-checkpoint.txt")
     shot(page, "audit-verified")
     job.locator(f'a:has-text("{KZ}.KZ-2026-0503")').click()
     row = page.locator(f'table.headers tr[data-envelope="{sealed.id}"]')

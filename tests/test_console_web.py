@@ -307,3 +307,24 @@ def test_a_form_post_without_the_csrf_token_is_refused(client, app) -> None:
     assert refused.status_code == 403
     assert json.loads(refused.text)["detail"]["reason"] == "csrf"
     assert counts(engine) == before
+
+
+def test_an_upload_that_is_no_export_fails_with_its_reason(network, tmp_path) -> None:
+    """A file that is not an audit export ends its verification as failed, saying why,
+    never as intact; the console keeps the upload only in its own folder."""
+    import io
+    import threading
+
+    from console.audits import AuditJobs, JobState
+
+    jobs = AuditJobs(tmp_path / "uploads")
+    job = jobs.start("notes.txt", io.BytesIO(b"this is not an export\n"), network.directory)
+    pause = threading.Event()
+    for _ in range(600):
+        if job.state is not JobState.RUNNING:
+            break
+        pause.wait(0.05)
+    assert job.state in (JobState.FAILED, JobState.TAMPERED)
+    assert job.problem and job.report is None and job.cases == {}
+    assert [p.parent for p in (tmp_path / "uploads").iterdir()] == [tmp_path / "uploads"]
+    assert jobs.all() == [job]
