@@ -238,27 +238,43 @@ def local_sites(rabbitmq_urls: tuple[str, str]) -> Iterator[LocalSites]:
     default broker must still answer.
     """
     from broker.management import ManagementClient
-    from trm.localcluster import LocalCluster
+    from trm.localcluster import LocalCluster, free_base_port
 
-    sites = LocalSites(LocalCluster(count=3, base_port=5680), LocalCluster(count=1, base_port=5690))
+    # Free ports from 5680 (else 5700, 5720...): another session may run its own beside.
+    cluster_base = free_base_port(3)
+    sites = LocalSites(
+        LocalCluster(count=3, base_port=cluster_base),
+        LocalCluster(count=1, base_port=free_base_port(1, cluster_base + 10)),
+    )
     base = str(sites.cluster.base_port)
+    started_here: list[Any] = []
     try:
         started = _cluster_script("start", "--base-port", base)
         sites.first_cycle["start"] = (started.returncode, started.stdout, started.stderr)
+        assert started.returncode == 0, started.stderr
+        # Whatever runs on these ports now is this session's own, until it is stopped.
+        started_here.append(sites.cluster)
         sites.first_cycle["running"] = sites.cluster.running()
         stopped = _cluster_script("stop", "--base-port", base)
+        started_here.remove(sites.cluster)
         sites.first_cycle["stop"] = (stopped.returncode, stopped.stderr)
         sites.first_cycle["leftovers"] = sites.cluster.leftovers()
         with ThreadPoolExecutor(1) as pool:
             site = pool.submit(sites.site.start)
             again = _cluster_script("start", "--base-port", base)
+            if again.returncode == 0:
+                started_here.append(sites.cluster)
             site.result()
+            started_here.append(sites.site)
         assert again.returncode == 0, again.stderr
         yield sites
     finally:
-        sites.site.stop()
-        removed = _cluster_script("stop", "--base-port", base)
-        sites.cluster.stop()
-        assert removed.returncode == 0, removed.stderr
-        assert sites.cluster.leftovers() == [] and sites.site.leftovers() == []
+        # Only what this session started: a cluster that refused to start is another's.
+        removed = (
+            _cluster_script("stop", "--base-port", base) if sites.cluster in started_here else None
+        )
+        for cluster in started_here:
+            cluster.stop()
+        assert removed is None or removed.returncode == 0, removed.stderr
+        assert all(cluster.leftovers() == [] for cluster in started_here)
         assert ManagementClient(rabbitmq_urls[1]).request("GET", "/overview") is not None

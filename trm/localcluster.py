@@ -143,6 +143,25 @@ def _group_alive(group: int) -> bool:
     return not Path("/proc/self/stat").exists()
 
 
+def free_base_port(count: int, first: int = DEFAULT_BASE_PORT, step: int = 20) -> int:
+    """The first base port from `first` (by `step`) whose ports and root are all free.
+
+    Two test sessions or campaigns on one machine then run side by side, each
+    on its own cluster; `LocalCluster.start` still refuses if another took the
+    ports in between.
+    """
+    for base in range(first, first + 50 * step, step):
+        candidate = LocalCluster(count=count, base_port=base)
+        ports = [
+            port
+            for node in candidate.nodes
+            for port in (node.amqp_port, node.management_port, node.dist_port)
+        ]
+        if not candidate.root.exists() and all(_port_free(port) for port in ports):
+            return base
+    raise ConfigError(f"no free ports for a {count}-node cluster from {first} on")
+
+
 class LocalCluster:
     """A RabbitMQ cluster of `count` nodes on this machine, rooted at `root`."""
 
