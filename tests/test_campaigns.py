@@ -288,7 +288,13 @@ def test_the_inbox_leader_sigkilled_three_times_loses_and_duplicates_nothing(
     every message applied and receipted once, delivery resuming after each kill."""
     services = _services(rabbitmq_urls, postgres_server_url)
     row = run_node_kills(
-        tmp_path / "net", "sqlite", services, messages=120, kills=3, cluster=local_sites.cluster
+        tmp_path / "net",
+        "sqlite",
+        services,
+        messages=120,
+        kills=3,
+        cluster=local_sites.cluster,
+        flow_seconds=10,
     )
     assert row.passed, _explain(row)
     assert (row.lost, row.duplicated, row.faults) == (0, 0, 3)
@@ -305,7 +311,12 @@ def test_one_node_down_delivers_and_two_down_queue_until_they_return(
     everything drains exactly once when they return."""
     services = _services(rabbitmq_urls, postgres_server_url)
     row = run_node_outages(
-        tmp_path / "net", "sqlite", services, messages=100, cluster=local_sites.cluster
+        tmp_path / "net",
+        "sqlite",
+        services,
+        messages=100,
+        cluster=local_sites.cluster,
+        flow_seconds=8,
     )
     assert row.passed, _explain(row)
     assert (row.lost, row.duplicated) == (0, 0)
@@ -327,6 +338,7 @@ def test_a_federation_link_cut_loses_and_duplicates_nothing(
         messages=150,
         cluster=local_sites.cluster,
         site=local_sites.site,
+        flow_seconds=15,
     )
     assert row.passed, _explain(row)
     assert (row.lost, row.duplicated, row.faults) == (0, 0, 1)
