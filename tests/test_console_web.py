@@ -36,7 +36,10 @@ WITHDRAWN = "iom-kz.KZ-2026-0602"
 HOST = "testserver"
 TEMPLATES = Path(__file__).parent.parent / "console" / "templates"
 KEY = re.compile(r"""\bt\(\s*'([a-z_.]+[a-z_])'""")
-WEB = Path(__file__).parent.parent / "console" / "web.py"
+PAGES = [
+    Path(__file__).parent.parent / "console" / f"{m}.py"
+    for m in ("pages", "casepages", "auditpages", "web")
+]
 WEB_KEY = re.compile(r'(?:\bt\(|NavItem\([^,]+,\s*|_Action\([^,]+,[^,]+,\s*)"([a-z_]+\.[a-z_.]+)"')
 
 
@@ -55,7 +58,7 @@ def test_both_catalogues_have_the_same_keys_and_placeholders() -> None:
 def test_every_word_a_template_uses_is_in_the_catalogue() -> None:
     """Every fixed key in the templates, every kind, stage and staff role has its text."""
     used = {key for path in TEMPLATES.glob("*.html") for key in KEY.findall(path.read_text())}
-    used |= set(WEB_KEY.findall(WEB.read_text()))
+    used |= {key for path in PAGES for key in WEB_KEY.findall(path.read_text())}
     used |= {f"kind.{k}" for k in MessageKind} | {f"stage.{s}" for s in Stage}
     used |= {f"role.{r}" for r in Role} | {f"audit.state.{s}" for s in JobState}
     used |= {"direction.sent", "direction.received"}
