@@ -39,6 +39,7 @@ from console.pages import (
     participant_role,
     render,
 )
+from console.signin import new_login_token, safe_next, set_login_cookie
 
 LOGIN_REASONS = {"sign_in_refused": "login.refused", "rate_limited": "login.limited"}
 
@@ -63,7 +64,8 @@ def login_page(request: Request) -> HTMLResponse:
     )
     reason = LOGIN_REASONS.get(request.query_params.get("error", ""))
     t = translator(lang)
-    return render(
+    token = new_login_token()
+    login_form = render(
         request,
         None,
         "login.html",
@@ -71,13 +73,15 @@ def login_page(request: Request) -> HTMLResponse:
         status=401 if reason else 200,
         error=t(reason) if reason else None,
         next_page=request.query_params.get("next", "/"),
+        login_token=token,
     )
+    set_login_cookie(request, login_form, token)
+    return login_form
 
 
 @router.post("/language")
 async def choose_language(request: Request, session: AnySigned) -> RedirectResponse:
     """Set the user's language; back to the page it was chosen on."""
-    from console.signin import safe_next
 
     form = await request.form()
     chosen = language_of(form_text(form, "language"))

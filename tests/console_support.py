@@ -29,11 +29,22 @@ def counts(engine: Engine) -> dict[str, int]:
     return found
 
 
-def sign_in(client: TestClient, username: str, password: str = PASSWORD) -> Any:
-    """Post the sign-in form; the response (a redirect), not followed."""
+def login_form_token(client: TestClient) -> str:
+    """Fetch the sign-in page as a browser does: the token its form carries (and its cookie)."""
+    page = client.get("/login")
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found is not None, "the sign-in form carries no token"
+    return found.group(1)
+
+
+def sign_in(
+    client: TestClient, username: str, password: str = PASSWORD, next_page: str = "/"
+) -> Any:
+    """Fetch and post the sign-in form; the response (a redirect), not followed."""
+    token = login_form_token(client)
     return client.post(
         "/auth/login",
-        data={"username": username, "password": password, "next": "/"},
+        data={"username": username, "password": password, "next": next_page, CSRF_FIELD: token},
         follow_redirects=False,
     )
 

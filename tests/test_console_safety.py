@@ -27,7 +27,15 @@ from console.tables import sessions_table
 from console.tokens import add_token, revoke_token
 from schemas.base import MessageKind
 from schemas.examples import example
-from tests.console_support import INLINE_SCRIPT, PASSWORD, counts, csrf_of, form, sign_in
+from tests.console_support import (
+    INLINE_SCRIPT,
+    PASSWORD,
+    counts,
+    csrf_of,
+    form,
+    login_form_token,
+    sign_in,
+)
 from trm.localnet import LocalNetwork, create_network
 
 pytestmark = pytest.mark.rabbitmq
@@ -413,12 +421,28 @@ def test_logout_needs_the_csrf_token_then_ends_the_session(app, client):
 def test_sign_in_never_redirects_off_the_console(app, client):
     """`next` pointing at another site is replaced by /."""
     for target in ("https://attacker.example/", "//attacker.example/x", "/\\attacker.example"):
-        response = client.post(
-            "/auth/login",
-            data={"username": "worker", "password": PASSWORD, "next": target},
-            follow_redirects=False,
-        )
+        response = sign_in(client, "worker", next_page=target)
         assert response.headers["location"] == "/"
+
+
+def test_sign_in_needs_the_form_this_browser_was_given(app, client):
+    """A sign-in posted without the form's token, with a forged one or with another browser's
+    is refused (403), starts no session and changes nothing: another site cannot sign a
+    browser in to an account of its choosing."""
+    engine = engine_of(app)
+    with TestClient(app, base_url=f"http://{HOST}") as other:
+        others = login_form_token(other)
+    login_form_token(client)
+    before = counts(engine)
+    fields = {"username": "worker", "password": PASSWORD, "next": "/"}
+    for token in (None, "forged-token", others):
+        response = client.post("/auth/login", data=form(token, **fields), follow_redirects=False)
+        assert response.status_code == 403
+        assert response.json()["detail"]["reason"] == "csrf"
+        assert SESSION_COOKIE not in client.cookies
+    assert counts(engine) == before
+    assert sign_in(client, "worker").status_code == 303
+    assert SESSION_COOKIE in client.cookies
 
 
 def test_sign_in_is_rate_limited_per_username_and_survives_a_restart(net, app):

@@ -124,12 +124,17 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def _sign_in(url: str, username: str, password: str) -> tuple[int, str]:
-    """Post the sign-in form as the console's own page does; (status, session cookie)."""
+    """Fetch and post the sign-in form as a browser does; (status, session cookie)."""
+    with urllib.request.urlopen(f"{url}/login", timeout=30) as page:  # noqa: S310
+        form_cookie = page.headers.get("set-cookie", "").split(";", 1)[0]
+        found = re.search(r'name="csrf_token" value="([^"]+)"', page.read().decode())
+    assert found is not None, "the sign-in form carries no token"
+    fields = {"username": username, "password": password, "next": "/", "csrf_token": found[1]}
     request = urllib.request.Request(  # noqa: S310 - the loopback address the demo printed
         f"{url}/auth/login",
-        data=urlencode({"username": username, "password": password, "next": "/"}).encode(),
+        data=urlencode(fields).encode(),
         method="POST",
-        headers={"Origin": url},
+        headers={"Origin": url, "Cookie": form_cookie},
     )
     try:
         urllib.request.build_opener(_NoRedirect).open(request, timeout=30)
