@@ -82,7 +82,7 @@ from trm.progress import Meter
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
-PARTICIPANTS_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "participants.json"
+PARTICIPANTS_FILE = Path(__file__).with_name("participants.json")
 """The programme's missions and NGOs (see DOMAIN.md), scaled for the backlog."""
 WEEK = timedelta(days=7)
 PUBLISH_BATCH = 500
