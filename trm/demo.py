@@ -30,7 +30,7 @@ from adapters.sending import confirm_reception, report_service, withdraw_consent
 from broker.database import erasures_table, receipts_table, storage_errors
 from broker.directory import load_home_directory
 from broker.envelope import SealedEnvelope
-from broker.errors import ConfigError, ProtocolViolation, TrmError
+from broker.errors import AuditError, ConfigError, ProtocolViolation, TrmError
 from broker.topology import ROUTING_QUEUE, inbox_queue, queue_consumers, queue_depths, witness_queue
 from broker.transport import AmqpSettings
 from schemas.base import MessageKind
@@ -492,8 +492,15 @@ def _idle(net: LocalNetwork, admin: AmqpSettings) -> bool:
 
 
 def _cosigned(net: LocalNetwork) -> tuple[int, list[str]] | None:
-    """(size, witnesses) if the newest checkpoint covers every entry and has the quorum."""
-    log = AuditLog.reader(net.engine(ROUTING))
+    """(size, witnesses) if the newest checkpoint covers every entry and has the quorum.
+
+    None too while the routing service has signed no checkpoint yet: the
+    queues fall idle before its first one when the machine is busy.
+    """
+    try:
+        log = AuditLog.reader(net.engine(ROUTING))
+    except AuditError:
+        return None
     latest = log.latest_checkpoint()
     if latest is None or latest[0] != log.size():
         return None
