@@ -8,10 +8,13 @@ database only, so they work while the console runs.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
+from sqlalchemy.engine import Engine
 
 from broker.errors import ConfigError
 from trm import logs
@@ -24,10 +27,16 @@ def console() -> None:
     """The participant console: a local web application and API over a home."""
 
 
-def _engine(
+@contextmanager
+def _database(
     home: Path, database_url: str | None, amqp_url: str | None, vhost: str | None, case_dir: Any
-) -> Any:
-    return _home(home, database_url, amqp_url, vhost, case_dir).open_database()
+) -> Iterator[Engine]:
+    """The home's database for one command, closed when it ends."""
+    engine = _home(home, database_url, amqp_url, vhost, case_dir).open_database()
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 @console.command("run")
@@ -218,12 +227,9 @@ def user_add(
     from console.accounts import add_user
 
     password = _read_password(password_file)
-    engine = _engine(home, database_url, amqp_url, vhost, case_dir)
-    try:
+    with _database(home, database_url, amqp_url, vhost, case_dir) as engine:
         created = add_user(engine, username, password, role, language)
         trail.record(engine, trail.CLI_ACTOR, trail.Action.USER_ADD)
-    finally:
-        engine.dispose()
     click.echo(f"added {created.username} ({created.role}, {created.language})")
 
 
@@ -242,11 +248,8 @@ def user_list(
     """Every account: username, role, language, created, disabled."""
     from console.accounts import list_users
 
-    engine = _engine(home, database_url, amqp_url, vhost, case_dir)
-    try:
+    with _database(home, database_url, amqp_url, vhost, case_dir) as engine:
         users = list_users(engine)
-    finally:
-        engine.dispose()
     rows = [
         {
             "username": u.username,
@@ -285,12 +288,9 @@ def user_disable(
     from console import trail
     from console.accounts import disable_user
 
-    engine = _engine(home, database_url, amqp_url, vhost, case_dir)
-    try:
+    with _database(home, database_url, amqp_url, vhost, case_dir) as engine:
         disable_user(engine, username)
         trail.record(engine, trail.CLI_ACTOR, trail.Action.USER_DISABLE)
-    finally:
-        engine.dispose()
     click.echo(f"disabled {username}")
 
 
@@ -327,12 +327,9 @@ def token_add(
     from console import trail
     from console.tokens import add_token
 
-    engine = _engine(home, database_url, amqp_url, vhost, case_dir)
-    try:
+    with _database(home, database_url, amqp_url, vhost, case_dir) as engine:
         secret = add_token(engine, name, scopes)
         trail.record(engine, trail.CLI_ACTOR, trail.Action.TOKEN_ADD)
-    finally:
-        engine.dispose()
     click.echo(secret)
     click.echo(f"token {name} ({' '.join(sorted(set(scopes)))}): shown once, keep it", err=True)
 
@@ -352,11 +349,8 @@ def token_list(
     """Every token: name, scopes, created, revoked; never the token."""
     from console.tokens import list_tokens
 
-    engine = _engine(home, database_url, amqp_url, vhost, case_dir)
-    try:
+    with _database(home, database_url, amqp_url, vhost, case_dir) as engine:
         tokens = list_tokens(engine)
-    finally:
-        engine.dispose()
     rows: list[dict[str, Any]] = [
         {
             "name": t.name,
@@ -392,12 +386,9 @@ def token_revoke(
     from console import trail
     from console.tokens import revoke_token
 
-    engine = _engine(home, database_url, amqp_url, vhost, case_dir)
-    try:
+    with _database(home, database_url, amqp_url, vhost, case_dir) as engine:
         revoke_token(engine, name)
         trail.record(engine, trail.CLI_ACTOR, trail.Action.TOKEN_REVOKE)
-    finally:
-        engine.dispose()
     click.echo(f"revoked {name}")
 
 
@@ -425,11 +416,8 @@ def trail_command(
     """Who did what through the console, newest first: never what a payload said."""
     from console import trail
 
-    engine = _engine(home, database_url, amqp_url, vhost, case_dir)
-    try:
+    with _database(home, database_url, amqp_url, vhost, case_dir) as engine:
         found = trail.entries(engine, limit=limit, case=case)
-    finally:
-        engine.dispose()
     rows = [
         {
             "id": e.id,
