@@ -10,8 +10,11 @@ idempotent and its count is recorded before the confirmation is sealed, so
 a retry never reports fewer payloads than were removed.
 
 What stays: the sealed envelopes in outboxes, queues and the audit log,
-which no one but their recipients can open, and the metadata rows (ids,
-kinds, times) that prove the handoff happened.
+which no one but their recipients can open, the metadata rows (ids, kinds,
+times) that prove the handoff happened, and the erasure confirmations
+delivered here, which hold no personal data and are the record that the
+other parties erased theirs: they may arrive before this participant's own
+erasure runs.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from broker.envelope import seal
 from broker.errors import TrmError
 from broker.keys import Sender
 from broker.outbox import Outbox
+from schemas.base import MessageKind
 from schemas.control import ErasureConfirmed
 
 log = structlog.get_logger(__name__)
@@ -140,8 +144,11 @@ class Erasures:
 
     def _delivered(self, case: str) -> list[str]:
         t = inbox_table.c
+        query = sa.select(t.envelope_id).where(
+            t.case_ref == case, t.kind != str(MessageKind.ERASURE_CONFIRMED)
+        )
         with storage_errors(f"reading case {case}'s deliveries"), self.engine.connect() as conn:
-            rows = conn.execute(sa.select(t.envelope_id).where(t.case_ref == case)).all()
+            rows = conn.execute(query).all()
         return [row.envelope_id for row in rows]
 
     def _failed(self, withdrawal_id: str, case: str, error: TrmError) -> bool:
