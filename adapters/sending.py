@@ -129,7 +129,7 @@ def send_message(
     outbox = Outbox(db)
     try:
         with storage_errors("writing to the outbox"), db.begin() as conn:
-            view = read_view(conn, case)
+            view = read_view(conn, case, lock=True)
             said = Said("", message.KIND, case, sender.participant, recipients)
             refusal = check_outgoing(view, said, role, consent)
             if refusal is not None:

@@ -62,7 +62,7 @@ class CaseGate:
         """Read what the batch's judgement needs: its cases' views and the envelopes receipted."""
         self.me = me
         self.directory = directory
-        self.views = read_views(conn, [o.header.case for o in batch])
+        self.views = read_views(conn, [o.header.case for o in batch], lock=True)
         self._stored = frozenset(self.views)
         self._changed: set[str] = set()
         answered = [

@@ -2,7 +2,10 @@
 
 One row per case in ``case_views``, read for a batch of messages at once and
 written in the transaction that applies or sends them, so the view never
-disagrees with what was applied.
+disagrees with what was applied. A transaction that will write a view reads
+it locked (``FOR UPDATE`` on PostgreSQL; SQLite's write lock is taken at
+``BEGIN``), so that the inbox applying a receipt and `trm send` adding a
+party or halting the case never overwrite each other's change.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from broker.database import case_views_table, select_in
 
 _c = case_views_table.c
 _READ = sa.select(case_views_table).where(_c.case_ref.in_(sa.bindparam("b_ids", expanding=True)))
+# Rows locked in one order everywhere, so that two batches never deadlock.
+_READ_LOCKED = _READ.order_by(_c.case_ref).with_for_update()
 _UPDATE = (
     case_views_table.update()
     .where(_c.case_ref == sa.bindparam("b_case"))
@@ -76,14 +81,18 @@ def _row(view: CaseView, at: datetime) -> dict[str, object]:
     }
 
 
-def read_views(conn: Connection, cases: Sequence[str]) -> dict[str, CaseView]:
-    """The stored views of `cases` (those known here), by case reference."""
-    return {row.case_ref: _view(row) for row in select_in(conn, _READ, list(dict.fromkeys(cases)))}
+def read_views(
+    conn: Connection, cases: Sequence[str], *, lock: bool = False
+) -> dict[str, CaseView]:
+    """The stored views of `cases` (those known here), by case reference; with `lock`, held
+    until the transaction ends, for a caller that will write them."""
+    statement, wanted = (_READ_LOCKED, sorted(set(cases))) if lock else (_READ, list(cases))
+    return {row.case_ref: _view(row) for row in select_in(conn, statement, wanted)}
 
 
-def read_view(conn: Connection, case: str) -> CaseView | None:
-    """The stored view of one case, or None if it is not known here."""
-    return read_views(conn, [case]).get(case)
+def read_view(conn: Connection, case: str, *, lock: bool = False) -> CaseView | None:
+    """The stored view of one case, or None if it is not known here (`lock` as `read_views`)."""
+    return read_views(conn, [case], lock=lock).get(case)
 
 
 def write_views(

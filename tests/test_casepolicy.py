@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from broker.casepolicy import (
     CaseMessage,
@@ -22,6 +23,7 @@ from broker.casepolicy import (
     rules_table,
 )
 from broker.caseviews import read_view, read_views, write_views
+from broker.database import open_database
 from broker.directory import Role
 
 K_REQUEST = "return_request"
@@ -166,6 +168,25 @@ def test_case_views_are_stored_and_read_back(engine: Engine) -> None:
     with engine.connect() as conn:
         assert read_view(conn, CASE) == halted
         assert read_view(conn, "iom-kz.NOT-KNOWN") is None
+
+
+@pytest.mark.postgres
+def test_a_view_read_to_be_written_is_held_until_that_transaction_ends(postgres_url: str) -> None:
+    """The inbox reads a case's view to update it; `trm send` reading it to halt the case
+    meanwhile waits instead of reading what the inbox is about to overwrite (a lost halt)."""
+    engine = open_database(postgres_url)
+    try:
+        with engine.begin() as conn:
+            write_views(conn, {CASE: opened(UZ)}, [], datetime.now(UTC))
+        with engine.begin() as inbox, engine.connect() as sender:
+            assert read_view(inbox, CASE, lock=True) == opened(UZ)
+            with sender.begin():
+                assert read_view(sender, CASE) == opened(UZ)  # a plain read is not held
+                sender.exec_driver_sql("SET LOCAL lock_timeout = '50ms'")
+                with pytest.raises(OperationalError, match="lock"):
+                    read_view(sender, CASE, lock=True)
+    finally:
+        engine.dispose()
 
 
 def test_security_doc_lists_the_rules_as_they_are() -> None:
