@@ -383,18 +383,13 @@ def test_withdrawal_halts_erases_and_confirms_everywhere(net):
 
 
 def _files(net: LocalNetwork, participant: str, case: str) -> int:
-    count = 0
-    for path in net.delivered_files(participant):
-        if json.loads(path.read_text())["case"] == case:
-            count += 1
-    return count
+    return sum(d["case"] == case for d in net.delivered_documents(participant))
 
 
 def _confirmations(net: LocalNetwork, case: str) -> dict[str, int]:
     """Erasure confirmations KZ applied on `case`: sender -> payloads erased."""
     found = {}
-    for path in net.delivered_files(KZ):
-        document = json.loads(path.read_text())
+    for document in net.delivered_documents(KZ):
         if document["case"] == case and document["kind"] == "erasure_confirmed":
             found[document["sender"]] = document["payload"]["erased_payloads"]
     return found

@@ -19,6 +19,7 @@ closed can still lose a user in between; run such networks one after another.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -31,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
@@ -280,6 +281,17 @@ class LocalNetwork:
     def delivered_files(self, participant_id: str) -> list[Path]:
         """The files the default case system wrote for `participant_id`, sorted."""
         return sorted(self._home_of(participant_id).case_dir.glob("*.json"))
+
+    def delivered_documents(self, participant_id: str) -> list[dict[str, Any]]:
+        """The documents of `delivered_files`, parsed; one erased meanwhile is not there."""
+        documents = []
+        for path in self.delivered_files(participant_id):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                continue  # an erasure removed it after the folder was listed
+            documents.append(json.loads(text))
+        return documents
 
     def outbox_pending(self, participant_id: str) -> int:
         """How many of `participant_id`'s envelopes wait for a broker confirm."""
