@@ -218,12 +218,14 @@ def test_poison_is_quarantined_on_first_delivery_and_never_blocks(
     rows = _rows(net, UZ, sa.select(quarantine_table.c.reason, quarantine_table.c.redeliveries))
     assert sorted(r.reason for r in rows) == ["bad_signature", "malformed"]
     assert all(r.redeliveries == 0 for r in rows)
-    found = []
-    net.wait_for(
-        lambda: len(found.extend(_quarantine_messages(net, rabbitmq_urls, UZ)) or found) == 2,
-        120,
-        "two messages in the broker quarantine",
-    )
+    found: list[tuple[bytes, dict[str, object]]] = []
+
+    def both_in_the_quarantine() -> bool:
+        # Each read leaves the messages there (unacked, requeued), so it sees them all.
+        found[:] = _quarantine_messages(net, rabbitmq_urls, UZ)
+        return len(found) == 2
+
+    net.wait_for(both_in_the_quarantine, 120, "two messages in the broker quarantine")
     assert sorted(h["x-trm-reason"] for _b, h in found) == ["bad_signature", "malformed"]
     listing = _trm(net, UZ, ["quarantine", "list", "--home", str(net.home(UZ)), "--json"])
     records = json.loads(listing.stdout)
