@@ -24,8 +24,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Every core at once, tests that share a module's or the cluster's fixtures on one worker;
+# then, alone, the tests that restart the broker the others use.
 test: $(STAMP) services lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadgroup -m "not exclusive"
+	$(BIN)/pytest -m exclusive
 
 bench: $(STAMP)
 	scripts/ensure-services rabbitmq

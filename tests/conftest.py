@@ -33,6 +33,19 @@ DEFAULT_MANAGEMENT = "http://guest:guest@127.0.0.1:15672/"
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n`` (make test), keep each module on one worker, so that its module
+    fixtures (a demo run, a network of adapters) are made once, and every test of the
+    local cluster on one, so that only one cluster is started."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        fixtures = getattr(item, "fixturenames", ())
+        group = "local_sites" if "local_sites" in fixtures else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def _answers(url: str, default_port: int) -> bool:
     parts = urlsplit(url)
     try:

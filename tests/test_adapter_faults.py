@@ -60,6 +60,7 @@ def _rabbitmqctl(*args):
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.exclusive
 def test_broker_restart_in_a_run_of_1000_loses_nothing(local_network, network_databases):
     """1,000 messages with RabbitMQ stopped and started in the middle (and `trm send` called
     while it is down, on a case opened meanwhile): every one applied once, none lost, none

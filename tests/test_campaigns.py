@@ -246,6 +246,7 @@ def test_relay_crashes_drain_the_outbox(
 
 @pytest.mark.rabbitmq
 @pytest.mark.slow
+@pytest.mark.exclusive
 def test_broker_restart_applies_every_message_once(
     tmp_path: Path, rabbitmq_urls: tuple[str, str], postgres_server_url: str
 ) -> None:

@@ -539,6 +539,7 @@ def _rabbitmqctl(*args: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive
 def test_publisher_survives_broker_restart(net: Net) -> None:
     """With the broker stopped and started mid-stream, every message is confirmed and present."""
     count, batch = 300, 25
