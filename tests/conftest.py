@@ -227,12 +227,12 @@ def local_network(rabbitmq_urls: tuple[str, str], tmp_path: Path) -> Iterator[Ca
 
 @dataclass
 class LocalSites:
-    """A local three-node cluster and a single-node second country broker, and what the
-    cluster script printed when it started the cluster."""
+    """A local three-node cluster and a single-node second country broker, and how the
+    cluster script's first start and stop went."""
 
     cluster: Any
     site: Any
-    started: dict[str, Any] = field(default_factory=dict)
+    first_cycle: dict[str, Any] = field(default_factory=dict)
 
 
 def _cluster_script(*args: str) -> subprocess.CompletedProcess[str]:
@@ -246,8 +246,9 @@ def _cluster_script(*args: str) -> subprocess.CompletedProcess[str]:
 def local_sites(rabbitmq_urls: tuple[str, str]) -> Iterator[LocalSites]:
     """A RabbitMQ cluster on 5680-5682 and a second broker on 5690, beside the default one.
 
-    The cluster is started with scripts/rabbitmq-cluster and, at the end, removed with it:
-    nothing may be left of either, and the default broker must still answer.
+    The cluster is started and removed once with scripts/rabbitmq-cluster, then started
+    again with it; at the end both are removed and nothing may be left of them, and the
+    default broker must still answer.
     """
     from broker.management import ManagementClient
     from trm.localcluster import LocalCluster, free_base_port
@@ -261,16 +262,24 @@ def local_sites(rabbitmq_urls: tuple[str, str]) -> Iterator[LocalSites]:
     base = str(sites.cluster.base_port)
     started_here: list[Any] = []
     try:
+        started = _cluster_script("start", "--base-port", base)
+        sites.first_cycle["start"] = (started.returncode, started.stdout, started.stderr)
+        assert started.returncode == 0, started.stderr
+        # Whatever runs on these ports now is this session's own, until it is stopped.
+        started_here.append(sites.cluster)
+        sites.first_cycle["running"] = sites.cluster.running()
+        stopped = _cluster_script("stop", "--base-port", base)
+        started_here.remove(sites.cluster)
+        sites.first_cycle["stop"] = (stopped.returncode, stopped.stderr)
+        sites.first_cycle["leftovers"] = sites.cluster.leftovers()
         with ThreadPoolExecutor(1) as pool:
             site = pool.submit(sites.site.start)
-            started = _cluster_script("start", "--base-port", base)
-            if started.returncode == 0:
-                # Whatever runs on these ports now is this session's own.
+            again = _cluster_script("start", "--base-port", base)
+            if again.returncode == 0:
                 started_here.append(sites.cluster)
             site.result()
             started_here.append(sites.site)
-        assert started.returncode == 0, started.stderr
-        sites.started = {"stdout": started.stdout, "running": sites.cluster.running()}
+        assert again.returncode == 0, again.stderr
         yield sites
     finally:
         # Only what this session started: a cluster that refused to start is another's.

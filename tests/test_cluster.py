@@ -264,14 +264,16 @@ def test_the_link_user_may_not_publish_nor_read_an_inbox(local_sites, local_netw
     assert "trm\\.inbox" not in allowed.read and allowed.write.startswith("^federation")
 
 
-def test_the_script_starts_three_nodes_as_one_cluster_beside_the_default_broker(local_sites):
-    """scripts/rabbitmq-cluster started three nodes as one cluster and printed their
-    addresses as one TRM_AMQP_URL; the default broker is not part of it. (At the session's
-    end the script removes it, and nothing may be left: no folder, epmd name, port or
-    process.)"""
-    started, cluster = local_sites.started, local_sites.cluster
-    assert started["stdout"].strip() == cluster.amqp_url
-    assert started["running"] == sorted(node.name for node in cluster.nodes)
+def test_the_script_starts_and_removes_the_cluster_and_starts_it_again(local_sites):
+    """scripts/rabbitmq-cluster started three nodes as one cluster, removed them without a
+    trace (no folder, epmd name, port or process) and started them again; the default
+    broker answers. (At the session's end the script removes it again, checked the same.)"""
+    first, cluster = local_sites.first_cycle, local_sites.cluster
+    assert first["start"][0] == 0, first["start"][2]
+    assert first["start"][1].strip() == cluster.amqp_url
+    assert first["running"] == sorted(node.name for node in cluster.nodes)
+    assert first["stop"][0] == 0, first["stop"][1]
+    assert first["leftovers"] == []
     assert cluster.running() == sorted(node.name for node in cluster.nodes)
     overview = ManagementClient("http://guest:guest@127.0.0.1:15672/").request("GET", "/overview")
     assert overview["cluster_name"] != cluster.cluster_name
