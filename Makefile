@@ -24,10 +24,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Every core at once, tests that share a module's or the cluster's fixtures on one worker;
+# Every core at once, each test file on one worker (its module fixtures are made once);
 # then, alone, the tests that restart the broker the others use.
 test: $(STAMP) services lint
-	$(BIN)/pytest -n auto --dist loadgroup -m "not exclusive"
+	$(BIN)/pytest -n auto --dist loadfile -m "not exclusive"
 	$(BIN)/pytest -m exclusive
 
 bench: $(STAMP)

@@ -11,11 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,19 +28,6 @@ from broker.testing import Network, make_network
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_MANAGEMENT = "http://guest:guest@127.0.0.1:15672/"
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n`` (make test), keep each module on one worker, so that its module
-    fixtures (a demo run, a network of adapters) are made once, and every test of the
-    local cluster on one, so that only one cluster is started."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        fixtures = getattr(item, "fixturenames", ())
-        group = "local_sites" if "local_sites" in fixtures else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _answers(url: str, default_port: int) -> bool:
@@ -223,71 +207,3 @@ def local_network(rabbitmq_urls: tuple[str, str], tmp_path: Path) -> Iterator[Ca
     finally:
         for net in networks:
             net.close()
-
-
-@dataclass
-class LocalSites:
-    """A local three-node cluster and a single-node second country broker, and how the
-    cluster script's first start and stop went."""
-
-    cluster: Any
-    site: Any
-    first_cycle: dict[str, Any] = field(default_factory=dict)
-
-
-def _cluster_script(*args: str) -> subprocess.CompletedProcess[str]:
-    script = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq-cluster"
-    return subprocess.run(
-        [str(script), *args], capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-@pytest.fixture(scope="session")
-def local_sites(rabbitmq_urls: tuple[str, str]) -> Iterator[LocalSites]:
-    """A RabbitMQ cluster on 5680-5682 and a second broker on 5690, beside the default one.
-
-    The cluster is started and removed once with scripts/rabbitmq-cluster, then started
-    again with it; at the end both are removed and nothing may be left of them, and the
-    default broker must still answer.
-    """
-    from broker.management import ManagementClient
-    from trm.localcluster import LocalCluster, free_base_port
-
-    # Free ports from 5680 (else 5700, 5720...): another session may run its own beside.
-    cluster_base = free_base_port(3)
-    sites = LocalSites(
-        LocalCluster(count=3, base_port=cluster_base),
-        LocalCluster(count=1, base_port=free_base_port(1, cluster_base + 10)),
-    )
-    base = str(sites.cluster.base_port)
-    started_here: list[Any] = []
-    try:
-        started = _cluster_script("start", "--base-port", base)
-        sites.first_cycle["start"] = (started.returncode, started.stdout, started.stderr)
-        assert started.returncode == 0, started.stderr
-        # Whatever runs on these ports now is this session's own, until it is stopped.
-        started_here.append(sites.cluster)
-        sites.first_cycle["running"] = sites.cluster.running()
-        stopped = _cluster_script("stop", "--base-port", base)
-        started_here.remove(sites.cluster)
-        sites.first_cycle["stop"] = (stopped.returncode, stopped.stderr)
-        sites.first_cycle["leftovers"] = sites.cluster.leftovers()
-        with ThreadPoolExecutor(1) as pool:
-            site = pool.submit(sites.site.start)
-            again = _cluster_script("start", "--base-port", base)
-            if again.returncode == 0:
-                started_here.append(sites.cluster)
-            site.result()
-            started_here.append(sites.site)
-        assert again.returncode == 0, again.stderr
-        yield sites
-    finally:
-        # Only what this session started: a cluster that refused to start is another's.
-        removed = (
-            _cluster_script("stop", "--base-port", base) if sites.cluster in started_here else None
-        )
-        for cluster in started_here:
-            cluster.stop()
-        assert removed is None or removed.returncode == 0, removed.stderr
-        assert all(cluster.leftovers() == [] for cluster in started_here)
-        assert ManagementClient(rabbitmq_urls[1]).request("GET", "/overview") is not None

@@ -6,7 +6,6 @@ import ast
 import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,7 +15,6 @@ from broker.errors import TrmError
 from broker.outbox import Outbox
 from broker.testing import make_network
 from campaigns.checker import Party, Status, check, header_of
-from campaigns.cluster import run_federation_cut, run_node_kills, run_node_outages
 from campaigns.crashes import run_broker_restarts, run_consumer_crashes, run_relay_crashes
 from campaigns.failover import run_routing_failover
 from campaigns.fuzz import run_fuzz_short
@@ -275,71 +273,3 @@ def test_routing_leader_killed_repeatedly_logs_every_envelope_once(
     row = run_routing_failover(tmp_path / "net", services, messages=120, kills=3)
     assert row.passed, _explain(row)
     assert row.faults == 3 and row.ok == 120
-
-
-# --- a cluster and linked country brokers (the session's local_sites) ------------------
-
-
-@pytest.mark.rabbitmq
-@pytest.mark.slow
-def test_the_inbox_leader_sigkilled_three_times_loses_and_duplicates_nothing(
-    tmp_path: Path, local_sites: Any, rabbitmq_urls: tuple[str, str], postgres_server_url: str
-) -> None:
-    """The node leading iom-uz's inbox is SIGKILLed and restarted three times during the flow:
-    every message applied and receipted once, delivery resuming after each kill."""
-    services = _services(rabbitmq_urls, postgres_server_url)
-    row = run_node_kills(
-        tmp_path / "net",
-        "sqlite",
-        services,
-        messages=120,
-        kills=3,
-        cluster=local_sites.cluster,
-        flow_seconds=10,
-    )
-    assert row.passed, _explain(row)
-    assert (row.lost, row.duplicated, row.faults) == (0, 0, 3)
-    assert row.figures["no_delivery_max_s"] > 0
-
-
-@pytest.mark.rabbitmq
-@pytest.mark.slow
-def test_one_node_down_delivers_and_two_down_queue_until_they_return(
-    tmp_path: Path, local_sites: Any, rabbitmq_urls: tuple[str, str], postgres_server_url: str
-) -> None:
-    """One node of three down for the second half: delivery goes on; two down: publishing
-    stops with the quorum named in the adapter's log and trm health, trm send queues, and
-    everything drains exactly once when they return."""
-    services = _services(rabbitmq_urls, postgres_server_url)
-    row = run_node_outages(
-        tmp_path / "net",
-        "sqlite",
-        services,
-        messages=100,
-        cluster=local_sites.cluster,
-        flow_seconds=8,
-    )
-    assert row.passed, _explain(row)
-    assert (row.lost, row.duplicated) == (0, 0)
-    assert row.figures["queued_while_two_down"] >= 10
-
-
-@pytest.mark.rabbitmq
-@pytest.mark.slow
-def test_a_federation_link_cut_loses_and_duplicates_nothing(
-    tmp_path: Path, local_sites: Any, rabbitmq_urls: tuple[str, str], postgres_server_url: str
-) -> None:
-    """iom-uz's broker, linked to iom-kz's cluster, is stopped midway and started again:
-    every message crosses and is applied once, every receipt comes back."""
-    services = _services(rabbitmq_urls, postgres_server_url)
-    row = run_federation_cut(
-        tmp_path / "net",
-        "sqlite",
-        services,
-        messages=150,
-        cluster=local_sites.cluster,
-        site=local_sites.site,
-        flow_seconds=15,
-    )
-    assert row.passed, _explain(row)
-    assert (row.lost, row.duplicated, row.faults) == (0, 0, 1)

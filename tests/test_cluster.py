@@ -2,14 +2,19 @@
 the machine's default broker: the cluster script, quorum replicas, an adapter failing over
 to another node, and a return case crossing two linked brokers with its receipts.
 
-Both come from the session's `local_sites` (tests/conftest.py): the cluster script starts and
-removes the cluster once, starts it again, and removes it at the end leaving nothing."""
+Both come from the module's `local_sites`: the cluster script starts and removes the cluster
+once, starts it again, and removes it at the end leaving nothing. The short versions of the
+cluster campaigns (campaigns/cluster.py, full size in make chaos) run on them here too, so
+that one file, on one test worker, holds everything that needs the cluster."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,9 @@ from broker.database import open_database, receipts_table
 from broker.federation import grant_link_user, link_permissions, link_status
 from broker.management import ManagementClient
 from broker.topology import EXCHANGE, ROUTING_QUEUE, inbox_queue
+from campaigns.cluster import run_federation_cut, run_node_kills, run_node_outages
+from campaigns.network import Services
+from campaigns.report import Row, render_table
 from schemas.base import MessageKind
 from services.auditlog import log_entries_table
 
@@ -29,6 +37,82 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 KZ, UZ, NGO, ROUTING = "iom-kz", "iom-uz", "ngo-uz-istiqbolli-avlod", "routing"
 CASE = "iom-kz.KZ-2026-0777"
+
+
+@dataclass
+class LocalSites:
+    """A local three-node cluster and a single-node second country broker, and how the
+    cluster script's first start and stop went."""
+
+    cluster: Any
+    site: Any
+    first_cycle: dict[str, Any] = field(default_factory=dict)
+
+
+def _cluster_script(*args: str) -> subprocess.CompletedProcess[str]:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq-cluster"
+    return subprocess.run(
+        [str(script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def local_sites(rabbitmq_urls: tuple[str, str]) -> Iterator[LocalSites]:
+    """A RabbitMQ cluster on 5680-5682 and a second broker on 5690, beside the default one.
+
+    The cluster is started and removed once with scripts/rabbitmq-cluster, then started
+    again with it; at the module's end both are removed and nothing may be left of them, and the
+    default broker must still answer.
+    """
+    from broker.management import ManagementClient
+    from trm.localcluster import LocalCluster, free_base_port
+
+    # Free ports from 5680 (else 5700, 5720...): another session may run its own beside.
+    cluster_base = free_base_port(3)
+    sites = LocalSites(
+        LocalCluster(count=3, base_port=cluster_base),
+        LocalCluster(count=1, base_port=free_base_port(1, cluster_base + 10)),
+    )
+    base = str(sites.cluster.base_port)
+    started_here: list[Any] = []
+    try:
+        started = _cluster_script("start", "--base-port", base)
+        sites.first_cycle["start"] = (started.returncode, started.stdout, started.stderr)
+        assert started.returncode == 0, started.stderr
+        # Whatever runs on these ports now is this session's own, until it is stopped.
+        started_here.append(sites.cluster)
+        sites.first_cycle["running"] = sites.cluster.running()
+        stopped = _cluster_script("stop", "--base-port", base)
+        started_here.remove(sites.cluster)
+        sites.first_cycle["stop"] = (stopped.returncode, stopped.stderr)
+        sites.first_cycle["leftovers"] = sites.cluster.leftovers()
+        with ThreadPoolExecutor(1) as pool:
+            site = pool.submit(sites.site.start)
+            again = _cluster_script("start", "--base-port", base)
+            if again.returncode == 0:
+                started_here.append(sites.cluster)
+            site.result()
+            started_here.append(sites.site)
+        assert again.returncode == 0, again.stderr
+        yield sites
+    finally:
+        # Only what this session started: a cluster that refused to start is another's.
+        removed = (
+            _cluster_script("stop", "--base-port", base) if sites.cluster in started_here else None
+        )
+        for cluster in started_here:
+            cluster.stop()
+        assert removed is None or removed.returncode == 0, removed.stderr
+        assert all(cluster.leftovers() == [] for cluster in started_here)
+        assert ManagementClient(rabbitmq_urls[1]).request("GET", "/overview") is not None
+
+
+def _services(rabbitmq_urls: tuple[str, str], postgres_server_url: str) -> Services:
+    return Services(rabbitmq_urls[0], rabbitmq_urls[1], postgres_server_url)
+
+
+def _explain(row: Row) -> str:
+    return render_table([row])
 
 
 @pytest.fixture
@@ -277,3 +361,71 @@ def test_the_script_starts_and_removes_the_cluster_and_starts_it_again(local_sit
     assert cluster.running() == sorted(node.name for node in cluster.nodes)
     overview = ManagementClient("http://guest:guest@127.0.0.1:15672/").request("GET", "/overview")
     assert overview["cluster_name"] != cluster.cluster_name
+
+
+# --- the cluster campaigns, short (make chaos runs them full: campaigns/cluster.py) -------
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_the_inbox_leader_sigkilled_three_times_loses_and_duplicates_nothing(
+    tmp_path: Path, local_sites: Any, rabbitmq_urls: tuple[str, str], postgres_server_url: str
+) -> None:
+    """The node leading iom-uz's inbox is SIGKILLed and restarted three times during the flow:
+    every message applied and receipted once, delivery resuming after each kill."""
+    services = _services(rabbitmq_urls, postgres_server_url)
+    row = run_node_kills(
+        tmp_path / "net",
+        "sqlite",
+        services,
+        messages=120,
+        kills=3,
+        cluster=local_sites.cluster,
+        flow_seconds=10,
+    )
+    assert row.passed, _explain(row)
+    assert (row.lost, row.duplicated, row.faults) == (0, 0, 3)
+    assert row.figures["no_delivery_max_s"] > 0
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_one_node_down_delivers_and_two_down_queue_until_they_return(
+    tmp_path: Path, local_sites: Any, rabbitmq_urls: tuple[str, str], postgres_server_url: str
+) -> None:
+    """One node of three down for the second half: delivery goes on; two down: publishing
+    stops with the quorum named in the adapter's log and trm health, trm send queues, and
+    everything drains exactly once when they return."""
+    services = _services(rabbitmq_urls, postgres_server_url)
+    row = run_node_outages(
+        tmp_path / "net",
+        "sqlite",
+        services,
+        messages=100,
+        cluster=local_sites.cluster,
+        flow_seconds=8,
+    )
+    assert row.passed, _explain(row)
+    assert (row.lost, row.duplicated) == (0, 0)
+    assert row.figures["queued_while_two_down"] >= 10
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_a_federation_link_cut_loses_and_duplicates_nothing(
+    tmp_path: Path, local_sites: Any, rabbitmq_urls: tuple[str, str], postgres_server_url: str
+) -> None:
+    """iom-uz's broker, linked to iom-kz's cluster, is stopped midway and started again:
+    every message crosses and is applied once, every receipt comes back."""
+    services = _services(rabbitmq_urls, postgres_server_url)
+    row = run_federation_cut(
+        tmp_path / "net",
+        "sqlite",
+        services,
+        messages=150,
+        cluster=local_sites.cluster,
+        site=local_sites.site,
+        flow_seconds=15,
+    )
+    assert row.passed, _explain(row)
+    assert (row.lost, row.duplicated, row.faults) == (0, 0, 1)
