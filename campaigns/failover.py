@@ -24,7 +24,7 @@ from broker.database import open_database
 from campaigns.network import KZ, ROUTING, UZ, Services, flow_message, scratch_network
 from campaigns.report import Row
 from services.auditlog import log_entries_table
-from services.leadership import LEADER_EVENT
+from services.leadership import LEADER_EVENT, STANDBY_EVENT
 from trm.localnet import LocalNetwork
 
 _CASES = 50
@@ -46,15 +46,22 @@ class _Routing:
 
     def leads(self) -> bool:
         """Whether this process has logged ``routing.leader``; RuntimeError if it died first."""
-        if self.proc.poll() is not None and not self._logged_lead():
-            raise RuntimeError(f"routing process {self.proc.pid} exited {self.proc.returncode}")
-        return self._logged_lead()
+        return self._has_logged(LEADER_EVENT)
 
-    def _logged_lead(self) -> bool:
+    def stands_by(self) -> bool:
+        """Whether this process is up and waiting for the lead (or has it already)."""
+        return self._has_logged(STANDBY_EVENT) or self._has_logged(LEADER_EVENT)
+
+    def _has_logged(self, event: str) -> bool:
+        if self.proc.poll() is not None and not self._in_log(event):
+            raise RuntimeError(f"routing process {self.proc.pid} exited {self.proc.returncode}")
+        return self._in_log(event)
+
+    def _in_log(self, event: str) -> bool:
         if not self.log.exists():
             return False
         lines = self.log.read_text().splitlines()
-        return any(json.loads(line).get("event") == LEADER_EVENT for line in lines if line)
+        return any(json.loads(line).get("event") == event for line in lines if line)
 
 
 def _logged(url: str) -> dict[str, int]:
@@ -145,6 +152,9 @@ def run_routing_failover(root: Path, services: Services, *, messages: int, kills
         net.wait_for(lambda: set(sent) <= set(_logged(url)), timeout, "every envelope logged")
         seconds = time.monotonic() - started
         net.stop(sender)
+        # The last standby may still be starting (importing) on a busy machine: a SIGTERM then
+        # would end it before it can stop in order.
+        net.wait_for(standby.stands_by, _TAKEOVER_LIMIT, "the last standby to be up")
         stopped = [net.stop(leader.proc), net.stop(standby.proc)]
         logged = _logged(url)
         row = Row("routing_failover", "postgres", messages=len(sent), faults=len(takeovers))
