@@ -16,13 +16,17 @@ client makes is idempotent, so trying one again is safe.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import hmac
 import json
 import os
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError, URLError
 from urllib.parse import quote, unquote, urlsplit
@@ -92,6 +96,26 @@ class ManagementClient:
 
     def __repr__(self) -> str:
         return f"ManagementClient({self.base!r}, user={self.username!r})"
+
+    @contextmanager
+    def users_held(self) -> Iterator[None]:
+        """Hold this machine's lock on the broker's users for the block.
+
+        Users are broker-wide and shared by every vhost that grants them. A
+        provisioning that finds a user and grants it a vhost must not interleave
+        with a removal that finds the same user unused and deletes it, or the
+        grant meets no user (or the user vanishes just after). Both take this
+        lock: an exclusive ``flock`` on a file named for the broker, so it holds
+        across processes on one machine, test workers and campaigns included.
+        """
+        name = hashlib.sha256(self.base.encode()).hexdigest()[:16]
+        path = Path(tempfile.gettempdir()) / f"trm-broker-users-{name}.lock"
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # closing releases the lock
 
     # --- the one HTTP call ---------------------------------------------------
 
@@ -195,6 +219,18 @@ class ManagementClient:
     def delete_user(self, name: str) -> None:
         """Delete the user (no error when it is gone)."""
         self.request("DELETE", f"/users/{_segment(name)}", missing_ok=True)
+
+    def delete_user_if_unused(self, name: str) -> bool:
+        """Delete the user if no vhost grants it permissions; whether it was deleted.
+
+        Checked and deleted under `users_held`, so a provisioning of another
+        vhost that keeps this user cannot slip in between.
+        """
+        with self.users_held():
+            if self.get_user(name) is None or self.user_vhosts(name):
+                return False
+            self.delete_user(name)
+            return True
 
     def set_permissions(
         self, vhost: str, user: str, *, configure: str, write: str, read: str

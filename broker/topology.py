@@ -400,14 +400,15 @@ def provision(
 
     _check_ids(participants)
     admin = AmqpSettings.from_url(amqp_url, vhost=vhost)
-    plans = [
-        _plan_user(management, vhost, participant, passwords or {}, keys_root)
-        for participant in participants
-    ]
-    management.create_vhost(vhost)
-    management.set_permissions(vhost, admin.username, configure=".*", write=".*", read=".*")
-    for plan in plans:
-        _apply(management, vhost, plan)
+    with management.users_held():  # no removal of a shared user between plan and grant
+        plans = [
+            _plan_user(management, vhost, participant, passwords or {}, keys_root)
+            for participant in participants
+        ]
+        management.create_vhost(vhost)
+        management.set_permissions(vhost, admin.username, configure=".*", write=".*", read=".*")
+        for plan in plans:
+            _apply(management, vhost, plan)
     created = [plan.participant_id for plan in plans if plan.created]
     written = [plan.new_file for plan in plans if plan.new_file is not None]
     if keys_root is not None:

@@ -81,8 +81,8 @@ def vhost(rabbitmq_urls: tuple[str, str]) -> Iterator[str]:
         users = client.vhost_users(name)
         client.delete_vhost(name)
         for user in users:
-            if user != client.username and not client.user_vhosts(user):
-                client.delete_user(user)
+            if user != client.username:
+                client.delete_user_if_unused(user)
 
 
 @pytest.fixture(scope="session")

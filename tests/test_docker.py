@@ -159,8 +159,7 @@ def scratch(rabbitmq_urls: tuple[str, str]) -> Iterator[tuple[str, list[str]]]:
         users = set(client.vhost_users(name)) | set(made)
         client.delete_vhost(name)
         for user in sorted(users - {client.username}):
-            if not client.user_vhosts(user):
-                client.delete_user(user)
+            client.delete_user_if_unused(user)
 
 
 @pytest.mark.rabbitmq

@@ -235,3 +235,52 @@ def test_queue_listing_and_depth(rabbitmq_urls: tuple[str, str], vhost: str) -> 
     assert client.get_queue(vhost, "q1") is None
     with pytest.raises(ProvisioningError, match="no queue 'q1'"):
         client.queue_depth(vhost, "q1")
+
+
+@pytest.mark.rabbitmq
+def test_an_unused_user_is_deleted_and_a_granted_one_kept(
+    rabbitmq_urls: tuple[str, str], vhost: str
+) -> None:
+    """`delete_user_if_unused` deletes a user no vhost grants, keeps one a vhost does."""
+    client = ManagementClient(rabbitmq_urls[1])
+    kept, unused = (f"mgmt-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    client.put_user(kept, "pw")
+    client.put_user(unused, "pw")
+    client.set_permissions(vhost, kept, configure="^$", write="^$", read="^$")
+    assert client.delete_user_if_unused(unused) is True
+    assert client.get_user(unused) is None
+    assert client.delete_user_if_unused(unused) is False
+    assert client.delete_user_if_unused(kept) is False
+    assert client.get_user(kept) is not None
+
+
+@pytest.mark.rabbitmq
+def test_a_removal_waits_for_a_grant_in_progress_and_keeps_the_user(
+    rabbitmq_urls: tuple[str, str], vhost: str
+) -> None:
+    """The race of two networks sharing a user: one closing, one provisioning.
+
+    The provisioning side holds the users' lock while it finds the user and
+    grants it its vhost; the closing side's check-and-delete waits behind it,
+    then sees the grant and keeps the user. Without the lock the removal ran
+    at once, found the user unused and deleted it under the grant.
+    """
+    client = ManagementClient(rabbitmq_urls[1])
+    user = f"mgmt-{uuid.uuid4().hex[:8]}"
+    client.put_user(user, "pw")
+    outcome: list[bool] = []
+    closing = threading.Thread(
+        target=lambda: outcome.append(
+            ManagementClient(rabbitmq_urls[1]).delete_user_if_unused(user)
+        )
+    )
+    with client.users_held():
+        assert client.get_user(user) is not None
+        closing.start()
+        closing.join(0.3)
+        assert closing.is_alive(), "the removal did not wait for the lock"
+        client.set_permissions(vhost, user, configure="^$", write="^$", read="^$")
+    closing.join(30)
+    assert outcome == [False]
+    assert client.get_user(user) is not None
+    assert client.user_vhosts(user) == [vhost]

@@ -193,8 +193,8 @@ def other_vhost(rabbitmq_urls: tuple[str, str]) -> Iterator[str]:
         users = client.vhost_users(name)
         client.delete_vhost(name)
         for user in users:
-            if user != client.username and not client.user_vhosts(user):
-                client.delete_user(user)
+            if user != client.username:
+                client.delete_user_if_unused(user)
 
 
 def _logs_in(amqp_url: str, vhost: str, user: str, password: str) -> bool:

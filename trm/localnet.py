@@ -11,9 +11,11 @@ RabbitMQ users are global to the broker and named by participant id, so two
 networks with the same participant ids share users. Each participant's
 password is therefore derived from the administrator's credentials and the
 id (the same in every network on one broker), and `LocalNetwork.close` deletes
-a user only once no other vhost grants it permissions: several networks may
-run at once. A network created while another with the same ids is being
-closed can still lose a user in between; run such networks one after another.
+a user only once no other vhost grants it permissions. That check and delete,
+and provisioning's find-and-grant, hold the machine's lock on the broker's
+users (`ManagementClient.users_held`), so networks on one machine may be
+created and closed at once; networks on other machines sharing the broker
+should use other participant ids.
 """
 
 from __future__ import annotations
@@ -328,8 +330,7 @@ class LocalNetwork:
             if client.vhost_exists(self.vhost):
                 client.delete_vhost(self.vhost)
             for user in self.participants:
-                if client.get_user(user) is not None and not client.user_vhosts(user):
-                    client.delete_user(user)
+                client.delete_user_if_unused(user)
 
     def add_site(
         self,
