@@ -61,6 +61,27 @@ def test_migrations_match_the_table_definitions(database_url: str) -> None:
         engine.dispose()
 
 
+def test_head_revision_is_the_newest_migration() -> None:
+    """`HEAD_REVISION`, which lets an up-to-date open skip Alembic, is Alembic's own head."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(database.alembic_config()).get_current_head()
+    assert head == database.HEAD_REVISION
+
+
+def test_an_up_to_date_open_does_not_load_alembic(database_url: str) -> None:
+    """Opening a database already at the head leaves Alembic unimported; a new one migrates."""
+    open_database(database_url).dispose()
+    script = (
+        "import sys; from broker.database import open_database; "
+        f"open_database({database_url!r}).dispose(); print('alembic' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "False"
+
+
 def _undeclared(item: sa.Table | sa.Index) -> bool:
     table = item if isinstance(item, sa.Table) else item.table
     return table is None or table.name not in metadata.tables
