@@ -150,18 +150,21 @@ class _Run:
         return thread
 
     def settled(self) -> bool:
-        """Everything sent, applied, receipted and logged."""
+        """Everything sent, applied, receipted and logged, and both outboxes drained.
+
+        The recipient's outbox too: a redelivery absorbed as a duplicate queues
+        its receipt again, which is unsent until the recipient's relay runs.
+        """
         if self.send_error is not None:
             raise self.send_error
         n = self.messages
+        unsent = "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
         return (
             self.sent == n
             and _count(self.net.database_url(UZ), "SELECT count(*) FROM inbox") >= n
             and _count(self.net.database_url(KZ), "SELECT count(*) FROM inbox") >= n
-            and _count(
-                self.net.database_url(KZ), "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
-            )
-            == 0
+            and _count(self.net.database_url(KZ), unsent) == 0
+            and _count(self.net.database_url(UZ), unsent) == 0
             and _count(self.net.database_url(ROUTING), "SELECT count(*) FROM log_entries") >= 2 * n
         )
 
