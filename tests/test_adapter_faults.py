@@ -61,6 +61,10 @@ def _rabbitmqctl(*args):
 
 
 @pytest.mark.exclusive
+# On SQLite only: it runs alone, after the rest, so each minute here is a minute of make
+# test; the restart is the broker's and the transport's, and PostgreSQL's deduplication
+# through crashes is the subject of the kill tests below, which run on both.
+@pytest.mark.parametrize("network_databases", ["sqlite"], indirect=True)
 def test_broker_restart_in_a_run_of_1000_loses_nothing(local_network, network_databases):
     """1,000 messages with RabbitMQ stopped and started in the middle (and `trm send` called
     while it is down, on a case opened meanwhile): every one applied once, none lost, none
