@@ -107,9 +107,11 @@ class ManagementClient:
         grant meets no user (or the user vanishes just after). Both take this
         lock: an exclusive ``flock`` on a file named for the broker, so it holds
         across processes on one machine, test workers and campaigns included.
+        The file is private to the system user (another user's could not be
+        opened), so it orders that user's processes only.
         """
         name = hashlib.sha256(self.base.encode()).hexdigest()[:16]
-        path = Path(tempfile.gettempdir()) / f"trm-broker-users-{name}.lock"
+        path = Path(tempfile.gettempdir()) / f"trm-broker-users-{os.getuid()}-{name}.lock"
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
