@@ -298,10 +298,19 @@ def count_rows(url: str, table: sa.Table) -> Callable[[], int]:
 
 def latest(url: str, column: sa.Column[Any]) -> float:
     """The newest value of a timestamp column, as a Unix time."""
+    return _timestamp(url, sa.func.max(column))
+
+
+def earliest(url: str, column: sa.Column[Any]) -> float:
+    """The oldest value of a timestamp column, as a Unix time."""
+    return _timestamp(url, sa.func.min(column))
+
+
+def _timestamp(url: str, aggregate: sa.ColumnElement[Any]) -> float:
     engine = open_database(url)
     try:
         with engine.connect() as conn:
-            value = conn.execute(sa.select(sa.func.max(column))).scalar_one()
+            value = conn.execute(sa.select(aggregate)).scalar_one()
     finally:
         engine.dispose()
     if isinstance(value, str):
