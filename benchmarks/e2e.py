@@ -298,21 +298,21 @@ def count_rows(url: str, table: sa.Table) -> Callable[[], int]:
 
 def latest(url: str, column: sa.Column[Any]) -> float:
     """The newest value of a timestamp column, as a Unix time."""
-    return _timestamp(url, sa.func.max(column))
+    return span(url, column)[1]
 
 
-def earliest(url: str, column: sa.Column[Any]) -> float:
-    """The oldest value of a timestamp column, as a Unix time."""
-    return _timestamp(url, sa.func.min(column))
-
-
-def _timestamp(url: str, aggregate: sa.ColumnElement[Any]) -> float:
+def span(url: str, column: sa.Column[Any]) -> tuple[float, float]:
+    """The oldest and the newest value of a timestamp column, as Unix times, in one query."""
     engine = open_database(url)
     try:
         with engine.connect() as conn:
-            value = conn.execute(sa.select(aggregate)).scalar_one()
+            oldest, newest = conn.execute(sa.select(sa.func.min(column), sa.func.max(column))).one()
     finally:
         engine.dispose()
+    return _unix(oldest), _unix(newest)
+
+
+def _unix(value: Any) -> float:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     if value.tzinfo is None:

@@ -395,10 +395,8 @@ def drain(net: Net, expected: dict[str, int], concurrent: int, meter: Meter) -> 
             e2e.wait_for(all_done, f"the backlog of {', '.join(group)}", processes, poll=0.25)
             # From the group's first envelope applied to its last: an adapter that is up
             # drains while the others of its group still start.
-            urls = [view.database_url(pid) for pid in group]
-            draining += max(e2e.latest(u, inbox_table.c.applied_at) for u in urls) - min(
-                e2e.earliest(u, inbox_table.c.applied_at) for u in urls
-            )
+            spans = [e2e.span(view.database_url(pid), inbox_table.c.applied_at) for pid in group]
+            draining += max(last for _, last in spans) - min(first for first, _ in spans)
         applied_before += sum(expected[pid] for pid in group)
     return {"wall_seconds": time.monotonic() - started, "drain_seconds": draining}
 

@@ -290,12 +290,15 @@ def open_database(url: str) -> Engine:
 
 
 def _revision(engine: Engine) -> str | None:
-    """The Alembic revision `engine`'s schema is at; None if it has none yet."""
-    try:
-        with engine.connect() as conn:
-            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-    except SQLAlchemyError:
-        return None  # no version table: a new database
+    """The Alembic revision `engine`'s schema is at; None for a new database.
+
+    Any other failure (the server unreachable, say) is raised, not taken for
+    a new database and met again by the migration.
+    """
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:
