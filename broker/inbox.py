@@ -464,8 +464,11 @@ class Inbox:
         self._receipts_waiting = []
         opened_all = [opened for opened, _, _ in work if isinstance(opened, OpenedEnvelope)]
         ids = [str(opened.header.id) for opened in opened_all]
-        writes = _Writes(known=dict(_select_in(conn, _DIGESTS, ids)))
+        # The case views first (locked on PostgreSQL), then the inbox: under read
+        # committed a copy applied by another consumer meanwhile is then seen in both,
+        # a duplicate, never judged against a view that already holds it.
         gate = CaseGate(conn, self.recipient.participant, self.directory(), opened_all)
+        writes = _Writes(known=dict(_select_in(conn, _DIGESTS, ids)))
         results = [
             self._place(conn, writes, gate, opened, body, user_id, received_at)
             for opened, body, user_id in work

@@ -278,6 +278,44 @@ def test_concurrent_consumers_apply_once(engine: Engine, network: Network, tmp_p
     assert len(Outbox(engine).pending()) == 1
 
 
+@pytest.mark.postgres
+def test_a_copy_applied_by_another_consumer_meanwhile_is_a_duplicate(
+    postgres_url: str, network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL another consumer commits the same envelope while this one's batch runs.
+
+    The other commit lands just before this batch reads the case views: the batch must
+    see it as a duplicate, never quarantine it against a view that already holds it.
+    """
+    import broker.inbox
+
+    engine = open_database(postgres_url)
+    envelope = request(network)
+    mine, other = (make_inbox(engine, network, UZ, tmp_path / "inbox") for _ in range(2))
+    first: list[Outcome] = []
+    interleaved = threading.Event()
+
+    class CommittedMeanwhile(broker.inbox.CaseGate):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            if not interleaved.is_set():  # once: the other consumer's own batch runs plainly
+                interleaved.set()
+                meanwhile = threading.Thread(
+                    target=lambda: first.append(other.handle(envelope.raw, KZ).outcome)
+                )
+                meanwhile.start()
+                meanwhile.join(60)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(broker.inbox, "CaseGate", CommittedMeanwhile)
+    try:
+        assert mine.handle(envelope.raw, KZ).outcome is Outcome.DUPLICATE
+        assert first == [Outcome.APPLIED]
+        assert len(rows(engine, inbox_table)) == 1
+        assert rows(engine, quarantine_table) == []
+    finally:
+        engine.dispose()
+
+
 def test_no_personal_data_in_logs_or_database(
     engine: Engine, network: Network, tmp_path: Path
 ) -> None:
