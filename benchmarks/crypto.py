@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import _crypto
 from broker.directory import Directory, DirectoryBody, Role, load_directory, sign_directory
-from broker.envelope import Recipient, open_envelope, seal
+from broker.envelope import Recipient, open_envelope, seal, sign
 from broker.keys import ParticipantKeys, init_participant, load_keys
 from schemas.base import Message, MessageKind
 from schemas.examples import example
@@ -209,10 +209,10 @@ def message_cost(payload_bytes: int = PAYLOAD_BYTES) -> dict[str, Any]:
     """The raw cryptography of one message end to end, in the design as built.
 
     The sender seals the envelope for its one recipient and the recipient
-    opens it; the recipient seals a delivery receipt for the sender, who opens
-    it. Both are hybrid (ML-KEM-768 + X25519) recipients, as in
-    `benchmarks.e2e`. The sizes are those of a real envelope and receipt
-    sealed here.
+    opens it; the recipient signs a delivery receipt for the sender (signed,
+    not sealed: no wrap, no encryption), who verifies it. Both are hybrid
+    (ML-KEM-768 + X25519) recipients, as in `benchmarks.e2e`. The sizes are
+    those of a real envelope and receipt made here.
     """
     with tempfile.TemporaryDirectory() as folder:
         world = build_world(Path(folder))
@@ -227,7 +227,7 @@ def message_cost(payload_bytes: int = PAYLOAD_BYTES) -> dict[str, Any]:
             seq=1,
             now=NOW,
         )
-        receipt = seal(
+        receipt = sign(
             example(MessageKind.DELIVERY_RECEIPT),
             case="iom-kz.KZ-2026-0042",
             sender=world.keys["iom-uz"].sender(NOW),
@@ -237,12 +237,11 @@ def message_cost(payload_bytes: int = PAYLOAD_BYTES) -> dict[str, Any]:
             reply_to=envelope.id,
             now=NOW,
         )
-    receipt_payload = len(encode_payload(example(MessageKind.DELIVERY_RECEIPT)))
     steps = [
         *seal_steps(len(envelope.raw), payload_bytes),
         *open_steps(len(envelope.raw), payload_bytes),
-        *seal_steps(len(receipt.raw), receipt_payload),
-        *open_steps(len(receipt.raw), receipt_payload),
+        ("sign", len(receipt.raw)),
+        ("verify", len(receipt.raw)),
     ]
     counts = {name: sum(1 for op, _ in steps if op == name) for name in PRIMITIVES}
     return {

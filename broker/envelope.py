@@ -1,7 +1,10 @@
-"""The sealed envelope: sign, encrypt, verify and open one message.
+"""The envelope: sign, encrypt, verify and open one message.
 
-`seal` is the only way to make an envelope and `verify_envelope` /
-`open_envelope` the only ways to accept one. The wire format, the order of the
+An envelope comes in two forms. A sealed one (`seal`) encrypts its payload
+for its recipients; a signed one (`sign`) carries it in the clear, and only a
+kind of `SIGNED_KINDS`, which hold no personal data, may take that form.
+`seal` and `sign` are the only ways to make an envelope and `verify_envelope`
+/ `open_envelope` the only ways to accept one, in either form. The wire format, the order of the
 checks and the error each check raises are specified in ``docs/envelope.md``.
 The signed bytes are kept exactly as received and never re-serialised.
 """
@@ -32,12 +35,13 @@ from broker.errors import (
     MalformedEnvelope,
     MissingUserId,
     NotAddressedToMe,
+    NotSealed,
     SchemaViolation,
     SenderMismatch,
     StaleEnvelope,
     TrmError,
 )
-from schemas.base import Message
+from schemas.base import Message, MessageKind
 from schemas.header import MAX_RECIPIENTS, EnvelopeHeader
 from schemas.registry import decode_payload, encode_payload
 
@@ -59,6 +63,14 @@ MAX_CLOCK_SKEW = timedelta(minutes=5)
 MAGIC = b"TRM1"
 SIGNATURE_CONTEXT = b"trm/v1 envelope\x00"
 WRAP_CONTEXT = b"trm/v1 content-key"
+SIGNED_MAGIC = b"TRS1"
+SIGNED_CONTEXT = b"trm/v1 signed envelope\x00"
+SIGNED_KINDS = frozenset({MessageKind.DELIVERY_RECEIPT})
+"""The kinds that may travel signed, not sealed: they hold no personal data.
+
+Every reader refuses any other kind in that form (`NotSealed`), whoever
+signed it, so that no payload can ever travel in the clear by mistake.
+"""
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
@@ -75,7 +87,7 @@ class Recipient:
 
 @dataclass(frozen=True)
 class SealedEnvelope:
-    """A freshly sealed envelope: the header it carries and its exact bytes."""
+    """A freshly made envelope, sealed or signed: the header it carries and its exact bytes."""
 
     header: EnvelopeHeader
     raw: bytes
@@ -139,9 +151,17 @@ class _Parsed(NamedTuple):
     header: EnvelopeHeader
     header_bytes: bytes
     entries: tuple[_KeyEntry, ...]
-    ciphertext: bytes
+    """The key entries of a sealed envelope; none in a signed one."""
+    body: bytes
+    """The ciphertext of a sealed envelope, the payload of a signed one."""
     signed: bytes
     signature: bytes
+    sealed: bool
+
+    @property
+    def context(self) -> bytes:
+        """What the signature covers before the signed bytes: it names the form."""
+        return SIGNATURE_CONTEXT if self.sealed else SIGNED_CONTEXT
 
 
 # --- ids and time ------------------------------------------------------------------
@@ -210,19 +230,11 @@ def seal(
     (ClassicalDowngrade) unless `allow_classical`, which accepts that every
     recipient's copy is then only as strong as X25519.
     """
-    moment = _utc(now)
-    # Millisecond precision, the precision of the time in a UUIDv7 id.
-    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-    public = directory.signing_key(sender.participant, sender.kid, used_at=moment)
-    if _crypto.raw_public(public) != _crypto.raw_public(sender.key.public_key()):
-        raise KeyNotValid(
-            f"the private key {sender.kid!r} of {sender.participant!r} does not match the "
-            "directory's public key of that id: load the keys the directory lists"
-        )
+    moment = _stamp(now)
     header = _new_header(
         message,
         case=case,
-        sender=sender,
+        sender=_checked_sender(sender, directory, moment),
         recipients=recipients,
         seq=seq,
         reply_to=reply_to,
@@ -240,10 +252,74 @@ def seal(
     ]
     ciphertext = _crypto.encrypt(content_key, encode_payload(message), header_bytes)
     signed = _frame(header_bytes, entries, ciphertext)
-    raw = signed + _crypto.sign(sender.key, SIGNATURE_CONTEXT + signed)
+    return _signed_by(sender, header, signed, SIGNATURE_CONTEXT)
+
+
+def sign(
+    message: Message,
+    *,
+    case: str,
+    sender: Sender,
+    recipients: Sequence[str],
+    directory: Directory,
+    seq: int,
+    reply_to: UUID | None = None,
+    now: datetime | None = None,
+    envelope_id: UUID | None = None,
+) -> SealedEnvelope:
+    """Sign `message` for `recipients` without encrypting it: a kind of `SIGNED_KINDS` only.
+
+    Anyone who sees the envelope reads the payload; its recipients need no
+    encryption key, only a place in `directory`. The sender's key is checked
+    as `seal` checks it.
+    """
+    if message.KIND not in SIGNED_KINDS:
+        raise NotSealed(f"cannot sign a {message.KIND} in the clear: it must be sealed")
+    moment = _stamp(now)
+    header = _new_header(
+        message,
+        case=case,
+        sender=_checked_sender(sender, directory, moment),
+        recipients=recipients,
+        seq=seq,
+        reply_to=reply_to,
+        sent_at=moment,
+        envelope_id=envelope_id or new_envelope_id(moment),
+    )
+    for rid in header.recipients:
+        directory.participant(rid)  # an unlisted recipient is refused, as `seal` refuses it
+    header_bytes = header.model_dump_json().encode()
+    payload = encode_payload(message)
+    signed = b"".join(
+        [SIGNED_MAGIC, _U32.pack(len(header_bytes)), header_bytes, _U32.pack(len(payload)), payload]
+    )
+    return _signed_by(sender, header, signed, SIGNED_CONTEXT)
+
+
+def _stamp(now: datetime | None) -> datetime:
+    """`now` (default: the clock) to the millisecond, the precision of a UUIDv7's time."""
+    moment = _utc(now)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def _checked_sender(sender: Sender, directory: Directory, at: datetime) -> Sender:
+    """`sender`, once its key is the directory's valid key of that id at `at`."""
+    public = directory.signing_key(sender.participant, sender.kid, used_at=at)
+    if _crypto.raw_public(public) != _crypto.raw_public(sender.key.public_key()):
+        raise KeyNotValid(
+            f"the private key {sender.kid!r} of {sender.participant!r} does not match the "
+            "directory's public key of that id: load the keys the directory lists"
+        )
+    return sender
+
+
+def _signed_by(
+    sender: Sender, header: EnvelopeHeader, signed: bytes, context: bytes
+) -> SealedEnvelope:
+    raw = signed + _crypto.sign(sender.key, context + signed)
     if len(raw) > MAX_ENVELOPE_BYTES:
         raise EnvelopeTooLarge(
-            f"the sealed envelope is {len(raw)} bytes, over the {MAX_ENVELOPE_BYTES}-byte "
+            f"the envelope is {len(raw)} bytes, over the {MAX_ENVELOPE_BYTES}-byte "
             "limit: send large documents by another channel and reference them"
         )
     return SealedEnvelope(header, raw)
@@ -336,14 +412,14 @@ def _parse(raw: bytes) -> _Parsed:
         raise EnvelopeTooLarge(
             f"envelope of {size} bytes exceeds the {MAX_ENVELOPE_BYTES}-byte limit"
         )
-    if raw[:4] != MAGIC:
+    magic = raw[:4]
+    if magic == SIGNED_MAGIC:
+        return _parse_signed(raw, size)
+    if magic != MAGIC:
         if size < len(MAGIC):
             raise MalformedEnvelope("envelope truncated: magic runs past the end")
-        raise MalformedEnvelope("not a trm envelope: the magic is not 'TRM1'")
-    header_len = _length(raw, 4, _U32, "header length")
-    if header_len > MAX_HEADER_BYTES:
-        raise MalformedEnvelope(f"header longer than {MAX_HEADER_BYTES} bytes")
-    pos = _within(size, 8, header_len, "header")
+        raise MalformedEnvelope("not a trm envelope: the magic is neither 'TRM1' nor 'TRS1'")
+    pos = _header_end(raw, size)
     header_bytes = raw[8:pos]
     count = _length(raw, pos, _U16, "key entry count")
     if not 1 <= count <= MAX_RECIPIENTS:
@@ -371,7 +447,42 @@ def _parse(raw: bytes) -> _Parsed:
         raw[pos + 4 : signed_end],
         raw[:signed_end],
         raw[signed_end:end],
+        sealed=True,
     )
+
+
+def _parse_signed(raw: bytes, size: int) -> _Parsed:
+    """The parts of a signed envelope; its kind must be one of `SIGNED_KINDS`."""
+    pos = _header_end(raw, size)
+    payload_len = _length(raw, pos, _U32, "payload length")
+    signed_end = _within(size, pos + 4, payload_len, "payload")
+    end = _within(size, signed_end, _crypto.SIGNATURE_BYTES, "signature")
+    if end != size:
+        raise MalformedEnvelope(f"{size - end} trailing bytes after the signature")
+    header_bytes = raw[8:pos]
+    header = _parse_header(header_bytes)
+    if header.kind not in SIGNED_KINDS:
+        raise NotSealed(
+            f"a {header.kind} arrived signed but not sealed: only "
+            f"{', '.join(sorted(SIGNED_KINDS))} may travel in the clear"
+        )
+    return _Parsed(
+        header,
+        header_bytes,
+        (),
+        raw[pos + 4 : signed_end],
+        raw[:signed_end],
+        raw[signed_end:end],
+        sealed=False,
+    )
+
+
+def _header_end(raw: bytes, size: int) -> int:
+    """Where the header that follows the magic ends, its length bounds-checked."""
+    header_len = _length(raw, 4, _U32, "header length")
+    if header_len > MAX_HEADER_BYTES:
+        raise MalformedEnvelope(f"header longer than {MAX_HEADER_BYTES} bytes")
+    return _within(size, 8, header_len, "header")
 
 
 def _within(size: int, pos: int, n: int, what: str, entry: int | None = None) -> int:
@@ -623,7 +734,7 @@ def _verify(
     header = parsed.header
     key = keys.key(header, at)
     try:
-        _crypto.verify(key, parsed.signature, SIGNATURE_CONTEXT + parsed.signed)
+        _crypto.verify(key, parsed.signature, parsed.context + parsed.signed)
     except _crypto.CryptoError as e:
         raise BadSignature(
             f"the signature does not verify with key {header.sender_key!r} of "
@@ -673,6 +784,23 @@ def open_envelope(
     parsed = _parse(raw)
     header = parsed.header
     _verify(parsed, _DirectoryKeys(directory), _utc(now), amqp_user_id, MAX_AGE, require_user_id)
+    if parsed.sealed:
+        payload = _decrypt(parsed, recipient)
+    elif recipient.participant in header.recipients:
+        payload = parsed.body
+    else:
+        raise NotAddressedToMe(f"{recipient.participant!r} is not among the envelope's recipients")
+    message = decode_payload(header.kind, header.schema_version, payload)
+    if (header.kind, header.schema_version) != (message.KIND, message.VERSION):
+        raise SchemaViolation(
+            f"the payload decodes as {message.KIND} v{message.VERSION}, but the header says "
+            f"{header.kind} v{header.schema_version}"
+        )
+    return OpenedEnvelope(header, message, raw, hashlib.sha256(raw).hexdigest())
+
+
+def _decrypt(parsed: _Parsed, recipient: Recipient) -> bytes:
+    """The payload of a sealed envelope, decrypted with `recipient`'s key."""
     entry = _entry_for(parsed, recipient)
     try:
         content_key = _crypto.unwrap(
@@ -686,16 +814,9 @@ def open_envelope(
             "does not unwrap"
         ) from e
     try:
-        payload = _crypto.decrypt(content_key, parsed.ciphertext, parsed.header_bytes)
+        return _crypto.decrypt(content_key, parsed.body, parsed.header_bytes)
     except _crypto.CryptoError as e:
         raise DecryptionFailed("the payload does not decrypt under the content key") from e
-    message = decode_payload(header.kind, header.schema_version, payload)
-    if (header.kind, header.schema_version) != (message.KIND, message.VERSION):
-        raise SchemaViolation(
-            f"the payload decodes as {message.KIND} v{message.VERSION}, but the header says "
-            f"{header.kind} v{header.schema_version}"
-        )
-    return OpenedEnvelope(header, message, raw, hashlib.sha256(raw).hexdigest())
 
 
 def _entry_for(parsed: _Parsed, recipient: Recipient) -> _KeyEntry:

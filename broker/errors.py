@@ -31,6 +31,12 @@ class MalformedEnvelope(EnvelopeError):
     reason = "malformed"
 
 
+class NotSealed(MalformedEnvelope):
+    """A kind that must be sealed arrived signed only, its payload in the clear."""
+
+    reason = "not_sealed"
+
+
 class EnvelopeTooLarge(MalformedEnvelope):
     """The envelope exceeds the documented size limit."""
 

@@ -55,12 +55,11 @@ from broker.envelope import (
     SealedEnvelope,
     open_envelope,
     read_header,
-    seal,
+    sign,
 )
 from broker.errors import (
     CaseSystemError,
     EnvelopeError,
-    KeyNotValid,
     ProtocolViolation,
     ReplayedEnvelope,
     StorageError,
@@ -294,9 +293,9 @@ class Inbox:
         """Open and apply one delivered envelope exactly once; the caller acks afterwards.
 
         Raises `StorageError` or `CaseSystemError` (or, if our own keys cannot
-        seal the receipt, that `TrmError`) with nothing applied: the caller
-        must then retry the delivery later, not ack it. A sender without a
-        valid encryption key is no such failure: its receipt waits
+        sign the receipt, that `TrmError`) with nothing applied: the caller
+        must then retry the delivery later, not ack it. A sender the
+        directory no longer lists is no such failure: its receipt waits
         (`retry_receipts`).
         """
         received_at = self.clock()
@@ -552,16 +551,17 @@ class Inbox:
     ) -> None:
         """Put a signed delivery receipt for each applied envelope's sender in the outbox.
 
-        A sender with no valid encryption key (revoked, or its window ended)
-        cannot be answered now: its receipt is recorded in
-        ``pending_receipts``, for `retry_receipts`, and the batch goes on.
+        A receipt is signed, not sealed, so it needs no key of the sender's.
+        A sender the directory no longer lists cannot be answered now: its
+        receipt is recorded in ``pending_receipts``, for `retry_receipts`,
+        and the batch goes on.
         """
         directory = self.directory()
         ready: list[_Answer] = []
         waiting: list[dict[str, object]] = []
         for opened, received_at, applied_at in answers:
             answer = _Answer.of(opened, received_at, applied_at)
-            missing = _receipt_key_missing(directory, answer.recipient, applied_at)
+            missing = _unlisted(directory, answer.recipient)
             if missing is None:
                 ready.append(answer)
                 continue
@@ -578,7 +578,7 @@ class Inbox:
         answers: Sequence[_Answer],
         now: datetime | None = None,
     ) -> list[SealedEnvelope]:
-        """Seal and queue a receipt for each of `answers`, sent at `now` (default: when applied).
+        """Sign and queue a receipt for each of `answers`, sent at `now` (default: when applied).
 
         The sequence numbers of all receipts are taken with one upsert, a run
         of consecutive numbers per case.
@@ -597,12 +597,14 @@ class Inbox:
         return [receipt for receipt, _ in sealed]
 
     def retry_receipts(self) -> int:
-        """Seal and queue the receipts that wait for a key; return how many were queued.
+        """Sign and queue the receipts that wait; return how many were queued.
 
         The adapter calls this when the installed directory changes and every
-        so often. A receipt whose recipient still has no valid encryption key
-        stays pending with its attempt counted; one that another process
-        queued meanwhile is skipped. Raises `StorageError`, or the `TrmError`
+        so often. A receipt waits while its recipient is not in the directory
+        (and, from before receipts were signed, while it had no valid
+        encryption key); one whose recipient is still not listed stays pending
+        with its attempt counted; one that another process queued meanwhile
+        is skipped. Raises `StorageError`, or the `TrmError`
         of our own keys, with nothing queued by the failing transaction.
         """
         with storage_errors("reading the pending receipts"), reading(self.engine) as conn:
@@ -616,7 +618,7 @@ class Inbox:
         still: list[dict[str, object]] = []
         for row in rows:
             if row.recipient not in missing:
-                missing[row.recipient] = _receipt_key_missing(directory, row.recipient, now)
+                missing[row.recipient] = _unlisted(directory, row.recipient)
             error = missing[row.recipient]
             if error is not None:
                 still.append(
@@ -645,7 +647,7 @@ class Inbox:
     def _queue_pending(
         self, directory: Directory, answers: Sequence[_Answer], now: datetime
     ) -> int:
-        """Claim, seal and queue these pending receipts in one transaction; how many."""
+        """Claim, sign and queue these pending receipts in one transaction; how many."""
         with storage_errors("queueing the pending receipts"), self.engine.begin() as conn:
             claimed = [
                 answer
@@ -772,8 +774,12 @@ def batched(case_system: CaseSystem) -> Iterator[None]:
 def _receipt(
     answer: _Answer, me: Sender, directory: Directory, seq: int, now: datetime
 ) -> SealedEnvelope:
-    """`me`'s signed delivery receipt for `answer`, sealed for its recipient with number `seq`."""
-    return seal(
+    """`me`'s delivery receipt for `answer`, signed for its recipient with number `seq`.
+
+    Signed, not sealed: it holds no personal data, and its recipient's
+    encryption key plays no part (docs/envelope.md, "The signed form").
+    """
+    return sign(
         DeliveryReceipt(
             envelope_id=answer.envelope_id,
             digest=answer.digest,
@@ -790,17 +796,15 @@ def _receipt(
     )
 
 
-def _receipt_key_missing(directory: Directory, recipient: str, at: datetime) -> TrmError | None:
-    """Why a receipt for `recipient` cannot be sealed at `at`, or None if it can.
+def _unlisted(directory: Directory, recipient: str) -> TrmError | None:
+    """Why a receipt for `recipient` cannot be signed now, or None if it can.
 
-    `seal` wraps to the recipient's newest encryption key valid at `at` (to
-    the millisecond, as it stamps the envelope); a recipient without one, or
-    no longer in the directory, makes the receipt wait instead of failing.
+    `sign` refuses a recipient the directory does not list; such a receipt
+    waits for a directory that does instead of failing the batch.
     """
-    moment = at.replace(microsecond=at.microsecond // 1000 * 1000)
     try:
-        directory.encryption_key(recipient, moment)
-    except (KeyNotValid, UnknownParticipant) as e:
+        directory.participant(recipient)
+    except UnknownParticipant as e:
         return e
     return None
 

@@ -27,6 +27,8 @@ from broker.envelope import (
     MAX_AGE,
     MAX_CLOCK_SKEW,
     MAX_ENVELOPE_BYTES,
+    SIGNED_CONTEXT,
+    SIGNED_MAGIC,
     EnvelopeVerifier,
     Recipient,
     SealedEnvelope,
@@ -35,6 +37,7 @@ from broker.envelope import (
     open_envelope,
     read_header,
     seal,
+    sign,
     verify_envelope,
 )
 from broker.errors import (
@@ -47,12 +50,14 @@ from broker.errors import (
     KeyNotYetValid,
     MalformedEnvelope,
     NotAddressedToMe,
+    NotSealed,
     RevokedKey,
     SchemaViolation,
     SenderMismatch,
     StaleEnvelope,
     TrmError,
     UnknownKey,
+    UnknownParticipant,
     UnknownSender,
 )
 from broker.keys import ParticipantKeys, Sender, init_participant, load_keys
@@ -755,11 +760,11 @@ def test_id_time_must_agree_with_sent_at(world: World) -> None:
 def test_id_time_may_differ_from_sent_at_by_the_skew_and_no_more(world: World) -> None:
     """Five minutes between the id's time and sent_at pass; one millisecond more does not."""
     payload = encode_payload(example(MessageKind.RETURN_REQUEST))
-    for sign in (1, -1):
-        header = _header(world, id=str(new_envelope_id(NOW + sign * MAX_CLOCK_SKEW)))
+    for direction in (1, -1):
+        header = _header(world, id=str(new_envelope_id(NOW + direction * MAX_CLOCK_SKEW)))
         assert _open(world, _forge(world, header, payload)).header.id == UUID(header["id"])
         late = MAX_CLOCK_SKEW + timedelta(milliseconds=1)
-        header = _header(world, id=str(new_envelope_id(NOW + sign * late)))
+        header = _header(world, id=str(new_envelope_id(NOW + direction * late)))
         with pytest.raises(StaleEnvelope, match="id"):
             _open(world, _forge(world, header, payload))
 
@@ -826,3 +831,135 @@ def test_seal_refuses_expired_sender_key(world: World) -> None:
 def test_sealed_envelope_id_matches_header(sealed: SealedEnvelope) -> None:
     """SealedEnvelope.id is the header's UUID."""
     assert isinstance(sealed.id, UUID) and sealed.id == sealed.header.id
+
+
+# --- the signed form ---------------------------------------------------------------------
+
+
+def _sign(world: World, **kw: Any) -> SealedEnvelope:
+    args: dict[str, Any] = {
+        "case": CASE,
+        "sender": world.sender(UZ),
+        "recipients": [KZ],
+        "directory": world.directory,
+        "seq": 1,
+        "now": NOW,
+    }
+    args.update(kw)
+    return sign(example(MessageKind.DELIVERY_RECEIPT), **args)
+
+
+def _forge_signed(
+    world: World, header: dict[str, Any], payload: bytes, context: bytes = SIGNED_CONTEXT
+) -> bytes:
+    """A signed envelope assembled by hand, signed by KZ's real key under `context`."""
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    body = b"TRS1" + struct.pack(">I", len(header_bytes)) + header_bytes
+    body += struct.pack(">I", len(payload)) + payload
+    return body + world.keys[KZ].signing[world.sender(KZ).kid].sign(context + body)
+
+
+def _signed_receipt_header(world: World) -> dict[str, Any]:
+    return _header(world, kind="delivery_receipt")
+
+
+def test_a_signed_receipt_opens_verifies_and_reads_without_any_decryption_key(
+    world: World,
+) -> None:
+    """A receipt signed, not sealed, opens for its recipient holding no decryption key at
+    all, verifies for anyone with the directory, and is smaller than the sealed one."""
+    signed = _sign(world)
+    assert signed.raw[:4] == SIGNED_MAGIC
+    keyless = Recipient(KZ, {})
+    opened = open_envelope(signed.raw, recipient=keyless, directory=world.directory, now=NOW)
+    assert opened.message == example(MessageKind.DELIVERY_RECEIPT)
+    assert opened.header == signed.header == read_header(signed.raw)
+    verified = verify_envelope(signed.raw, world.directory, at=NOW)
+    assert verified.digest == signed.digest
+    assert EnvelopeVerifier(world.directory).check(signed.raw, at=NOW).error is None
+    sealed = _seal(world, MessageKind.DELIVERY_RECEIPT, sender=world.sender(UZ), recipients=[KZ])
+    assert len(signed.raw) < len(sealed.raw) - 1000
+
+
+def test_a_signed_receipt_carries_its_payload_in_the_clear(world: World) -> None:
+    """What a signed envelope shows anyone is the payload's exact JSON (no personal data)."""
+    signed = _sign(world)
+    assert encode_payload(example(MessageKind.DELIVERY_RECEIPT)) in signed.raw
+
+
+@pytest.mark.parametrize("kind", [k for k in MessageKind if k is not MessageKind.DELIVERY_RECEIPT])
+def test_sign_refuses_every_kind_that_must_be_sealed(world: World, kind: MessageKind) -> None:
+    with pytest.raises(NotSealed, match="must be sealed"):
+        sign(
+            example(kind),
+            case=CASE,
+            sender=world.sender(KZ),
+            recipients=[UZ],
+            directory=world.directory,
+            seq=1,
+            now=NOW,
+        )
+
+
+def test_a_payload_of_personal_data_signed_in_the_clear_is_refused_before_its_signature(
+    world: World,
+) -> None:
+    """The attack: a legitimate sender signs a return request with its real key but leaves
+    it unencrypted. Every reader refuses it by its kind (`not_sealed`), before any key is
+    looked up, so a correct signature buys it nothing; a forged signature changes nothing."""
+    forged = _forge_signed(
+        world, _header(world), encode_payload(example(MessageKind.RETURN_REQUEST))
+    )
+    for attempt in (forged, forged[:-64] + bytes(64)):
+        with pytest.raises(NotSealed) as raised:
+            _open(world, attempt, UZ)
+        assert raised.value.reason == "not_sealed"
+        with pytest.raises(NotSealed):
+            verify_envelope(attempt, world.directory, at=NOW)
+        with pytest.raises(NotSealed):
+            read_header(attempt)
+        assert isinstance(EnvelopeVerifier(world.directory).check(attempt, at=NOW).error, NotSealed)
+
+
+def test_a_signed_envelope_under_the_sealed_context_fails_its_signature(world: World) -> None:
+    """The signature names the form: bytes signed as a sealed envelope never pass as signed."""
+    payload = encode_payload(example(MessageKind.DELIVERY_RECEIPT))
+    header = _signed_receipt_header(world)
+    assert (
+        _open(world, _forge_signed(world, header, payload), UZ).message.KIND == "delivery_receipt"
+    )
+    wrong = _forge_signed(world, header, payload, context=b"trm/v1 envelope\x00")
+    with pytest.raises(BadSignature):
+        _open(world, wrong, UZ)
+
+
+def test_every_byte_of_a_signed_envelope_is_covered(world: World) -> None:
+    """Flipping any byte of the header, the payload or the signature is refused."""
+    raw = _sign(world).raw
+    for index in range(8, len(raw)):
+        with pytest.raises(TrmError):
+            verify_envelope(_flip(raw, index), world.directory, at=NOW)
+
+
+def test_a_signed_envelope_is_opened_only_by_its_recipients(world: World) -> None:
+    with pytest.raises(NotAddressedToMe):
+        _open(world, _sign(world).raw, KG)
+
+
+@pytest.mark.parametrize("cut", [5, 9, 20, -65, -1])
+def test_a_truncated_signed_envelope_is_malformed(world: World, cut: int) -> None:
+    raw = _sign(world).raw
+    with pytest.raises(MalformedEnvelope, match="truncated"):
+        read_header(raw[:cut])
+
+
+def test_trailing_bytes_after_a_signed_envelope_are_malformed(world: World) -> None:
+    with pytest.raises(MalformedEnvelope, match="trailing"):
+        read_header(_sign(world).raw + b"\x00")
+
+
+def test_sign_refuses_an_unlisted_recipient_and_a_foreign_key(world: World) -> None:
+    with pytest.raises(UnknownParticipant):
+        _sign(world, recipients=["iom-xx"])
+    with pytest.raises(KeyNotValid):
+        _sign(world, sender=Sender(UZ, world.sender(UZ).kid, world.keys[KZ].sender(NOW).key))

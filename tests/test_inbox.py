@@ -25,8 +25,22 @@ from broker.database import (
     quarantine_table,
     receipts_table,
 )
-from broker.directory import Directory, KeyUse, load_directory, revoke_key, sign_directory
-from broker.envelope import OpenedEnvelope, SealedEnvelope, open_envelope, read_header, seal
+from broker.directory import (
+    Directory,
+    KeyUse,
+    load_directory,
+    next_body,
+    revoke_key,
+    sign_directory,
+)
+from broker.envelope import (
+    SIGNED_MAGIC,
+    OpenedEnvelope,
+    SealedEnvelope,
+    open_envelope,
+    read_header,
+    seal,
+)
 from broker.errors import CaseSystemError, ConfigError
 from broker.inbox import Inbox, Outcome
 from broker.outbox import Outbox, Relay
@@ -694,55 +708,96 @@ def _answered(engine: Engine) -> dict[str, str]:
     return found
 
 
-def test_sender_without_encryption_key_is_applied_and_its_receipt_waits(
+def test_a_sender_without_encryption_key_is_answered_at_once_by_a_signed_receipt(
     engine: Engine, network: Network, tmp_path: Path
 ) -> None:
     """In one batch: the envelope of a sender whose encryption key is revoked here is applied
-    with its receipt pending, the honest ones around it applied and answered; once a
-    directory lists a valid key the receipt is sealed, queued once, and opens for the sender."""
+    and answered like the honest ones around it, nothing pending: a receipt is signed, not
+    sealed, so it needs no key of the sender's. It opens for the sender under either
+    directory, and its payload is readable in the clear by anyone."""
     inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
     revoked = _without_encryption_key(network, KZ)
     inbox.directory = lambda: revoked
     honest = [_referral(network, f"{NGO}.R-{i}") for i in (1, 2)]
-    blocked = request(network)
+    answered_late = request(network)
     batch = [
         _delivery(honest[0].raw, NGO, 1),
-        _delivery(blocked.raw, KZ, 2),
+        _delivery(answered_late.raw, KZ, 2),
         _delivery(honest[1].raw, NGO, 3),
     ]
-    with capture_logs() as logs:
-        results = inbox.handle_batch(batch)
+    results = inbox.handle_batch(batch)
     assert [r.outcome for r in results] == [Outcome.APPLIED] * 3
-    assert {row.envelope_id for row in rows(engine, inbox_table)} == {
-        str(e.id) for e in (*honest, blocked)
+    assert _answered(engine) == {
+        **{str(e.id): NGO for e in honest},
+        str(answered_late.id): KZ,
     }
-    assert (tmp_path / "inbox" / f"{blocked.id}.json").exists()
-    assert _answered(engine) == {str(e.id): NGO for e in honest}
-    [pending] = rows(engine, pending_receipts_table)
-    assert (pending.envelope_id, pending.recipient, pending.case_ref) == (str(blocked.id), KZ, CASE)
-    assert (pending.reason, pending.queued_at, pending.attempts) == ("key_not_valid", None, 0)
-    assert pending.digest == blocked.digest
-    [logged] = [e for e in logs if e["event"] == "inbox.receipt_pending"]
-    assert (logged["envelope_id"], logged["participant"]) == (str(blocked.id), KZ)
+    assert rows(engine, pending_receipts_table) == []
+    [receipt] = [
+        m for m in Outbox(engine).pending() if read_header(m.body).reply_to == answered_late.id
+    ]
+    assert receipt.body[:4] == SIGNED_MAGIC
+    assert answered_late.digest.encode() in receipt.body, "the payload travels in the clear"
+    for directory in (revoked, network.directory):
+        opened = open_envelope(receipt.body, recipient=network.recipient(KZ), directory=directory)
+        assert isinstance(opened.message, DeliveryReceipt)
+        assert (opened.message.envelope_id, opened.message.digest) == (
+            answered_late.id,
+            answered_late.digest,
+        )
 
-    assert inbox.retry_receipts() == 0, "still no key: nothing sealed"
+
+def _without_participant(network: Network, participant: str) -> Directory:
+    """`network`'s directory, the next serial, no longer listing `participant`."""
+    body = network.directory.body
+    kept = tuple(p for p in body.participants if p.id != participant)
+    signed = sign_directory(next_body(body, kept, now=datetime.now(UTC)), network.authority)
+    return load_directory(signed, authority=network.authority.public_key())
+
+
+def test_a_pending_receipt_waits_while_its_recipient_is_unlisted_then_goes_signed(
+    engine: Engine, network: Network, tmp_path: Path
+) -> None:
+    """A receipt an older adapter left pending (its recipient had no encryption key then)
+    waits, its attempts counted, while the directory does not list the recipient; once one
+    does, it is signed, queued once, and opens for the recipient."""
+    inbox = make_inbox(engine, network, UZ, tmp_path / "inbox")
+    blocked = request(network)
+    assert inbox.handle(blocked.raw, KZ).outcome is Outcome.APPLIED
+    [answer] = [m for m in Outbox(engine).pending() if read_header(m.body).reply_to == blocked.id]
+    with engine.begin() as conn:  # as the older adapter left it: applied, never answered
+        conn.execute(outbox_table.delete().where(outbox_table.c.envelope_id == answer.envelope_id))
+        conn.execute(
+            pending_receipts_table.insert(),
+            {
+                "envelope_id": str(blocked.id),
+                "case_ref": CASE,
+                "recipient": KZ,
+                "digest": blocked.digest,
+                "received_at": datetime.now(UTC),
+                "applied_at": datetime.now(UTC),
+                "reason": "key_not_valid",
+                "last_error": "no valid encryption key",
+                "attempts": 0,
+            },
+        )
+    unlisted = _without_participant(network, KZ)
+    inbox.directory = lambda: unlisted
+    assert inbox.retry_receipts() == 0, "not listed: nothing signed"
     [still] = rows(engine, pending_receipts_table)
-    assert (still.attempts, still.queued_at) == (1, None)
+    assert (still.attempts, still.queued_at, still.reason) == (1, None, "unknown_participant")
+    assert blocked.id not in {read_header(m.body).reply_to for m in Outbox(engine).pending()}
 
-    inbox.directory = lambda: network.directory  # a directory listing a valid key
+    inbox.directory = lambda: network.directory
     assert inbox.retry_receipts() == 1
     assert inbox.retry_receipts() == 0, "queued once"
-    answered = _answered(engine)
-    assert answered[str(blocked.id)] == KZ
     [late] = [m for m in Outbox(engine).pending() if read_header(m.body).reply_to == blocked.id]
+    assert late.body[:4] == SIGNED_MAGIC
     opened = open_envelope(late.body, recipient=network.recipient(KZ), directory=network.directory)
     assert isinstance(opened.message, DeliveryReceipt)
     assert (opened.message.envelope_id, opened.message.digest) == (blocked.id, blocked.digest)
-    assert opened.message.applied_at == pending.applied_at
+    assert opened.message.applied_at == still.applied_at
     [done] = rows(engine, pending_receipts_table)
     assert done.queued_at is not None and done.receipt_id == late.envelope_id
-    assert inbox.handle(blocked.raw, KZ, redelivered=True).outcome is Outcome.DUPLICATE
-    assert len(rows(engine, pending_receipts_table)) == 1
 
 
 @pytest.mark.rabbitmq

@@ -37,7 +37,7 @@ from broker.directory import (
     load_directory,
     sign_directory,
 )
-from broker.envelope import Recipient, open_envelope, seal
+from broker.envelope import Recipient, open_envelope, seal, sign
 from broker.errors import TrmError
 from broker.keys import Sender
 from schemas.base import MessageKind
@@ -231,6 +231,23 @@ def forge(
     return body + _crypto.sign(key, b"trm/v1 envelope\x00" + body)
 
 
+def forge_signed(
+    head: dict[str, Any],
+    payload: bytes,
+    *,
+    context: bytes = b"trm/v1 signed envelope\x00",
+) -> bytes:
+    """A signed (not sealed) envelope built from the primitives, as docs/envelope.md lays it out.
+
+    `context` is the signature's domain separation string, the sealed form's to forge one
+    signed under the wrong form.
+    """
+    header_bytes = json.dumps(head, separators=(",", ":")).encode()
+    body = b"TRS1" + struct.pack(">I", len(header_bytes)) + header_bytes
+    body += struct.pack(">I", len(payload)) + payload
+    return body + _crypto.sign(SIGNING[(KZ, "iom-kz-s-1")][0], context + body)
+
+
 def with_entry_count(raw: bytes, count: int) -> bytes:
     """`raw` with its key entries cut and the count in their place saying `count`."""
     (header_len,) = struct.unpack_from(">I", raw, 4)
@@ -278,6 +295,22 @@ def sealed(
     ).raw
 
 
+def signed(kind: MessageKind, sender: str, recipients: list[str], *, seq: int = 1) -> bytes:
+    """An envelope made by `sign` at SENT_AT with the sender's first signing key."""
+    directory = load_directory(directory_json(), authority=AUTHORITY.public_key())
+    kid = next(k for (p, k) in SIGNING if p == sender)
+    return sign(
+        example(kind),
+        case=CASE,
+        sender=Sender(sender, kid, SIGNING[(sender, kid)][0]),
+        recipients=recipients,
+        directory=directory,
+        seq=seq,
+        now=SENT_AT,
+        envelope_id=envelope_id(SENT_AT, seq),
+    ).raw
+
+
 def directory_json() -> bytes:
     """The signed directory file."""
     return sign_directory(directory_body(), AUTHORITY)
@@ -304,14 +337,42 @@ VALID: dict[str, tuple[str, Callable[[], bytes], list[str]]] = {
         lambda: sealed(MessageKind.DELIVERY_RECEIPT, UZ, [NGO]),
         [NGO],
     ),
+    "delivery-receipt-signed": (
+        "UZ mission to the KZ mission, signed and not sealed: the payload in the clear",
+        lambda: signed(MessageKind.DELIVERY_RECEIPT, UZ, [KZ]),
+        [KZ],
+    ),
 }
 
 PAYLOAD = encode_payload(example(MessageKind.RETURN_REQUEST))
 _BASE = forge(header(), PAYLOAD)
 _SIG = len(_BASE) - 64
+_RECEIPT = encode_payload(example(MessageKind.DELIVERY_RECEIPT))
+_SIGNED_RECEIPT = header(kind="delivery_receipt", recipients=[UZ])
 
 # name -> (description, bytes, opener, amqp_user_id, error class name)
 INVALID: dict[str, tuple[str, Callable[[], bytes], str, str | None, str]] = {
+    "signed-return-request": (
+        "a return request signed by its sender but not sealed: only receipts may be",
+        lambda: forge_signed(header(), PAYLOAD),
+        UZ,
+        None,
+        "NotSealed",
+    ),
+    "signed-payload-flipped": (
+        "a signed receipt with one bit of its clear payload flipped",
+        lambda: flip(forge_signed(_SIGNED_RECEIPT, _RECEIPT), -70),
+        UZ,
+        None,
+        "BadSignature",
+    ),
+    "signed-under-sealed-context": (
+        "a signed receipt whose signature uses the sealed form's context string",
+        lambda: forge_signed(_SIGNED_RECEIPT, _RECEIPT, context=b"trm/v1 envelope\x00"),
+        UZ,
+        None,
+        "BadSignature",
+    ),
     "bad-magic": ("magic is TRM2", lambda: b"TRM2" + _BASE[4:], UZ, None, "MalformedEnvelope"),
     "truncated-signature": (
         "last byte of the signature missing",
