@@ -60,7 +60,14 @@ def build_harness(root: Path) -> Harness:
         parse_unverified,
         sign_directory,
     )
-    from broker.envelope import Recipient, open_envelope, read_header, seal, verify_envelope
+    from broker.envelope import (
+        Recipient,
+        open_envelope,
+        read_header,
+        seal,
+        sign,
+        verify_envelope,
+    )
     from broker.errors import TrmError
     from broker.keys import init_participant, load_keys
     from campaigns.hostile import forge
@@ -102,6 +109,17 @@ def build_harness(root: Path) -> Harness:
             ]
         )
     ]
+    envelopes.append(
+        sign(
+            example(MessageKind.DELIVERY_RECEIPT),
+            case="iom-kz.KZ-2026-0042",
+            sender=sender,
+            recipients=("iom-uz",),
+            directory=directory,
+            seq=len(envelopes) + 1,
+            now=NOW,
+        ).raw
+    )
 
     def fuzz_envelope(data: bytes) -> None:
         for attempt in (

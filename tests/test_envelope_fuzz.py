@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 
 from broker import _crypto
 from broker.directory import Directory, DirectoryBody, Role, load_directory, sign_directory
-from broker.envelope import Recipient, open_envelope, read_header, seal, verify_envelope
+from broker.envelope import (
+    SIGNED_CONTEXT,
+    Recipient,
+    open_envelope,
+    read_header,
+    seal,
+    sign,
+    verify_envelope,
+)
 from broker.errors import TrmError
 from broker.keys import init_participant, load_keys
 from schemas.base import MessageKind
@@ -35,6 +43,8 @@ class Target:
     directory: Directory
     recipient: Recipient
     signer: Ed25519PrivateKey
+    signed: bytes
+    """A delivery receipt in the signed form, from the same sender to the same recipient."""
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +73,18 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Target:
         now=NOW,
         allow_classical=True,  # both suites' key entries are what the fuzzer mutates
     )
+    receipt = sign(
+        example(MessageKind.DELIVERY_RECEIPT),
+        case="iom-kz.KZ-2026-0042",
+        sender=load_keys(root / "kz").sender(NOW),
+        recipients=["iom-uz"],
+        directory=directory,
+        seq=2,
+        now=NOW,
+    )
     recipient = Recipient("iom-uz", load_keys(root / "uz").decryption)
-    return Target(sealed.raw, directory, recipient, load_keys(root / "kz").sender(NOW).key)
+    signer = load_keys(root / "kz").sender(NOW).key
+    return Target(sealed.raw, directory, recipient, signer, receipt.raw)
 
 
 def _check(target: Target, data: bytes) -> None:
@@ -128,11 +148,25 @@ def test_mutated_then_resigned_envelopes_raise_only_trm_errors(
 
 
 @FUZZ
+@given(data=st.data())
+def test_mutated_signed_envelopes_raise_only_trm_errors(
+    target: Target, data: st.DataObject
+) -> None:
+    """The same mutations of a signed receipt, as they are and re-signed by the real sender
+    under the signed form's context, raise only TrmError."""
+    mutated = data.draw(mutations(target.signed))
+    _check(target, mutated)
+    body = data.draw(mutations(target.signed[:-64]))
+    _check(target, body + target.signer.sign(SIGNED_CONTEXT + body))
+
+
+@FUZZ
 @given(noise=st.binary(max_size=4096))
 def test_random_bytes_raise_only_trm_errors(target: Target, noise: bytes) -> None:
-    """Arbitrary bytes, with or without the magic, raise only TrmError."""
+    """Arbitrary bytes, with or without either form's magic, raise only TrmError."""
     _check(target, noise)
     _check(target, b"TRM1" + noise)
+    _check(target, b"TRS1" + noise)
 
 
 @FUZZ
