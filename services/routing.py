@@ -85,11 +85,11 @@ DirectorySource = Callable[[], Directory]
 # SQLite's BEGIN IMMEDIATE already does.
 _PG_ROUTING_LOCK = 0x74726D52
 TIMER_TICK = 0.5
+"""Seconds between checks of the deadline and checkpoint timers."""
 DEFAULT_BATCH = 100
+"""Deliveries logged in one transaction at most (those the prefetch window already holds)."""
 _ID_CHUNK = 500
 """Envelope ids per IN (...) list, well under every backend's parameter limit."""
-"""Deliveries logged in one transaction at most (those the prefetch window already holds)."""
-"""Seconds between checks of the deadline and checkpoint timers."""
 
 
 def utc_now() -> datetime:
