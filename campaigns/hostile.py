@@ -27,7 +27,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import _crypto
 from broker.directory import Directory
-from broker.envelope import MAX_ENVELOPE_BYTES, SealedEnvelope, new_envelope_id, seal
+from broker.envelope import (
+    MAX_ENVELOPE_BYTES,
+    SIGNED_CONTEXT,
+    SealedEnvelope,
+    new_envelope_id,
+    seal,
+)
 from broker.errors import EnvelopeError, TrmError
 from broker.keys import ParticipantKeys, load_keys
 from broker.topology import inbox_queue
@@ -309,10 +315,20 @@ class _Maker:
         expected = frozenset({"not_addressed_to_me"})
         return Hostile("not_addressed", body, expected, self.cast.sender_id)
 
+    def unsealed(self) -> Hostile:
+        # The sender's own key signs a return request in the signed form, payload in the clear.
+        header_bytes = json.dumps(self._header(), separators=(",", ":")).encode()
+        payload = self._payload()
+        body = b"TRS1" + struct.pack(">I", len(header_bytes)) + header_bytes
+        body += struct.pack(">I", len(payload)) + payload
+        _, key = self.cast.signing_key(self.cast.sender)
+        body += _crypto.sign(key, SIGNED_CONTEXT + body)
+        return Hostile("not_sealed", body, frozenset({"not_sealed"}), self.cast.sender_id)
+
     def garbage(self) -> Hostile:
         body = self.rng.randbytes(self.rng.randint(0, 2048))
         if self.rng.random() < 0.5:
-            body = b"TRM1" + body
+            body = self.rng.choice([b"TRM1", b"TRS1"]) + body
         return Hostile("random_bytes", body, frozenset({"malformed"}), self.cast.sender_id)
 
     def _next(self) -> int:
@@ -335,6 +351,7 @@ FAMILIES = (
     "no_user_id",
     "unknown_sender",
     "not_addressed",
+    "unsealed",
     "garbage",
 )
 OVERSIZE_EVERY = 100
@@ -356,7 +373,7 @@ def hostile_stream(
     maker = _Maker(cast, rng)
     items: list[Valid | Hostile] = []
     replays: list[Hostile] = []
-    made = 0
+    made = picked = 0
     seq = OPENING_SEQ - 1
     seen: set[bytes] = set()
     while made < hostile:
@@ -373,7 +390,10 @@ def hostile_stream(
         elif made % OVERSIZE_EVERY == OVERSIZE_EVERY - 1:
             items.append(maker.oversize())
         else:
-            family = FAMILIES[made % len(FAMILIES)]
+            # A count of its own: taken from `made`, the slots the replays fill would
+            # skip the same families every time whenever their number is even.
+            family = FAMILIES[picked % len(FAMILIES)]
+            picked += 1
             item: Hostile = getattr(maker, family)()
             # Identical bytes would count as a redelivery of one quarantined envelope.
             for _ in range(100):
