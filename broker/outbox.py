@@ -51,8 +51,6 @@ NOTIFY_CHANNEL = "trm_outbox"
 """The PostgreSQL channel `Outbox.add` notifies in the sender's transaction."""
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
-MARKING_WINDOWS = 4
-"""Confirmed windows the relay keeps publishing past while they wait to be marked sent."""
 
 
 _t = outbox_table.c
@@ -347,28 +345,10 @@ class Relay:
 
         On a transport failure the batch stays pending, its attempt is counted
         and the error is raised; the next call sends the same envelopes again.
-        The batch is marked sent before this returns.
         """
-        ids = self._publish(self.outbox.pending(self.batch))
-        if ids:
-            self.outbox.mark_sent(ids, self.clock(), self.awaiting)
-            log.debug("relay.sent", count=len(ids), first_envelope_id=ids[0])
-        return len(ids)
-
-    def _publish_past(self, marker: Marker) -> int:
-        """`run_once`, leaving the marking to `marker` and the windows it holds unsent again."""
-        marker.wait_below(MARKING_WINDOWS)
-        held = marker.held()
-        pending = self.outbox.pending(self.batch + len(held))
-        ids = self._publish([m for m in pending if m.envelope_id not in held][: self.batch])
-        if ids:
-            marker.mark(ids, self.clock())
-        return len(ids)
-
-    def _publish(self, batch: Sequence[Outgoing]) -> list[str]:
-        """Publish `batch` and wait for its confirms; the ids confirmed."""
+        batch = self.outbox.pending(self.batch)
         if not batch:
-            return []
+            return 0
         ids = [m.envelope_id for m in batch]
         try:
             self.publisher.publish(batch)
@@ -376,7 +356,9 @@ class Relay:
             self.outbox.record_failure(ids, f"{e.reason}: {e}")
             raise
         fault_point("relay.after_confirm")
-        return ids
+        self.outbox.mark_sent(ids, self.clock(), self.awaiting)
+        log.debug("relay.sent", count=len(ids), first_envelope_id=ids[0])
+        return len(ids)
 
     def resend_once(self) -> int:
         """Resend one batch of envelopes whose receipts are overdue; return the waits handled.
@@ -408,18 +390,14 @@ class Relay:
 
         When idle it waits for `wake` (set by senders in this process), for a
         commit by another process (`CommitWatch`, checked every `WATCH_TICK`)
-        or at most `IDLE_POLL` before scanning the outbox again. Confirmed
-        windows are marked sent by a `Marker` while the relay publishes the
-        next: the commit that marks them is off the path of every envelope
-        written meanwhile. They are all marked before this returns.
+        or at most `IDLE_POLL` before scanning the outbox again.
         """
         backoff = self.retry_delay
         watch = CommitWatch(self.outbox.engine)
-        marker = Marker(self.outbox, self.awaiting)
         try:
             while not stop.is_set():
                 try:
-                    busy = self._publish_past(marker) + self._resend_when_due()
+                    busy = self.run_once() + self._resend_when_due()
                     backoff = self.retry_delay
                     if busy:
                         continue
@@ -429,7 +407,6 @@ class Relay:
                     stop.wait(backoff)
                     backoff = min(backoff * 2, self.max_retry_delay)
         finally:
-            marker.close()
             watch.close()
 
     @staticmethod
@@ -444,75 +421,6 @@ class Relay:
                 return
             if watch.changed():
                 return
-
-
-class Marker:
-    """Marks confirmed windows sent on a thread of its own, in the order they were confirmed.
-
-    The relay hands it each window the broker confirmed and goes on
-    publishing; until a window's commit, `held` names its envelopes so that
-    the relay does not publish them again. A window whose marking fails is
-    logged and let go: it is still pending in the outbox, so the relay
-    publishes it again and its recipients absorb the copy as a duplicate, as
-    after a crash between the confirm and the mark.
-    """
-
-    def __init__(self, outbox: Outbox, awaiting: AwaitingReceipts | None) -> None:
-        self.outbox = outbox
-        self.awaiting = awaiting
-        self._windows: list[tuple[list[str], datetime]] = []
-        self._held: set[str] = set()
-        self._closing = False
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="trm-relay-marker", daemon=True)
-        self._thread.start()
-
-    def mark(self, envelope_ids: list[str], at: datetime) -> None:
-        """Mark these envelopes, confirmed `at`, sent; return at once."""
-        with self._changed:
-            self._windows.append((envelope_ids, at))
-            self._held.update(envelope_ids)
-            self._changed.notify_all()
-
-    def held(self) -> frozenset[str]:
-        """The envelopes confirmed and not yet marked sent."""
-        with self._changed:
-            return frozenset(self._held)
-
-    def wait_below(self, windows: int) -> None:
-        """Return once fewer than `windows` windows wait to be marked."""
-        with self._changed:
-            self._changed.wait_for(lambda: len(self._windows) < windows)
-
-    def close(self) -> None:
-        """Mark every window handed over so far, then stop the thread."""
-        with self._changed:
-            self._closing = True
-            self._changed.notify_all()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: bool(self._windows) or self._closing)
-                if not self._windows:
-                    return
-                envelope_ids, at = self._windows[0]
-            try:
-                self.outbox.mark_sent(envelope_ids, at, self.awaiting)
-                log.debug("relay.sent", count=len(envelope_ids), first_envelope_id=envelope_ids[0])
-            except StorageError as e:
-                log.warning(
-                    "relay.mark_failed", reason=e.reason, error=str(e), count=len(envelope_ids)
-                )
-            except Exception:
-                # Let the window go all the same: a thread that died here would
-                # leave the relay waiting for it for good.
-                log.exception("relay.mark_failed", count=len(envelope_ids))
-            with self._changed:
-                self._windows.pop(0)
-                self._held.difference_update(envelope_ids)
-                self._changed.notify_all()
 
 
 class CommitWatch:

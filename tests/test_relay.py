@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -20,13 +19,7 @@ from adapters.casesystem import FileCaseSystem
 from broker.database import open_database, outbox_table
 from broker.directory import Role
 from broker.envelope import SealedEnvelope, seal
-from broker.errors import (
-    BrokerUnavailable,
-    ConfigError,
-    PublishFailed,
-    StorageError,
-    TransportError,
-)
+from broker.errors import BrokerUnavailable, ConfigError, PublishFailed, TransportError
 from broker.inbox import Inbox, Outcome
 from broker.management import ManagementClient
 from broker.outbox import CommitWatch, Outbox, Relay
@@ -214,101 +207,6 @@ def test_wake_sends_promptly(engine: Engine, network: Network) -> None:
         stop.set()
         thread.join(timeout=10)
     assert broker.confirmed[0].envelope_id == str(envelope.id)
-
-
-class _HeldMarks(Outbox):
-    """An outbox whose first `mark_sent` waits for `release`, or fails if `fail` is set."""
-
-    def __init__(self, engine: Engine, *, fail: bool = False) -> None:
-        super().__init__(engine)
-        self.release = threading.Event()
-        self.marking = threading.Event()
-        self.fail = fail
-        self.calls = 0
-
-    def mark_sent(self, *args: Any, **kwargs: Any) -> None:
-        self.calls += 1
-        if self.calls == 1:
-            self.marking.set()
-            if self.fail:
-                raise StorageError("the disk is full (injected)")
-            assert self.release.wait(10), "released by the test"
-        super().mark_sent(*args, **kwargs)
-
-
-def _running(relay: Relay, stop: threading.Event, wake: threading.Event) -> threading.Thread:
-    thread = threading.Thread(target=relay.run, args=(stop, wake))
-    thread.start()
-    return thread
-
-
-def test_the_relay_publishes_past_a_window_still_being_marked(
-    engine: Engine, network: Network
-) -> None:
-    """While the commit that marks one confirmed window sent is held up, the relay publishes
-    the next envelope and never the held one again; both are marked once it is released."""
-    outbox, broker = _HeldMarks(engine), MemoryBroker()
-    stop, wake = threading.Event(), threading.Event()
-    thread = _running(Relay(outbox, broker.publisher(KZ)), stop, wake)
-    try:
-        first = send(outbox, network)
-        wake.set()
-        assert outbox.marking.wait(10)
-        second = send(outbox, network)
-        wake.set()
-        wait_for(lambda: len(broker.confirmed) == 2)
-        assert outbox.status().sent == 0, "the first window's mark is still held"
-        outbox.release.set()
-        wait_for(lambda: outbox.status().sent == 2)
-    finally:
-        outbox.release.set()
-        stop.set()
-        thread.join(timeout=10)
-    assert not thread.is_alive()
-    assert [m.envelope_id for m in broker.confirmed] == [str(first.id), str(second.id)]
-
-
-def test_a_window_whose_mark_fails_is_published_again_never_lost(
-    engine: Engine, network: Network
-) -> None:
-    """A failed mark leaves the window pending: the relay publishes it again (a duplicate the
-    recipient absorbs) and marks it then."""
-    outbox, broker = _HeldMarks(engine, fail=True), MemoryBroker()
-    envelope = send(outbox, network)
-    stop, wake = threading.Event(), threading.Event()
-    with capture_logs() as logs:
-        thread = _running(Relay(outbox, broker.publisher(KZ)), stop, wake)
-        try:
-            wait_for(lambda: outbox.status().sent == 1)
-        finally:
-            stop.set()
-            thread.join(timeout=10)
-    assert not thread.is_alive()
-    assert [m.envelope_id for m in broker.confirmed] == [str(envelope.id)] * 2
-    [failed] = [e for e in logs if e["event"] == "relay.mark_failed"]
-    assert failed["reason"] == "storage"
-
-
-def test_a_stopped_relay_returns_only_once_its_confirmed_windows_are_marked(
-    engine: Engine, network: Network
-) -> None:
-    """Stopping the relay while a mark is held: `run` waits for it, then returns."""
-    outbox, broker = _HeldMarks(engine), MemoryBroker()
-    send(outbox, network)
-    stop, wake = threading.Event(), threading.Event()
-    thread = _running(Relay(outbox, broker.publisher(KZ)), stop, wake)
-    try:
-        assert outbox.marking.wait(10)
-        stop.set()
-        assert outbox.status().sent == 0
-        outbox.release.set()
-        thread.join(timeout=10)
-    finally:
-        outbox.release.set()
-        stop.set()
-        thread.join(timeout=10)
-    assert not thread.is_alive()
-    assert outbox.status().sent == 1 and outbox.pending() == []
 
 
 def test_commit_watch_sees_a_commit_by_another_connection(engine: Engine, network: Network) -> None:
