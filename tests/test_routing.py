@@ -31,7 +31,14 @@ from broker.directory import (
     revoke_key,
     sign_directory,
 )
-from broker.envelope import EnvelopeVerifier, Recipient, open_envelope, read_header, seal
+from broker.envelope import (
+    EnvelopeVerifier,
+    Recipient,
+    open_envelope,
+    read_header,
+    seal,
+    sign,
+)
 from broker.errors import StorageError
 from broker.keys import (
     ParticipantKeys,
@@ -45,8 +52,10 @@ from broker.outbox import Outbox
 from broker.testing import capture_logs
 from broker.transport import Delivery
 from schemas.base import MessageKind
+from schemas.control import DeliveryReceipt
 from schemas.control import Reminder as ReminderMessage
 from schemas.examples import EXAMPLE_PERSON_NAME, example
+from schemas.registry import encode_payload
 from services.audit import diff_states, replay_export
 from services.auditlog import AuditLog, log_entries_table
 from services.cases import CaseState, Stage
@@ -266,6 +275,52 @@ def test_forged_and_malformed_envelopes_are_logged_as_rejected(
     assert log.entry(0).envelope == forged
     # The genuine envelope from its genuine sender is still accepted afterwards.
     assert svc.receive(raw, user_id=KZ).stage is Stage.REQUESTED
+
+
+def test_a_signed_receipt_is_logged_and_a_signed_return_request_is_rejected_unsealed(
+    world: World, engine: sa.Engine
+) -> None:
+    """The routing service logs a receipt in the signed form as verified and tracks it; a
+    return request signed by its real sender but not sealed is logged as rejected:not_sealed
+    and opens no case."""
+    clock = Clock(T0)
+    svc = service(world, engine, clock)
+    request = world.seal(K.RETURN_REQUEST, KZ, (UZ,), seq=1, at=T0)
+    assert svc.receive(request, user_id=KZ).verification == "ok"
+    request_id = str(read_header(request).id)
+    before = CaseStore(engine).get(CASE)
+    assert before is not None and before.pending_receipts[request_id] == {UZ}
+    receipt = sign(
+        DeliveryReceipt(
+            envelope_id=read_header(request).id,
+            digest=hashlib.sha256(request).hexdigest(),
+            received_at=T0,
+            applied_at=T0,
+        ),
+        case=CASE,
+        sender=world.keys[UZ].sender(T0),
+        recipients=[KZ],
+        directory=world.directory,
+        seq=1,
+        reply_to=read_header(request).id,
+        now=T0,
+    ).raw
+    assert receipt[:4] == b"TRS1"
+    assert svc.receive(receipt, user_id=UZ).verification == "ok"
+    after = CaseStore(engine).get(CASE)
+    assert after is not None and request_id not in after.pending_receipts
+
+    other = "iom-kz.KZ-2026-0077"
+    sealed = world.seal(K.RETURN_REQUEST, KZ, (UZ,), seq=1, at=T0, case=other)
+    header_bytes = sealed[8 : 8 + int.from_bytes(sealed[4:8], "big")]
+    payload = encode_payload(example(K.RETURN_REQUEST))
+    body = b"TRS1" + len(header_bytes).to_bytes(4, "big") + header_bytes
+    body += len(payload).to_bytes(4, "big") + payload
+    unsealed = body + world.keys[KZ].sender(T0).key.sign(envelope.SIGNED_CONTEXT + body)
+    outcome = svc.receive(unsealed, user_id=KZ)
+    assert outcome.verification == "rejected:not_sealed"
+    assert CaseStore(engine).get(other) is None
+    assert log_size(engine) == 3
 
 
 def test_key_revoked_in_a_newly_installed_directory_is_refused(
