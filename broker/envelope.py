@@ -230,17 +230,10 @@ def seal(
     (ClassicalDowngrade) unless `allow_classical`, which accepts that every
     recipient's copy is then only as strong as X25519.
     """
-    moment = _stamp(now)
-    header = _new_header(
-        message,
-        case=case,
-        sender=_checked_sender(sender, directory, moment),
-        recipients=recipients,
-        seq=seq,
-        reply_to=reply_to,
-        sent_at=moment,
-        envelope_id=envelope_id or new_envelope_id(moment),
+    header = _stamped_header(
+        message, case, sender, recipients, directory, seq, reply_to, now, envelope_id
     )
+    moment = header.sent_at
     header_bytes = header.model_dump_json().encode()
     keys = [(rid, *directory.encryption_key(rid, moment)) for rid in header.recipients]
     if not allow_classical:
@@ -275,16 +268,8 @@ def sign(
     """
     if message.KIND not in SIGNED_KINDS:
         raise NotSealed(f"cannot sign a {message.KIND} in the clear: it must be sealed")
-    moment = _stamp(now)
-    header = _new_header(
-        message,
-        case=case,
-        sender=_checked_sender(sender, directory, moment),
-        recipients=recipients,
-        seq=seq,
-        reply_to=reply_to,
-        sent_at=moment,
-        envelope_id=envelope_id or new_envelope_id(moment),
+    header = _stamped_header(
+        message, case, sender, recipients, directory, seq, reply_to, now, envelope_id
     )
     for rid in header.recipients:
         directory.participant(rid)  # an unlisted recipient is refused, as `seal` refuses it
@@ -296,21 +281,39 @@ def sign(
     return _signed_by(sender, header, signed, SIGNED_CONTEXT)
 
 
-def _stamp(now: datetime | None) -> datetime:
-    """`now` (default: the clock) to the millisecond, the precision of a UUIDv7's time."""
+def _stamped_header(
+    message: Message,
+    case: str,
+    sender: Sender,
+    recipients: Sequence[str],
+    directory: Directory,
+    seq: int,
+    reply_to: UUID | None,
+    now: datetime | None,
+    envelope_id: UUID | None,
+) -> EnvelopeHeader:
+    """The header of a new envelope sent `now` (to the millisecond, a UUIDv7's precision).
+
+    The sender's key must be the directory's valid key of that id then.
+    """
     moment = _utc(now)
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-
-
-def _checked_sender(sender: Sender, directory: Directory, at: datetime) -> Sender:
-    """`sender`, once its key is the directory's valid key of that id at `at`."""
-    public = directory.signing_key(sender.participant, sender.kid, used_at=at)
+    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+    public = directory.signing_key(sender.participant, sender.kid, used_at=moment)
     if _crypto.raw_public(public) != _crypto.raw_public(sender.key.public_key()):
         raise KeyNotValid(
             f"the private key {sender.kid!r} of {sender.participant!r} does not match the "
             "directory's public key of that id: load the keys the directory lists"
         )
-    return sender
+    return _new_header(
+        message,
+        case=case,
+        sender=sender,
+        recipients=recipients,
+        seq=seq,
+        reply_to=reply_to,
+        sent_at=moment,
+        envelope_id=envelope_id or new_envelope_id(moment),
+    )
 
 
 def _signed_by(
