@@ -230,8 +230,16 @@ def seal(
     (ClassicalDowngrade) unless `allow_classical`, which accepts that every
     recipient's copy is then only as strong as X25519.
     """
-    header = _stamped_header(
-        message, case, sender, recipients, directory, seq, reply_to, now, envelope_id
+    header = _new_header(
+        message,
+        case=case,
+        sender=sender,
+        recipients=recipients,
+        directory=directory,
+        seq=seq,
+        reply_to=reply_to,
+        now=now,
+        envelope_id=envelope_id,
     )
     moment = header.sent_at
     header_bytes = header.model_dump_json().encode()
@@ -268,8 +276,16 @@ def sign(
     """
     if message.KIND not in SIGNED_KINDS:
         raise NotSealed(f"cannot sign a {message.KIND} in the clear: it must be sealed")
-    header = _stamped_header(
-        message, case, sender, recipients, directory, seq, reply_to, now, envelope_id
+    header = _new_header(
+        message,
+        case=case,
+        sender=sender,
+        recipients=recipients,
+        directory=directory,
+        seq=seq,
+        reply_to=reply_to,
+        now=now,
+        envelope_id=envelope_id,
     )
     for rid in header.recipients:
         directory.participant(rid)  # an unlisted recipient is refused, as `seal` refuses it
@@ -279,41 +295,6 @@ def sign(
         [SIGNED_MAGIC, _U32.pack(len(header_bytes)), header_bytes, _U32.pack(len(payload)), payload]
     )
     return _signed_by(sender, header, signed, SIGNED_CONTEXT)
-
-
-def _stamped_header(
-    message: Message,
-    case: str,
-    sender: Sender,
-    recipients: Sequence[str],
-    directory: Directory,
-    seq: int,
-    reply_to: UUID | None,
-    now: datetime | None,
-    envelope_id: UUID | None,
-) -> EnvelopeHeader:
-    """The header of a new envelope sent `now` (to the millisecond, a UUIDv7's precision).
-
-    The sender's key must be the directory's valid key of that id then.
-    """
-    moment = _utc(now)
-    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-    public = directory.signing_key(sender.participant, sender.kid, used_at=moment)
-    if _crypto.raw_public(public) != _crypto.raw_public(sender.key.public_key()):
-        raise KeyNotValid(
-            f"the private key {sender.kid!r} of {sender.participant!r} does not match the "
-            "directory's public key of that id: load the keys the directory lists"
-        )
-    return _new_header(
-        message,
-        case=case,
-        sender=sender,
-        recipients=recipients,
-        seq=seq,
-        reply_to=reply_to,
-        sent_at=moment,
-        envelope_id=envelope_id or new_envelope_id(moment),
-    )
 
 
 def _signed_by(
@@ -365,21 +346,34 @@ def _new_header(
     case: str,
     sender: Sender,
     recipients: Sequence[str],
+    directory: Directory,
     seq: int,
     reply_to: UUID | None,
-    sent_at: datetime,
-    envelope_id: UUID,
+    now: datetime | None,
+    envelope_id: UUID | None,
 ) -> EnvelopeHeader:
+    """The header of a new envelope sent `now` (to the millisecond, a UUIDv7's precision).
+
+    The sender's key must be the directory's valid key of that id then.
+    """
+    moment = _utc(now)
+    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+    public = directory.signing_key(sender.participant, sender.kid, used_at=moment)
+    if _crypto.raw_public(public) != _crypto.raw_public(sender.key.public_key()):
+        raise KeyNotValid(
+            f"the private key {sender.kid!r} of {sender.participant!r} does not match the "
+            "directory's public key of that id: load the keys the directory lists"
+        )
     try:
         return EnvelopeHeader(
-            id=envelope_id,
+            id=envelope_id or new_envelope_id(moment),
             kind=message.KIND,
             schema_version=message.VERSION,
             case=case,
             sender=sender.participant,
             sender_key=sender.kid,
             recipients=tuple(recipients),
-            sent_at=sent_at,
+            sent_at=moment,
             seq=seq,
             reply_to=reply_to,
         )
