@@ -37,7 +37,7 @@ from broker.directory import (
     load_directory,
     sign_directory,
 )
-from broker.envelope import Recipient, open_envelope, seal, sign
+from broker.envelope import Recipient, SealedEnvelope, open_envelope, seal, sign
 from broker.errors import TrmError
 from broker.keys import Sender
 from schemas.base import MessageKind
@@ -280,26 +280,25 @@ def sealed(
 
     `allow_classical` is `seal`'s, for the vector that mixes suites on purpose.
     """
-    directory = load_directory(directory_json(), authority=AUTHORITY.public_key())
-    kid = next(k for (p, k) in SIGNING if p == sender)
-    return seal(
-        example(kind),
-        case=CASE,
-        sender=Sender(sender, kid, SIGNING[(sender, kid)][0]),
-        recipients=recipients,
-        directory=directory,
-        seq=seq,
-        now=SENT_AT,
-        envelope_id=envelope_id(SENT_AT, seq),
-        allow_classical=allow_classical,
-    ).raw
+    return _made(seal, kind, sender, recipients, seq, allow_classical=allow_classical)
 
 
 def signed(kind: MessageKind, sender: str, recipients: list[str], *, seq: int = 1) -> bytes:
     """An envelope made by `sign` at SENT_AT with the sender's first signing key."""
+    return _made(sign, kind, sender, recipients, seq)
+
+
+def _made(
+    make: Callable[..., SealedEnvelope],
+    kind: MessageKind,
+    sender: str,
+    recipients: list[str],
+    seq: int,
+    **extra: Any,
+) -> bytes:
     directory = load_directory(directory_json(), authority=AUTHORITY.public_key())
     kid = next(k for (p, k) in SIGNING if p == sender)
-    return sign(
+    return make(
         example(kind),
         case=CASE,
         sender=Sender(sender, kid, SIGNING[(sender, kid)][0]),
@@ -308,6 +307,7 @@ def signed(kind: MessageKind, sender: str, recipients: list[str], *, seq: int = 
         seq=seq,
         now=SENT_AT,
         envelope_id=envelope_id(SENT_AT, seq),
+        **extra,
     ).raw
 
 
