@@ -600,12 +600,12 @@ class Inbox:
         """Sign and queue the receipts that wait; return how many were queued.
 
         The adapter calls this when the installed directory changes and every
-        so often. A receipt waits while its recipient is not in the directory
-        (and, from before receipts were signed, while it had no valid
-        encryption key); one whose recipient is still not listed stays pending
-        with its attempt counted; one that another process queued meanwhile
-        is skipped. Raises `StorageError`, or the `TrmError`
-        of our own keys, with nothing queued by the failing transaction.
+        so often. A receipt whose recipient the directory still does not list
+        stays pending with its attempt counted (those an older version left
+        waiting for the recipient's encryption key go out now); one that
+        another process queued meanwhile is skipped. Raises `StorageError`, or
+        the `TrmError` of our own keys, with nothing queued by the failing
+        transaction.
         """
         with storage_errors("reading the pending receipts"), reading(self.engine) as conn:
             rows = conn.execute(_PENDING).all()
