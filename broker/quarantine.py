@@ -20,15 +20,17 @@ envelope, or absorbs it as a duplicate if it was applied meanwhile. The
 routing service sees the requeue too, published by the wrong user for that
 sender: it logs the bytes as a duplicate when it had them, as refused if not.
 
-The broker queue is read by taking every message without an ack and closing
-the channel, which gives them all back; a quorum queue counts that as a
-delivery (``x-delivery-count``), and the quarantine queue has no delivery
-limit, so reading loses nothing.
+The broker queue is read by taking every message without an ack and giving
+them all back with one nack; a quorum queue counts that as a delivery
+(``x-delivery-count``), and the quarantine queue has no delivery limit, so
+reading loses nothing. A read returns only once the queue counts them ready
+again, so that the read after it (a requeue after a listing) finds them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -48,6 +50,9 @@ REQUEUED_FROM = "x-trm-requeued-from"
 """Header of a requeue: the AMQP user that first published it ("" for none)."""
 BROKER_PREFIX = "b-"
 _DIGEST_SHOWN = 12
+_GIVE_BACK = 10.0
+"""Seconds a read waits for the messages it gives back to be counted ready again."""
+_GIVE_BACK_POLL = 0.005
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,9 @@ class BrokerQuarantine:
 
     def _take(self, ack: Callable[[Held], bool]) -> list[Held]:
         def read(channel: Any) -> list[Held]:
-            count = int(channel.queue_declare(self.queue, passive=True).method.message_count)
+            count = self._ready(channel)
             found: list[Held] = []
+            kept = 0
             for _ in range(count):
                 method, properties, body = channel.basic_get(self.queue, auto_ack=False)
                 if method is None:
@@ -125,11 +131,29 @@ class BrokerQuarantine:
                 found.append(held)
                 if ack(held):
                     channel.basic_ack(method.delivery_tag)
+                else:
+                    kept += 1
+            if kept:
+                channel.basic_nack(0, multiple=True, requeue=True)
+                self._await_ready(channel, count - (len(found) - kept))
             return found
 
-        # Closing the connection gives back every message not acked.
         held: list[Held] = self._run("reading", read)
         return held
+
+    def _ready(self, channel: Any) -> int:
+        return int(channel.queue_declare(self.queue, passive=True).method.message_count)
+
+    def _await_ready(self, channel: Any, expected: int) -> None:
+        """Wait until the queue counts `expected` messages ready again, or `_GIVE_BACK` passed.
+
+        A quorum queue takes back what a reader returns on its own time; the
+        next read, a moment later, would find the queue short of them. Past
+        the deadline they are still on their way back, never lost.
+        """
+        deadline = time.monotonic() + _GIVE_BACK
+        while self._ready(channel) < expected and time.monotonic() < deadline:
+            time.sleep(_GIVE_BACK_POLL)
 
     def _run(self, doing: str, work: Callable[[Any], Any]) -> Any:
         connection = open_connection(self.settings)

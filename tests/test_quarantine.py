@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 from broker.database import inbox_table, quarantine_table
 from broker.directory import install_directory, parse_unverified, sign_directory
 from broker.keys import load_authority
+from broker.quarantine import BrokerQuarantine
 from broker.topology import DELIVERY_LIMIT, inbox_queue, quarantine_queue, queue_depths
 from broker.transport import AmqpSettings, Outgoing, Publisher
 from schemas.base import MessageKind
@@ -219,3 +220,34 @@ def test_purge_asks_first_then_empties_the_table_and_the_broker_queue(
     assert _rows(net, UZ) == []
     assert _depth(net, rabbitmq_urls, quarantine_queue(UZ)) == 0
     assert _listing(net, UZ) == []
+
+
+def test_a_read_gives_every_message_back_before_the_next_read(local_network, rabbitmq_urls):
+    """Reading the broker quarantine returns only once every message is back in the queue, so
+    a read straight after it (the requeue after a listing, the removal after a requeue's
+    read) finds them all: a quorum queue takes back a closed channel's messages on its own
+    time, and a read that merely closed its channel left the next one an empty queue."""
+    net = local_network()
+    publisher = Publisher(net.settings(KZ).amqp_settings(), KZ)
+    try:
+        publisher.publish(
+            [Outgoing(f"garbled-{n}", (UZ,), b"\x00garbled %d" % n) for n in range(3)]
+        )
+    finally:
+        publisher.close()
+    net.start_adapter(UZ)
+    net.wait_for(
+        lambda: _depth(net, rabbitmq_urls, quarantine_queue(UZ)) == 3, WAIT, "three broker copies"
+    )
+    quarantine = BrokerQuarantine(net.settings(UZ).amqp_settings(), UZ)
+    watcher = pika.BlockingConnection(_admin(net, rabbitmq_urls).parameters())
+    try:
+        channel = watcher.channel()
+        counts = []
+        for _ in range(20):
+            read = len(quarantine.messages())
+            ready = channel.queue_declare(quarantine.queue, passive=True).method.message_count
+            counts.append((read, ready))
+    finally:
+        watcher.close()
+    assert counts == [(3, 3)] * 20
