@@ -561,14 +561,16 @@ class Publisher:
             confirms.nacked.clear()
             confirms.returned.clear()
             window = max(1, self._settings.confirm_window)
+            # The channel's own basic_publish writes to the socket and polls for
+            # input once per message; the frames are queued on the connection
+            # instead and go out together at the next pump.
+            impl = self._channel._impl  # type: ignore[attr-defined]
             for frame in frames:
                 if len(confirms.pending) >= window:
                     self._pump_until(lambda: len(confirms.pending) < window, deadline)
-                # Registered before sending: the confirm can arrive while basic_publish
-                # flushes its own output.
                 confirms.pending[confirms.next_tag] = frame.label
                 confirms.next_tag += 1
-                self._channel.basic_publish(
+                impl.basic_publish(
                     frame.exchange,
                     frame.routing_key,
                     frame.body,
@@ -577,6 +579,7 @@ class Publisher:
                 )
             if fault is not None:
                 # Handed to RabbitMQ, confirms not yet awaited (reliability campaigns).
+                self._pump_until(lambda: True, deadline)
                 fault_point(fault)
             self._pump_until(lambda: not confirms.pending, deadline)
         except BrokerUnavailable:
