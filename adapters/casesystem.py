@@ -103,7 +103,9 @@ class FileCaseSystem:
             "reply_to": None if header.reply_to is None else str(header.reply_to),
             "payload": opened.message.model_dump(mode="json"),
         }
-        data = json.dumps(document, ensure_ascii=False, indent=2).encode() + b"\n"
+        # Compact: the indented form takes Python's own encoder, not the C one,
+        # at four times the cost, on the thread that applies every delivery.
+        data = json.dumps(document, ensure_ascii=False).encode() + b"\n"
         path = self.path(str(header.id))
         sync = self._written is None
         try:
