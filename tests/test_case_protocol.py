@@ -27,6 +27,7 @@ from broker.transport import Outgoing, Publisher
 from schemas.base import Message, MessageKind
 from schemas.control import DeliveryReceipt
 from schemas.examples import example, sharing_with
+from schemas.vocabulary import ConsentPurpose
 from services.casestore import CaseStore
 from trm.cli import cli
 from trm.localnet import LocalNetwork, create_network
@@ -333,7 +334,7 @@ def test_consent_purposes_limit_what_may_be_sent(net):
     case = new_case()
     request = example(K.RETURN_REQUEST)
     scope = request.consent.scope.model_copy(  # type: ignore[attr-defined]
-        update={"share_with": tuple(EVERYONE), "purposes": ("return_assistance",)}
+        update={"share_with": tuple(EVERYONE), "purposes": (ConsentPurpose.RETURN_ASSISTANCE,)}
     )
     consent = request.consent.model_copy(update={"scope": scope})  # type: ignore[attr-defined]
     sealed = net.send(
