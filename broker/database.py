@@ -46,8 +46,6 @@ ENV_URL = "TRM_DATABASE_URL"
 ENV_PASSWORD_FILE = "TRM_DATABASE_PASSWORD_FILE"  # noqa: S105 - a variable name
 _MIGRATING = threading.Lock()
 _READ_ONLY = "trm_read_only"
-_REPEATABLE = "trm_repeatable"
-_SYNCHRONOUS = "trm_synchronous"
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -352,28 +350,6 @@ def reading(engine: Engine) -> Iterator[sa.Connection]:
         yield conn.execution_options(**{_READ_ONLY: True})
 
 
-@contextmanager
-def repeatable_write(engine: Engine) -> Iterator[sa.Connection]:
-    """A transaction committed without waiting for the disk, for a write that is made again.
-
-    Only for a write whose loss in a power cut costs a repetition and nothing
-    else: the relay's "sent" mark (lost, the envelope goes again and its
-    recipients absorb it as a duplicate, as after a relay killed between
-    the confirm and the mark). A process crash loses nothing: the commit is
-    in the operating system's hands. And nothing committed after it can
-    outlive it: SQLite's next durable commit syncs the whole write-ahead
-    log, PostgreSQL flushes its log in order. On SQLite the transaction runs
-    with ``synchronous = NORMAL`` (the connection's others keep FULL), on
-    PostgreSQL with ``synchronous_commit = off``.
-    """
-    with engine.connect() as conn:
-        conn.execution_options(**{_REPEATABLE: True})
-        with conn.begin():
-            if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-            yield conn
-
-
 def _engine(url: sa.URL) -> Engine:
     if url.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
@@ -421,22 +397,12 @@ def _sqlite_engine(url: sa.URL) -> Engine:
         # sequence counter, the inbox check) then waits for another process
         # instead of failing when it tries to upgrade its lock. Readers that
         # say so read a snapshot without the lock.
-        options = conn.get_execution_options()
-        if options.get(_READ_ONLY):
+        if conn.get_execution_options().get(_READ_ONLY):
             conn.exec_driver_sql("BEGIN")
-            return
-        _synchronous(conn, "NORMAL" if options.get(_REPEATABLE) else "FULL")
-        _begin_immediate(conn)
+        else:
+            _begin_immediate(conn)
 
     return engine
-
-
-def _synchronous(conn: sa.Connection, level: str) -> None:
-    """Set the connection's ``synchronous`` pragma to `level` unless it is already."""
-    info = conn.connection.info
-    if info.get(_SYNCHRONOUS, "FULL") != level:
-        conn.connection.driver_connection.execute(f"PRAGMA synchronous = {level}")  # type: ignore[union-attr]
-        info[_SYNCHRONOUS] = level
 
 
 def _begin_immediate(conn: sa.Connection) -> None:

@@ -30,7 +30,6 @@ from broker.database import (
     outbox_table,
     reading,
     receipts_table,
-    repeatable_write,
     storage_errors,
 )
 from broker.errors import ConfigError, StorageError, TransportError
@@ -258,15 +257,13 @@ class Outbox:
         """Record that the broker confirmed these envelopes (one executemany for all).
 
         With `awaiting`, each recipient's receipt is awaited from now on, in
-        the same transaction. The mark does not wait for the disk
-        (`repeatable_write`): a power cut that loses it has the window sent
-        again, which the recipients absorb as duplicates.
+        the same transaction.
         """
         if not envelope_ids:
             return
         moment = at or datetime.now(UTC)
         params = [{"b_id": envelope_id, "b_at": moment} for envelope_id in envelope_ids]
-        with storage_errors("marking envelopes sent"), repeatable_write(self.engine) as conn:
+        with storage_errors("marking envelopes sent"), self.engine.begin() as conn:
             conn.execute(_MARK_SENT, params)
             if awaiting is not None:
                 awaiting.record(conn, envelope_ids, moment)

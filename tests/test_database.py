@@ -23,7 +23,6 @@ from broker.database import (
     metadata,
     open_database,
     reading,
-    repeatable_write,
     select_in,
     storage_errors,
 )
@@ -254,46 +253,6 @@ def test_readers_do_not_wait_for_writers(database_url: str) -> None:
             assert seen.scalar_one() == 1
     finally:
         engine.dispose()
-
-
-def _durability(conn: sa.Connection) -> str:
-    if conn.dialect.name == "postgresql":
-        return str(conn.exec_driver_sql("SHOW synchronous_commit").scalar())
-    return {1: "NORMAL", 2: "FULL"}[conn.exec_driver_sql("PRAGMA synchronous").scalar()]
-
-
-def test_a_repeatable_write_alone_does_not_wait_for_the_disk(database_url: str) -> None:
-    """Inside `repeatable_write` the commit does not wait for the disk (SQLite NORMAL,
-    PostgreSQL synchronous_commit off) and its write is committed; every other transaction
-    on the same pooled connection, before and after, waits for it (FULL, on)."""
-    engine = open_database(database_url)
-    durable = "on" if engine.dialect.name == "postgresql" else "FULL"
-    relaxed = "off" if engine.dialect.name == "postgresql" else "NORMAL"
-    now = datetime.now(UTC)
-    try:
-        with engine.begin() as conn:
-            before = _durability(conn)
-        with repeatable_write(engine) as conn:
-            inside = _durability(conn)
-            conn.execute(
-                inbox_table.insert().values(
-                    envelope_id="0190c0de-0000-7000-8000-000000000004",
-                    digest="ef" * 32,
-                    sender="iom-kz",
-                    case_ref="iom-kz.KZ-2026-0004",
-                    kind="return_request",
-                    received_at=now,
-                    applied_at=now,
-                )
-            )
-        with engine.begin() as conn:
-            after = _durability(conn)
-            count = conn.execute(sa.select(sa.func.count()).select_from(inbox_table)).scalar()
-        assert engine.pool.checkedin() == 1, "one pooled connection served all three"
-    finally:
-        engine.dispose()
-    assert (before, inside, after) == (durable, relaxed, durable)
-    assert count == 1
 
 
 def test_sqlite_file_is_private(tmp_path: Path) -> None:

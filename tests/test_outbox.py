@@ -203,32 +203,6 @@ def test_mark_sent_is_idempotent(engine: Engine, network: Network) -> None:
         assert conn.execute(sa.select(outbox_table.c.sent_at)).scalar_one() == first
 
 
-def test_a_send_waits_for_the_disk_and_its_sent_mark_does_not(
-    engine: Engine, network: Network
-) -> None:
-    """The transaction that writes an envelope commits durably (SQLite FULL, PostgreSQL
-    synchronous_commit on); the one that marks it sent does not wait for the disk, since a
-    lost mark only has the envelope sent again."""
-    outbox = Outbox(engine)
-    seen: list[str] = []
-
-    def durability(conn: sa.Connection) -> None:
-        if conn.dialect.name == "postgresql":
-            seen.append(str(conn.exec_driver_sql("SHOW synchronous_commit").scalar()))
-        else:
-            seen.append(str(conn.exec_driver_sql("PRAGMA synchronous").scalar()))
-
-    sa.event.listen(engine, "commit", durability)
-    try:
-        envelope = outbox.send(lambda seq: sealed(network, seq), sender=KZ, case=CASE)
-        outbox.mark_sent([str(envelope.id)])
-    finally:
-        sa.event.remove(engine, "commit", durability)
-    durable, relaxed = ("on", "off") if engine.dialect.name == "postgresql" else ("2", "1")
-    assert seen == [durable, relaxed]
-    assert outbox.pending() == []
-
-
 def test_add_many_mark_sent_and_failures_for_a_window(engine: Engine, network: Network) -> None:
     """A window added at once is pending in order; failures count on each, confirms mark each."""
     outbox = Outbox(engine)
