@@ -237,15 +237,14 @@ def message_cost(payload_bytes: int = PAYLOAD_BYTES) -> dict[str, Any]:
             reply_to=envelope.id,
             now=NOW,
         )
-    steps = [
-        *seal_steps(len(envelope.raw), payload_bytes),
-        *open_steps(len(envelope.raw), payload_bytes),
-        ("sign", len(receipt.raw)),
-        ("verify", len(receipt.raw)),
-    ]
+    sender_steps = [*seal_steps(len(envelope.raw), payload_bytes), ("verify", len(receipt.raw))]
+    recipient_steps = [*open_steps(len(envelope.raw), payload_bytes), ("sign", len(receipt.raw))]
+    steps = [*sender_steps, *recipient_steps]
     counts = {name: sum(1 for op, _ in steps if op == name) for name in PRIMITIVES}
     return {
         "steps": steps,
+        "sender_steps": sender_steps,
+        "recipient_steps": recipient_steps,
         "per_message": counts,
         "envelope_bytes": len(envelope.raw),
         "receipt_bytes": len(receipt.raw),
@@ -258,6 +257,22 @@ def _steps_rate(steps: Sequence[Step], seconds: float, start_at: float) -> float
     Keys and inputs are made first; the loop starts at wall-clock `start_at`,
     so that workers started together measure at the same time.
     """
+    calls = step_calls(steps)
+    for call in calls:
+        call()
+    wait = start_at - time.time()
+    if wait > 0:
+        time.sleep(wait)
+    done, began = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - began) < seconds:
+        for call in calls:
+            call()
+        done += 1
+    return done / elapsed
+
+
+def step_calls(steps: Sequence[Step]) -> list[Callable[[], object]]:
+    """One call per step, each doing that primitive on inputs and keys made here."""
     signer = _crypto.new_signing_key()
     public = signer.public_key()
     private = _crypto.new_decryption_key(Suite.MLKEM768_X25519)
@@ -281,17 +296,7 @@ def _steps_rate(steps: Sequence[Step], seconds: float, start_at: float) -> float
         else:
             sealed = _crypto.encrypt(content_key, data, aad)
             calls.append(partial(_crypto.decrypt, content_key, sealed, aad))
-    for call in calls:
-        call()
-    wait = start_at - time.time()
-    if wait > 0:
-        time.sleep(wait)
-    done, began = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - began) < seconds:
-        for call in calls:
-            call()
-        done += 1
-    return done / elapsed
+    return calls
 
 
 def ceiling(steps: Sequence[Step], workers: int, seconds: float = 1.0) -> dict[str, float]:

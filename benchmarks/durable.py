@@ -23,6 +23,15 @@ as durable before its ack either way; on a disk where an ``fsync`` costs
 about a millisecond the batched sync is the faster, so it is the one a
 ceiling has to be measured with.
 
+With `cryptography` (a sender's and a recipient's steps, from
+`benchmarks.crypto.message_cost`), the publisher also does, for each
+message before its commit, the raw cryptography a trm sender does (seal it,
+verify its receipt) and the consumer, before writing its file, what a
+recipient does (open it, sign the receipt): durability and cryptography in
+the same processes, on the same cores as the broker, and nothing else of
+trm. The receipts themselves do not travel, only their signing and checking
+is counted.
+
 Throughput and latency are taken exactly as in `benchmarks.raw`, so the two
 baselines differ only by those commits and files.
 
@@ -41,6 +50,7 @@ import sqlite3
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,10 +58,14 @@ from typing import Any
 import pika.channel
 import pika.spec
 
-from benchmarks import raw
+from benchmarks import crypto, raw
+from benchmarks.crypto import Step
 
 LOAD_BATCH = 100
 """Messages per publisher transaction at full speed, and most per consumer commit."""
+Cryptography = tuple[Sequence[Step], Sequence[Step]]
+"""What the publisher and what the consumer do to each message (`step_calls`)."""
+NO_CRYPTOGRAPHY: Cryptography = ((), ())
 
 
 class Journal:
@@ -84,9 +98,10 @@ class Journal:
 class _DurablePublisher(raw._Publisher):
     """`raw._Publisher`, committing each message to its journal before publishing it."""
 
-    def __init__(self, journal: Journal, *args: Any) -> None:
+    def __init__(self, journal: Journal, work: Sequence[Callable[[], object]], *args: Any) -> None:
         super().__init__(*args)
         self.journal = journal
+        self.work = work
 
     def _fill(self) -> None:
         assert self.channel is not None
@@ -95,6 +110,7 @@ class _DurablePublisher(raw._Publisher):
         while self.sent < due and len(self.pending) < self.window:
             take = min(batch, due - self.sent, self.window - len(self.pending))
             bodies = [self._body() for _ in range(take)]
+            _do(self.work, take)
             self.journal.commit(bodies)
             for body in bodies:
                 self.channel.basic_publish(raw.EXCHANGE, self.queue, body, self.properties)
@@ -110,9 +126,17 @@ class _DurablePublisher(raw._Publisher):
 class _DurableConsumer(raw._Consumer):
     """`raw._Consumer`, writing and syncing a file per message and committing before acking."""
 
-    def __init__(self, journal: Journal, folder: Path, sync_each: bool, *args: Any) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        folder: Path,
+        sync_each: bool,
+        work: Sequence[Callable[[], object]],
+        *args: Any,
+    ) -> None:
         super().__init__(*args)
         self.journal, self.folder, self.sync_each = journal, folder, sync_each
+        self.work = work
         self.held: list[tuple[int, bytes]] = []
         self.files: list[Path] = []
 
@@ -126,6 +150,7 @@ class _DurableConsumer(raw._Consumer):
         if not self.acked and not self.held:
             self.first_delivery = time.time()
         tag = int(method.delivery_tag or 0)
+        _do(self.work, 1)
         path = self.folder / f"{tag}.msg"
         _write(path, body, sync=self.sync_each)
         self.held.append((tag, body))
@@ -152,6 +177,13 @@ class _DurableConsumer(raw._Consumer):
         if self.acked >= self.count:
             self.last_ack = now
             self.connection.close()
+
+
+def _do(work: Sequence[Callable[[], object]], messages: int) -> None:
+    """Do `work` once for each of `messages` messages."""
+    for _ in range(messages):
+        for call in work:
+            call()
 
 
 def _write(path: Path, data: bytes, *, sync: bool) -> None:
@@ -190,10 +222,13 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _publisher_main(folder: Path, args: tuple[Any, ...], results: Any) -> None:
+def _publisher_main(
+    folder: Path, steps: Sequence[Step], args: tuple[Any, ...], results: Any
+) -> None:
     journal = Journal(folder / "outbox.db")
     try:
-        results.put(("publisher", _DurablePublisher(journal, *args).run()))
+        publisher = _DurablePublisher(journal, crypto.step_calls(steps), *args)
+        results.put(("publisher", publisher.run()))
     except Exception as e:
         results.put(("publisher", {"error": f"{type(e).__name__}: {e}"}))
     finally:
@@ -201,13 +236,19 @@ def _publisher_main(folder: Path, args: tuple[Any, ...], results: Any) -> None:
 
 
 def _consumer_main(
-    folder: Path, sync_each: bool, args: tuple[Any, ...], ready: Any, results: Any
+    folder: Path,
+    sync_each: bool,
+    steps: Sequence[Step],
+    args: tuple[Any, ...],
+    ready: Any,
+    results: Any,
 ) -> None:
     journal = Journal(folder / "inbox.db")
     files = folder / "files"
     files.mkdir(exist_ok=True)
     try:
-        consumer = _DurableConsumer(journal, files, sync_each, *args, ready)
+        work = crypto.step_calls(steps)
+        consumer = _DurableConsumer(journal, files, sync_each, work, *args, ready)
         results.put(("consumer", consumer.run()))
     except Exception as e:
         ready.set()
@@ -225,6 +266,7 @@ def _run(
     prefetch: int,
     rate: float | None,
     sync_each: bool,
+    cryptography: Cryptography = NO_CRYPTOGRAPHY,
 ) -> dict[str, dict[str, Any]]:
     """One durable publisher and one durable consumer process over a fresh queue."""
     queue = f"bench.durable.{uuid.uuid4().hex[:8]}"
@@ -239,6 +281,7 @@ def _run(
         args=(
             run_folder,
             sync_each,
+            cryptography[1],
             (broker, queue, count, prefetch, rate is not None),
             ready,
             results,
@@ -249,7 +292,12 @@ def _run(
     ready.wait(60)
     publisher = context.Process(
         target=_publisher_main,
-        args=(run_folder, (broker, queue, count, size, raw.CONFIRM_WINDOW, rate), results),
+        args=(
+            run_folder,
+            cryptography[0],
+            (broker, queue, count, size, raw.CONFIRM_WINDOW, rate),
+            results,
+        ),
         name="bench-durable-publisher",
     )
     publisher.start()
@@ -267,9 +315,23 @@ def throughput(
     size: int = raw.PAYLOAD_BYTES,
     prefetch: int = 200,
     sync_each: bool = True,
+    cryptography: Cryptography = NO_CRYPTOGRAPHY,
 ) -> raw.Throughput:
-    """Commit, publish, consume, sync and commit `count` messages at full speed."""
-    out = _run(broker, folder, count, size=size, prefetch=prefetch, rate=None, sync_each=sync_each)
+    """Commit, publish, consume, sync and commit `count` messages at full speed.
+
+    With `cryptography`, each side also does its share of a message's raw
+    cryptography (see the module's text).
+    """
+    out = _run(
+        broker,
+        folder,
+        count,
+        size=size,
+        prefetch=prefetch,
+        rate=None,
+        sync_each=sync_each,
+        cryptography=cryptography,
+    )
     seconds = out["consumer"]["last_ack"] - out["publisher"]["first_publish"]
     return raw.Throughput(messages=count, seconds=seconds, prefetch=prefetch)
 
