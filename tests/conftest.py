@@ -106,6 +106,14 @@ def postgres_server_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def campaign_services(rabbitmq_urls: tuple[str, str], postgres_server_url: str) -> Any:
+    """The broker and database servers the campaigns run on (`campaigns.network.Services`)."""
+    from campaigns.network import Services
+
+    return Services(rabbitmq_urls[0], rabbitmq_urls[1], postgres_server_url)
+
+
+@pytest.fixture
 def postgres_url(postgres_server_url: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
     name = f"trm_test_{uuid.uuid4().hex[:12]}"

@@ -34,14 +34,6 @@ SHORT_KILLS = 3
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
-def _services(rabbitmq_urls: tuple[str, str], postgres_server_url: str) -> Services:
-    return Services(rabbitmq_urls[0], rabbitmq_urls[1], postgres_server_url)
-
-
-def _explain(row: Row) -> str:
-    return render_table([row])
-
-
 # --- the checker -----------------------------------------------------------------------
 
 
@@ -175,7 +167,7 @@ def test_identity_matrix_refuses_every_attempt(
 ) -> None:
     """Every participant acting as every other is refused, each attempt with its own reason."""
     row = run_identity(tmp_path, *rabbitmq_urls)
-    assert row.passed, _explain(row)
+    assert row.passed, render_table([row])
     assert row.messages == row.ok == 6 * 12
     assert set(row.reasons) == set(EXPECTED.values())
 
@@ -183,31 +175,28 @@ def test_identity_matrix_refuses_every_attempt(
 def test_fuzz_short_lets_only_trm_errors_escape(tmp_path: Path) -> None:
     """Hundreds of mutated envelopes, re-signed headers and directories raise only TrmError."""
     row = run_fuzz_short(tmp_path, examples=200)
-    assert row.passed, _explain(row)
+    assert row.passed, render_table([row])
     assert row.messages == 600
 
 
 @pytest.mark.rabbitmq
 @pytest.mark.slow
 def test_hostile_input_is_quarantined_without_state_change(
-    tmp_path: Path, rabbitmq_urls: tuple[str, str], postgres_server_url: str
+    tmp_path: Path, campaign_services: Services
 ) -> None:
     """Hostile envelopes on a live queue are all quarantined once; valid ones all delivered."""
-    row = run_hostile(tmp_path / "net", _services(rabbitmq_urls, postgres_server_url), hostile=300)
-    assert row.passed, _explain(row)
+    row = run_hostile(tmp_path / "net", campaign_services, hostile=300)
+    assert row.passed, render_table([row])
     assert row.quarantined == 300
     assert row.lost == 0
 
 
 @pytest.mark.rabbitmq
 @pytest.mark.slow
-def test_replays_are_recognised_as_duplicates(
-    tmp_path: Path, rabbitmq_urls: tuple[str, str], postgres_server_url: str
-) -> None:
+def test_replays_are_recognised_as_duplicates(tmp_path: Path, campaign_services: Services) -> None:
     """Every applied envelope published again, live and after a restart, has no second effect."""
-    services = _services(rabbitmq_urls, postgres_server_url)
-    row = run_replay(tmp_path / "net", "sqlite", services, messages=50)
-    assert row.passed, _explain(row)
+    row = run_replay(tmp_path / "net", "sqlite", campaign_services, messages=50)
+    assert row.passed, render_table([row])
     assert row.figures["recognised_as_duplicates"] == 100
 
 
@@ -215,14 +204,13 @@ def test_replays_are_recognised_as_duplicates(
 @pytest.mark.slow
 @pytest.mark.parametrize("database", DATABASES)
 def test_consumer_crashes_lose_and_duplicate_nothing(
-    tmp_path: Path, rabbitmq_urls: tuple[str, str], postgres_server_url: str, database: str
+    tmp_path: Path, campaign_services: Services, database: str
 ) -> None:
     """The receiving adapter SIGKILLed repeatedly, also between commit and ack: lost 0, dup 0."""
-    services = _services(rabbitmq_urls, postgres_server_url)
     row = run_consumer_crashes(
-        tmp_path / "net", database, services, messages=SHORT_MESSAGES, kills=SHORT_KILLS
+        tmp_path / "net", database, campaign_services, messages=SHORT_MESSAGES, kills=SHORT_KILLS
     )
-    assert row.passed, _explain(row)
+    assert row.passed, render_table([row])
     assert row.faults >= SHORT_KILLS
     assert row.ok == SHORT_MESSAGES
 
@@ -231,14 +219,13 @@ def test_consumer_crashes_lose_and_duplicate_nothing(
 @pytest.mark.slow
 @pytest.mark.parametrize("database", DATABASES)
 def test_relay_crashes_drain_the_outbox(
-    tmp_path: Path, rabbitmq_urls: tuple[str, str], postgres_server_url: str, database: str
+    tmp_path: Path, campaign_services: Services, database: str
 ) -> None:
     """The sending adapter SIGKILLed around publish and confirm: the outbox drains, lost 0."""
-    services = _services(rabbitmq_urls, postgres_server_url)
     row = run_relay_crashes(
-        tmp_path / "net", database, services, messages=SHORT_MESSAGES, kills=SHORT_KILLS
+        tmp_path / "net", database, campaign_services, messages=SHORT_MESSAGES, kills=SHORT_KILLS
     )
-    assert row.passed, _explain(row)
+    assert row.passed, render_table([row])
     assert row.ok == SHORT_MESSAGES
 
 
@@ -246,14 +233,18 @@ def test_relay_crashes_drain_the_outbox(
 @pytest.mark.slow
 @pytest.mark.exclusive
 def test_broker_restart_applies_every_message_once(
-    tmp_path: Path, rabbitmq_urls: tuple[str, str], postgres_server_url: str
+    tmp_path: Path, campaign_services: Services
 ) -> None:
     """RabbitMQ stopped and started mid-run: every message applied exactly once, broker left up."""
-    services = _services(rabbitmq_urls, postgres_server_url)
     row = run_broker_restarts(
-        tmp_path / "net", "sqlite", services, messages=SHORT_MESSAGES, restarts=1, hard_kills=0
+        tmp_path / "net",
+        "sqlite",
+        campaign_services,
+        messages=SHORT_MESSAGES,
+        restarts=1,
+        hard_kills=0,
     )
-    assert row.passed, _explain(row)
+    assert row.passed, render_table([row])
     assert row.ok == SHORT_MESSAGES
 
 
@@ -266,10 +257,9 @@ def test_sqlite_runs_with_synchronous_full(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_routing_leader_killed_repeatedly_logs_every_envelope_once(
-    tmp_path: Path, rabbitmq_urls: tuple[str, str], postgres_server_url: str
+    tmp_path: Path, campaign_services: Services
 ) -> None:
     """The routing leader SIGKILLed twice: the standby leads each time, the log verifies."""
-    services = _services(rabbitmq_urls, postgres_server_url)
-    row = run_routing_failover(tmp_path / "net", services, messages=120, kills=2)
-    assert row.passed, _explain(row)
+    row = run_routing_failover(tmp_path / "net", campaign_services, messages=120, kills=2)
+    assert row.passed, render_table([row])
     assert row.faults == 2 and row.ok == 120

@@ -29,7 +29,7 @@ from broker.management import ManagementClient
 from broker.topology import EXCHANGE, ROUTING_QUEUE, inbox_queue
 from campaigns.cluster import run_federation_cut, run_node_kills, run_node_outages
 from campaigns.network import Services
-from campaigns.report import Row, render_table
+from campaigns.report import render_table
 from schemas.base import MessageKind
 from services.auditlog import log_entries_table
 
@@ -97,14 +97,6 @@ def local_sites(rabbitmq_urls: tuple[str, str]) -> Iterator[LocalSites]:
         assert removed is None or removed.returncode == 0, removed.stderr
         assert all(cluster.leftovers() == [] for cluster in started_here)
         assert ManagementClient(rabbitmq_urls[1]).request("GET", "/overview") is not None
-
-
-def _services(rabbitmq_urls: tuple[str, str], postgres_server_url: str) -> Services:
-    return Services(rabbitmq_urls[0], rabbitmq_urls[1], postgres_server_url)
-
-
-def _explain(row: Row) -> str:
-    return render_table([row])
 
 
 @pytest.fixture
@@ -358,21 +350,20 @@ def test_the_script_starts_the_cluster_beside_the_default_broker(local_sites):
 @pytest.mark.rabbitmq
 @pytest.mark.slow
 def test_the_inbox_leader_sigkilled_three_times_loses_and_duplicates_nothing(
-    tmp_path: Path, local_sites: Any, rabbitmq_urls: tuple[str, str], postgres_server_url: str
+    tmp_path: Path, local_sites: Any, campaign_services: Services
 ) -> None:
     """The node leading iom-uz's inbox is SIGKILLed and restarted three times during the flow:
     every message applied and receipted once, delivery resuming after each kill."""
-    services = _services(rabbitmq_urls, postgres_server_url)
     row = run_node_kills(
         tmp_path / "net",
         "sqlite",
-        services,
+        campaign_services,
         messages=120,
         kills=3,
         cluster=local_sites.cluster,
         flow_seconds=10,
     )
-    assert row.passed, _explain(row)
+    assert row.passed, render_table([row])
     assert (row.lost, row.duplicated, row.faults) == (0, 0, 3)
     assert row.figures["no_delivery_max_s"] > 0
 
@@ -380,21 +371,20 @@ def test_the_inbox_leader_sigkilled_three_times_loses_and_duplicates_nothing(
 @pytest.mark.rabbitmq
 @pytest.mark.slow
 def test_one_node_down_delivers_and_two_down_queue_until_they_return(
-    tmp_path: Path, local_sites: Any, rabbitmq_urls: tuple[str, str], postgres_server_url: str
+    tmp_path: Path, local_sites: Any, campaign_services: Services
 ) -> None:
     """One node of three down for the second half: delivery goes on; two down: publishing
     stops with the quorum named in the adapter's log and trm health, trm send queues, and
     everything drains exactly once when they return."""
-    services = _services(rabbitmq_urls, postgres_server_url)
     row = run_node_outages(
         tmp_path / "net",
         "sqlite",
-        services,
+        campaign_services,
         messages=100,
         cluster=local_sites.cluster,
         flow_seconds=8,
     )
-    assert row.passed, _explain(row)
+    assert row.passed, render_table([row])
     assert (row.lost, row.duplicated) == (0, 0)
     assert row.figures["queued_while_two_down"] >= 10
 
@@ -402,19 +392,18 @@ def test_one_node_down_delivers_and_two_down_queue_until_they_return(
 @pytest.mark.rabbitmq
 @pytest.mark.slow
 def test_a_federation_link_cut_loses_and_duplicates_nothing(
-    tmp_path: Path, local_sites: Any, rabbitmq_urls: tuple[str, str], postgres_server_url: str
+    tmp_path: Path, local_sites: Any, campaign_services: Services
 ) -> None:
     """iom-uz's broker, linked to iom-kz's cluster, is stopped midway and started again:
     every message crosses and is applied once, every receipt comes back."""
-    services = _services(rabbitmq_urls, postgres_server_url)
     row = run_federation_cut(
         tmp_path / "net",
         "sqlite",
-        services,
+        campaign_services,
         messages=150,
         cluster=local_sites.cluster,
         site=local_sites.site,
         flow_seconds=15,
     )
-    assert row.passed, _explain(row)
+    assert row.passed, render_table([row])
     assert (row.lost, row.duplicated, row.faults) == (0, 0, 1)
