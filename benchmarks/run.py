@@ -30,9 +30,9 @@ prefetch on both sides:
 
 The design's ceiling is the lower of (7) and the faster of the durable raw
 baselines (2): trm cannot beat either. (8) is printed beside them: trm
-cannot beat it either, and it is not a goal's baseline. The headline ratios are the keys of
-`GOALS`; the goals are read against them in docs/performance.md and are
-never asserted.
+cannot beat it either, and it is no goal's baseline. The headline ratios
+are the keys of `GOALS`; the goals are read against them in
+docs/performance.md and are never asserted.
 """
 
 from __future__ import annotations
