@@ -76,6 +76,11 @@ def _load() -> dict[str, float]:
         return _probabilities
 
 
+def armed(name: str) -> bool:
+    """Whether ``TRM_FAULTS`` names fault point `name`: for work only a kill there needs."""
+    return name in (_probabilities if _probabilities is not None else _load())
+
+
 def fault_point(name: str) -> None:
     """Maybe SIGKILL this process here, as configured by ``TRM_FAULTS``; else nothing."""
     probabilities = _probabilities if _probabilities is not None else _load()

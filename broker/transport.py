@@ -49,7 +49,7 @@ from broker.errors import (
     TrmError,
     VhostRefused,
 )
-from broker.faults import fault_point
+from broker.faults import armed, fault_point
 from broker.metrics import CONNECTIONS
 from broker.topology import EXCHANGE, QUARANTINE_EXCHANGE
 
@@ -577,8 +577,9 @@ class Publisher:
                     frame.properties,
                     mandatory=True,
                 )
-            if fault is not None:
-                # Handed to RabbitMQ, confirms not yet awaited (reliability campaigns).
+            if fault is not None and armed(fault):
+                # Handed to RabbitMQ, confirms not yet awaited (reliability campaigns):
+                # the queued frames are written first, which only a kill here needs.
                 self._pump_until(lambda: True, deadline)
                 fault_point(fault)
             self._pump_until(lambda: not confirms.pending, deadline)
