@@ -403,8 +403,29 @@ def _parse(raw: bytes) -> _Parsed:
 
     One function over offsets rather than a reader object: this runs once per
     envelope an auditor verifies, and its cost adds to the signature check.
+    A well-formed sealed envelope is framed in one pass; anything else is
+    framed field by field, which names the first thing wrong.
     """
     size = len(raw)
+    try:
+        if size <= MAX_ENVELOPE_BYTES and raw[:4] == MAGIC:
+            header_end = 8 + _U32.unpack_from(raw, 4)[0]
+            count = _U16.unpack_from(raw, header_end)[0]
+            if header_end <= 8 + MAX_HEADER_BYTES and 1 <= count <= MAX_RECIPIENTS:
+                pos = header_end + 2
+                entries = []
+                for index in range(count):
+                    entry, pos = _read_entry(raw, pos, index)
+                    entries.append(entry)
+                signed_end = pos + 4 + _U32.unpack_from(raw, pos)[0]
+                if signed_end + _crypto.SIGNATURE_BYTES == size:
+                    return _sealed(raw, header_end, entries, pos, signed_end)
+    except struct.error:
+        pass
+    return _parse_by_field(raw, size)
+
+
+def _parse_by_field(raw: bytes, size: int) -> _Parsed:
     if size > MAX_ENVELOPE_BYTES:
         raise EnvelopeTooLarge(
             f"envelope of {size} bytes exceeds the {MAX_ENVELOPE_BYTES}-byte limit"
@@ -416,15 +437,14 @@ def _parse(raw: bytes) -> _Parsed:
         if size < len(MAGIC):
             raise MalformedEnvelope("envelope truncated: magic runs past the end")
         raise MalformedEnvelope("not a trm envelope: the magic is neither 'TRM1' nor 'TRS1'")
-    pos = _header_end(raw, size)
-    header_bytes = raw[8:pos]
-    count = _length(raw, pos, _U16, "key entry count")
+    header_end = _header_end(raw, size)
+    count = _length(raw, header_end, _U16, "key entry count")
     if not 1 <= count <= MAX_RECIPIENTS:
         # Before any entry is read: a u16 count would otherwise buy 65,535 of them.
         raise MalformedEnvelope(
             f"{count} key entries; an envelope has 1 to {MAX_RECIPIENTS} recipients"
         )
-    pos += 2
+    pos = header_end + 2
     entries = []
     for index in range(count):
         entry, pos = _read_entry(raw, pos, index)
@@ -434,6 +454,14 @@ def _parse(raw: bytes) -> _Parsed:
     end = _within(size, signed_end, _crypto.SIGNATURE_BYTES, "signature")
     if end != size:
         raise MalformedEnvelope(f"{size - end} trailing bytes after the signature")
+    return _sealed(raw, header_end, entries, pos, signed_end)
+
+
+def _sealed(
+    raw: bytes, header_end: int, entries: list[_KeyEntry], pos: int, signed_end: int
+) -> _Parsed:
+    """The parts of a sealed envelope framed at these offsets, its header read."""
+    header_bytes = raw[8:header_end]
     header = _parse_header(header_bytes)
     if tuple([e.recipient for e in entries]) != header.recipients:
         raise MalformedEnvelope("the key entries' recipients differ from the header's recipients")
@@ -443,7 +471,7 @@ def _parse(raw: bytes) -> _Parsed:
         tuple(entries),
         raw[pos + 4 : signed_end],
         raw[:signed_end],
-        raw[signed_end:end],
+        raw[signed_end:],
         sealed=True,
     )
 
@@ -507,6 +535,28 @@ def _truncated(what: str, entry: int | None) -> NoReturn:
 
 
 def _read_entry(raw: bytes, pos: int, index: int) -> tuple[_KeyEntry, int]:
+    """Key entry `index`, at `pos`, and where it ends.
+
+    Read in one go while every length lies inside the envelope and the ids
+    are ASCII; anything else is read field by field, which names what is wrong.
+    """
+    try:
+        recipient_end = pos + 1 + raw[pos]
+        kid_end = recipient_end + 1 + raw[recipient_end]
+        end = kid_end + 2 + _U16.unpack_from(raw, kid_end)[0]
+        if end <= len(raw):
+            entry = _KeyEntry(
+                raw[pos + 1 : recipient_end].decode("ascii"),
+                raw[recipient_end + 1 : kid_end].decode("ascii"),
+                raw[kid_end + 2 : end],
+            )
+            return entry, end
+    except (IndexError, struct.error, UnicodeDecodeError):
+        pass
+    return _read_entry_by_field(raw, pos, index)
+
+
+def _read_entry_by_field(raw: bytes, pos: int, index: int) -> tuple[_KeyEntry, int]:
     recipient, pos = _text(raw, pos, "recipient length", "recipient id", index)
     kid, pos = _text(raw, pos, "key id length", "key id", index)
     wrapped_len = _length(raw, pos, _U16, "wrapped key length", index)
@@ -524,6 +574,32 @@ def _text(raw: bytes, pos: int, length_what: str, what: str, entry: int) -> tupl
 
 
 def _parse_header(header_bytes: bytes) -> EnvelopeHeader:
+    """The header, read once when it can be shown to hold no duplicate key, else strictly.
+
+    Without a backslash no JSON string can hold a quote, so splitting at the
+    quotes yields every string, keys among them; if no two strings are equal,
+    no two keys are. Anything else, accepted or refused, is read strictly,
+    which also names what is wrong.
+    """
+    if b"\\" not in header_bytes:
+        strings = header_bytes.split(b'"')[1::2]
+        if len(set(strings)) == len(strings):
+            try:
+                header: EnvelopeHeader = _HEADER_FROM_JSON(header_bytes)
+            except ValidationError:
+                pass
+            else:
+                if header.id.version == 7:
+                    return header
+    return _parse_header_strictly(header_bytes)
+
+
+# The model's own validator, without `model_validate_json`'s wrapper: a fifth
+# less time for every header read.
+_HEADER_FROM_JSON = EnvelopeHeader.__pydantic_validator__.validate_json
+
+
+def _parse_header_strictly(header_bytes: bytes) -> EnvelopeHeader:
     try:
         text = header_bytes.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import _crypto
+from broker import _crypto, envelope
 from broker.directory import Directory, DirectoryBody, Role, load_directory, sign_directory
 from broker.envelope import (
     SIGNED_CONTEXT,
@@ -186,3 +187,37 @@ def test_unmutated_envelope_opens(target: Target) -> None:
         target.raw, recipient=target.recipient, directory=target.directory, now=NOW
     )
     assert opened.message == example(MessageKind.RETURN_REQUEST)
+
+
+def _framed(parse: Callable[[bytes], object], data: bytes) -> tuple[str, object]:
+    try:
+        return "parsed", parse(data)
+    except TrmError as e:
+        return type(e).__name__, str(e)
+
+
+def _agree(data: bytes) -> None:
+    fast = _framed(envelope._parse, data)
+    assert fast == _framed(lambda d: envelope._parse_by_field(d, len(d)), data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_one_pass_framing_agrees_with_field_by_field(target: Target, data: st.DataObject) -> None:
+    """Whatever a mutation breaks, both framings accept it or both name the same problem."""
+    _agree(target.raw)
+    _agree(data.draw(mutations(target.raw)))
+    _agree(data.draw(mutations(target.signed)))
+
+
+def test_one_pass_framing_refuses_an_oversized_header_as_field_by_field(target: Target) -> None:
+    """A header padded past the limit is refused by name, though its framing is consistent."""
+    header_len = int.from_bytes(target.raw[4:8], "big")
+    header = target.raw[8 : 8 + header_len]
+    padded = header + b" " * (envelope.MAX_HEADER_BYTES + 1 - len(header))
+    raw = b"TRM1" + len(padded).to_bytes(4, "big") + padded + target.raw[8 + header_len :]
+    assert _framed(envelope._parse, raw) == (
+        "MalformedEnvelope",
+        f"header longer than {envelope.MAX_HEADER_BYTES} bytes",
+    )
+    _agree(raw)
