@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -712,12 +712,7 @@ class Consumer:
             if method is None or properties is None:
                 continue
             batch = [_delivery(method, properties, body or b"")]
-            waiting = min(channel.get_waiting_message_count(), max_batch - 1)
-            for _ in range(waiting):
-                more_method, more_properties, more_body = next(stream)
-                if more_method is None or more_properties is None:
-                    break
-                batch.append(_delivery(more_method, more_properties, more_body or b""))
+            _gather(channel, stream, batch, max_batch)
             unavailable = self._dispatch_batch(channel, handle, batch)
             if unavailable is not None:
                 # Nothing more is delivered while the handler is down; what the
@@ -825,6 +820,40 @@ class Consumer:
         _close_quietly(self._connection)
         self._connection = None
         self._channel = None
+
+
+def _gather(
+    channel: BlockingChannel,
+    stream: Iterator[tuple[Any, Any, Any]],
+    batch: list[Delivery],
+    max_batch: int,
+) -> None:
+    """Add to `batch` the deliveries that have already arrived, up to `max_batch` in all.
+
+    pika reads at most 100 KB from the socket per read event, about 27
+    envelopes of 3.7 KB, so the socket is read again, without waiting, until
+    `_IDLE_READS` reads in a row bring nothing (the first read after a
+    blocking one often brings nothing though more has arrived): a batch then
+    takes what the prefetch window brought, not one read's worth.
+    """
+    idle_reads = 0
+    while len(batch) < max_batch:
+        waiting = channel.get_waiting_message_count()
+        if waiting:
+            idle_reads = 0
+            for _ in range(min(waiting, max_batch - len(batch))):
+                method, properties, body = next(stream)
+                if method is None or properties is None:
+                    return
+                batch.append(_delivery(method, properties, body or b""))
+        elif idle_reads == _IDLE_READS:
+            return
+        else:
+            idle_reads += 1
+            channel.connection.process_data_events(time_limit=0)
+
+
+_IDLE_READS = 2
 
 
 def _delivery(
