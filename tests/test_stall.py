@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
+from adapters.adapter import LOCAL_RETRY_INITIAL_SECONDS, LOCAL_RETRY_MAX_SECONDS
 from broker.database import inbox_table, pending_receipts_table, quarantine_table, receipts_table
 from broker.directory import (
     DIRECTORY_FILE,
@@ -188,8 +189,13 @@ def test_an_unwritable_case_folder_holds_the_delivery_with_backoff(
     assert 2 <= len(holds) <= 8, [e["wait_seconds"] for e in holds]
     assert all(e["reason"] == "local_unavailable" for e in holds)
     assert all("case_system" in str(e["error"]) for e in holds)
-    waits = [float(str(e["wait_seconds"])) for e in holds]
-    assert max(waits) > 2 * min(waits), f"the waits grow: {waits}"
+    for hold in holds:
+        # Each wait is its step, doubling from the first, times a jitter in [0.5, 1.5).
+        doubled = LOCAL_RETRY_INITIAL_SECONDS * 2 ** (int(hold["attempt"]) - 1)
+        step = min(doubled, LOCAL_RETRY_MAX_SECONDS)
+        wait = float(str(hold["wait_seconds"]))
+        assert 0.5 * step - 0.01 <= wait <= 1.5 * step + 0.01, (hold["attempt"], wait)
+    assert [int(e["attempt"]) for e in holds] == list(range(1, len(holds) + 1))
     assert [e["event"] for e in events].count("adapter.local_down") == 1
     assert [e["event"] for e in events].count("adapter.local_up") == 1
     net.wait_for(lambda: _health(net, UZ)[0] == 0, WAIT, "health to pass again")
