@@ -76,15 +76,19 @@ def _load() -> dict[str, float]:
         return _probabilities
 
 
+def _configured() -> dict[str, float]:
+    # Read without the lock once parsed: every fault point on a hot path asks.
+    return _probabilities if _probabilities is not None else _load()
+
+
 def armed(name: str) -> bool:
     """Whether ``TRM_FAULTS`` names fault point `name`: for work only a kill there needs."""
-    return name in (_probabilities if _probabilities is not None else _load())
+    return name in _configured()
 
 
 def fault_point(name: str) -> None:
     """Maybe SIGKILL this process here, as configured by ``TRM_FAULTS``; else nothing."""
-    probabilities = _probabilities if _probabilities is not None else _load()
-    probability = probabilities.get(name)
+    probability = _configured().get(name)
     if probability is None:
         return
     with _lock:
